@@ -1,0 +1,138 @@
+"""Checkpoints: a plain Hugging Face folder for the trained model, plus what exact resume needs.
+
+Layout of `<run>/checkpoints/step-000050/`:
+  config.json, model.safetensors, tokenizer files   the main model (loads with from_pretrained)
+  <name>/                                           further models (e.g. the discriminator)
+  trainer_state.pt                                  optimizers, schedulers, step, counters
+  rng_<rank>.pt                                     each process's random generator states
+A checkpoint is written to a temporary folder and renamed, so a kill never leaves a half one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    run_dir: str | Path,
+    step: int,
+    accelerator: Any,
+    *,
+    model: Any,
+    tokenizer: Any,
+    others: dict[str, Any] | None = None,
+    optimizers: dict[str, Any] | None = None,
+    schedulers: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+    keep: int = 0,
+) -> Path:
+    """Write checkpoint `step`; `others` are extra models saved in sub-folders by name."""
+    final = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    # Every process takes part: FSDP/DeepSpeed gather the full state dict collectively.
+    models = {"": model, **(others or {})}
+    full_states = {name: accelerator.get_state_dict(m) for name, m in models.items()}
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name, m in models.items():
+            target = tmp / name if name else tmp
+            accelerator.unwrap_model(m).save_pretrained(
+                target, state_dict=full_states[name], safe_serialization=True
+            )
+        tokenizer.save_pretrained(tmp)
+        torch.save(
+            {
+                "step": step,
+                "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
+                "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
+                "state": state or {},
+            },
+            tmp / STATE_FILE,
+        )
+    accelerator.wait_for_everyone()
+    # Each process samples with its own generator state; all of them are needed to resume.
+    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if keep > 0:
+            for old in all_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def all_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    found = all_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def accelerator_rank() -> int:
+    """This process's rank (0 without torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def load_state(
+    checkpoint: Path,
+    *,
+    optimizers: dict[str, Any] | None = None,
+    schedulers: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Restore optimizers, schedulers and RNG from a checkpoint; return its step and state.
+
+    Model weights are not touched here: trainers load them with `from_pretrained` from the
+    checkpoint folder before wrapping, exactly like a fresh start from that folder.
+    """
+    saved = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    for name, opt in (optimizers or {}).items():
+        opt.load_state_dict(saved["optimizers"][name])
+    for name, sched in (schedulers or {}).items():
+        sched.load_state_dict(saved["schedulers"][name])
+    rank = accelerator_rank()
+    rng_file = checkpoint / f"rng_{rank}.pt"
+    set_rng_state(
+        torch.load(rng_file if rng_file.exists() else checkpoint / "rng_0.pt", weights_only=False)
+    )
+    return {"step": saved["step"], **saved["state"]}

@@ -1,0 +1,156 @@
+"""The `gad` command line. Every stage command takes `--config run.yaml` plus one option per
+config field (overriding the file). Heavy modules are imported inside the commands so that
+`gad --help` stays fast and never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from gad import config as cfg
+
+# A distillation toolkit that runs offline: never let a library reach for a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+app = typer.Typer(
+    help="Black-box on-policy distillation of LLMs: GAD, SeqKD and reward distillation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _option_type(tp: Any) -> Any:
+    """The Python type typer should parse a config field's option as (None = not given)."""
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return _option_type(args[0])
+    if origin is typing.Literal:
+        return str
+    if origin is tuple:
+        return typing.Tuple[tuple(args)]  # noqa: UP006 (typer parses typing.Tuple)
+    return tp
+
+
+def stage_command(
+    name: str, config_cls: type, *, positional: str | None = None
+) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
+    """Register `run(config)` as a command with `--config` and one option per field.
+
+    `positional` names a field that may also be given as the command's first argument.
+    """
+
+    def register(run: Callable[[Any], None]) -> Callable[[Any], None]:
+        hints = typing.get_type_hints(config_cls)
+        docs = cfg.field_docs(config_cls)
+        params = []
+        if positional:
+            params.append(
+                inspect.Parameter(
+                    "positional_value",
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    default=typer.Argument(
+                        None,
+                        help=docs.get(positional),
+                        metavar=positional.upper(),
+                        show_default=False,
+                    ),
+                    annotation=Optional[str],  # noqa: UP045 (typer needs a runtime type)
+                )
+            )
+        params.append(
+            inspect.Parameter(
+                "config_file",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, "--config", help="YAML file of field: value."),
+                annotation=Optional[Path],  # noqa: UP045
+            )
+        )
+        for field in dataclasses.fields(config_cls):
+            tp = _option_type(hints[field.name])
+            flag = "--" + field.name.replace("_", "-")
+            decl = f"{flag}/--no-{flag[2:]}" if tp is bool else flag
+            default = field.default if field.default is not dataclasses.MISSING else None
+            help_text = docs.get(field.name, "")
+            if default not in (None, ""):
+                help_text += f" [default: {default}]"
+            params.append(
+                inspect.Parameter(
+                    field.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=typer.Option(None, decl, help=help_text, show_default=False),
+                    annotation=Optional[tp],  # noqa: UP045
+                )
+            )
+
+        def command(**kwargs: Any) -> None:
+            config_file = kwargs.pop("config_file")
+            overrides = {k: v for k, v in kwargs.items() if v is not None}
+            given = overrides.pop("positional_value", None)
+            if given is not None:
+                overrides[positional] = given
+            try:
+                config = cfg.load(config_cls, config_file, overrides)
+            except cfg.ConfigError as err:
+                raise typer.BadParameter(str(err)) from err
+            run(config)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__ = run.__doc__
+        app.command(name)(command)
+        return run
+
+    return register
+
+
+@stage_command("collect", cfg.CollectConfig, positional="prompts")
+def collect(config: cfg.CollectConfig) -> None:
+    """Collect teacher answers to a prompt file (OpenAI-compatible API or local model)."""
+    from gad import teacher
+
+    summary = teacher.collect(config)
+    if summary.failed:
+        raise typer.Exit(code=3)
+
+
+@stage_command("sft", cfg.SFTConfig, positional="data")
+def sft(config: cfg.SFTConfig) -> None:
+    """Supervised fine-tuning on chat records: the SeqKD baseline and GAD's generator warmup."""
+    from gad import sft as sft_module
+
+    sft_module.train(config)
+
+
+@stage_command("demo", cfg.DemoConfig)
+def demo(config: cfg.DemoConfig) -> None:
+    """The quick start: a local teacher answers bundled prompts, then SeqKD on its answers."""
+    from gad import demo as demo_module
+
+    demo_module.run(config)
+
+
+@app.command("models")
+def models() -> None:
+    """List the built-in offline models and whether their packages are installed."""
+    from gad import models as models_module
+
+    models_module.print_builtins()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

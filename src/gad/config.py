@@ -1,0 +1,362 @@
+"""Typed run configuration: one frozen dataclass per stage, loadable from YAML, overridable.
+
+Every field carries a docstring (the string literal under it); `field_docs` reads them so the
+CLI can show them as option help. Importing this module must stay cheap: `gad --help` imports
+it and must not pull in torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key and its source."""
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """`gad collect`: a teacher answers a prompt file; results are journaled exactly once."""
+
+    prompts: str = ""
+    """Chat-record file (JSONL or Parquet) whose prompts the teacher answers."""
+    output: str = "runs/collect/teacher.jsonl"
+    """Output JSONL of chat records (prompt + teacher answer). Also the resume journal."""
+    backend: Literal["openai", "local"] = "local"
+    """`openai`: any OpenAI-compatible chat-completions endpoint; `local`: a local model."""
+    model: str = "qwen2.5-coder-0.5b"
+    """API model name (openai backend) or built-in name / HF folder (local backend)."""
+    base_url: str | None = None
+    """Endpoint of the OpenAI-compatible API; None uses the client default or OPENAI_BASE_URL."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (the key itself is never stored)."""
+    n: int = 1
+    """Samples per prompt (the paper's training set uses 1; reward distillation uses several)."""
+    temperature: float = 0.8
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_tokens: int = 1536
+    """Maximum new tokens per answer (paper: 1536)."""
+    max_prompt_tokens: int = 2048
+    """Local backend: prompts longer than this (after the chat template) are reported, not run."""
+    concurrency: int = 8
+    """Openai backend: requests in flight at once."""
+    max_retries: int = 6
+    """Openai backend: retries per request on 429/5xx/timeouts/dropped connections."""
+    request_timeout: float = 120.0
+    """Openai backend: seconds before one request attempt is abandoned (then retried)."""
+    batch_size: int = 16
+    """Local backend: prompts generated together in one batch."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Local backend: weight dtype of the teacher."""
+    seed: int = 0
+    """Seed for local sampling (the API's sampling is not seedable in general)."""
+    retry_failed: bool = True
+    """On restart, retry the prompts recorded in the failures file of an earlier run."""
+    skip_invalid: bool = False
+    """Skip malformed input records (counted in the summary) instead of stopping."""
+    limit: int | None = None
+    """Only the first `limit` prompts of the file (for quick trials)."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """`gad sft`: supervised fine-tuning on chat records (the SeqKD baseline, GAD's warmup)."""
+
+    data: str = ""
+    """Chat-record file (JSONL or Parquet); the last assistant turn of each record is the target."""
+    model: str = "smollm2-135m"
+    """Student to train: built-in name or Hugging Face folder."""
+    output_dir: str = "runs/sft"
+    """Run folder: config, metrics, checkpoints, and the final model in `final/`."""
+    epochs: int = 3
+    """Passes over the data (paper SeqKD: 3)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (the data order still follows `epochs`)."""
+    lr: float = 5e-6
+    """Learning rate (paper SeqKD: 5e-6)."""
+    warmup_steps: int = 0
+    """Linear lr warmup steps, then constant."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    batch_size: int = 4
+    """Sequences per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (global batch = batch_size x grad_accum x
+    processes)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables."""
+    max_prompt_tokens: int = 2048
+    """Records whose templated prompt is longer are reported and left out, never cut."""
+    max_response_tokens: int = 1536
+    """Responses are cut to this many tokens (the cut is counted in the summary)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """Autocast precision; weights and optimizer state stay float32."""
+    seed: int = 0
+    """Seed for data order and initialisation."""
+    save_every: int = 50
+    """Checkpoint every this many optimizer steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk (0 keeps all)."""
+    log_every: int = 1
+    """Log metrics every this many optimizer steps."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Tracker beside the JSONL metrics file."""
+    resume: bool = False
+    """Continue from the latest checkpoint in `output_dir`."""
+    skip_invalid: bool = False
+    """Skip malformed records (counted in the summary) instead of stopping."""
+
+
+C = TypeVar("C")
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass, by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _check_value(key: str, value: Any, tp: Any, where: str) -> Any:
+    """Return `value` converted to `tp` where lossless (int -> float, list -> tuple), else raise."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(key, value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: bad value for '{key}'")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{where}: '{key}' must be a list of {len(args)} values")
+        return tuple(_check_value(key, v, a, where) for v, a in zip(value, args, strict=True))
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-6" (no dot) as a string; accept any float literal.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    else:
+        raise ConfigError(f"{where}: '{key}' has an unsupported type {tp}")
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{where}: '{key}' must be {name}, got {type(value).__name__} {value!r}")
+
+
+def build(cls: type[C], values: dict[str, Any], where: str) -> C:
+    """Make a `cls` from `values`, naming `where` and the key in any error."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    checked = {}
+    for key, value in values.items():
+        if key not in hints or key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{key}' for {cls.__name__}{hint}")
+        checked[key] = _check_value(key, value, hints[key], where)
+    return cls(**checked)
+
+
+def load(
+    cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> C:
+    """Defaults, then the YAML file's values, then `overrides` (the command line)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of field: value")
+        build(cls, loaded, str(path))  # errors name the file
+        values.update(loaded)
+    overrides = overrides or {}
+    build(cls, overrides, "command line")
+    values.update(overrides)
+    return build(cls, values, str(path) if path else "config")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain dict for YAML (tuples become lists)."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
+
+
+def save(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML with each field's docstring as a comment above it."""
+    docs = field_docs(type(config))
+    lines = [f"# {type(config).__name__}: resolved configuration of this run"]
+    for key, value in to_dict(config).items():
+        if key in docs:
+            lines.append(f"# {docs[key]}")
+        lines.append(yaml.safe_dump({key: value}, sort_keys=False, width=1000).rstrip())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`gad demo`: the quick start — a local teacher answers bundled prompts, then SeqKD."""
+
+    output_dir: str = "runs/demo"
+    """Folder for the teacher data, the SFT run and the summary."""
+    teacher: str = "qwen2.5-coder-0.5b"
+    """Local teacher model (built-in name or HF folder)."""
+    student: str = "smollm2-135m"
+    """Student model (built-in name or HF folder)."""
+    prompts: str = ""
+    """Prompt file; empty uses the 40 prompts bundled with gad (written for it, CC0)."""
+    num_prompts: int = 16
+    """How many prompts the teacher answers (sized so the demo runs in minutes on a CPU)."""
+    max_tokens: int = 128
+    """Longest teacher answer, in tokens."""
+    sft_epochs: int = 2
+    """SeqKD epochs over the teacher's answers."""
+    lr: float = 5e-5
+    """SeqKD learning rate (higher than the paper's 5e-6 because the demo takes few steps)."""
+    tiny: bool = False
+    """Use tiny random-init models instead (a smoke test of the pipeline in seconds)."""
+
+
+@dataclass(frozen=True)
+class GADConfig:
+    """`gad train`: GAD warmup (generator SFT + discriminator) then the adversarial GRPO stage.
+
+    Defaults are the paper's (SPEC §3); the CPU-sized runs of the demo override the sizes.
+    """
+
+    data: str = ""
+    """Teacher chat records (prompt + teacher answer), e.g. the output of `gad collect`."""
+    model: str = "smollm2-135m"
+    """Student (generator) to start from: built-in name or HF folder."""
+    discriminator: str | None = None
+    """Causal-LM folder/name the discriminator starts from; None = the student's own weights."""
+    reward_model: str | None = None
+    """A trained scalar-head model used as a frozen reward in place of the discriminator (no D
+    warmup, no D updates): the reward-distillation mode."""
+    output_dir: str = "runs/gad"
+    """Run folder; the stages write `warmup/` and `gad/` inside it."""
+    stage: Literal["warmup", "gad", "all"] = "all"
+    """Which stage to run; `gad` starts from `warmup/final` when it exists."""
+    method: Literal["gad", "offpolicy"] = "gad"
+    """`gad`: the discriminator learns online. `offpolicy` (paper Fig. 6): SeqKD warmup, then
+    the discriminator trains on the frozen student's samples, then RL against it frozen."""
+    warmup_epochs: float = 1.0
+    """Warmup length in passes over the data (paper: 1)."""
+    warmup_generator: bool = True
+    """Warmup trains the generator with SFT (ablation: off)."""
+    warmup_discriminator: bool = True
+    """Warmup trains the discriminator (ablation: off)."""
+    warmup_d_only_steps: int = 10
+    """The first warmup steps train only the discriminator (paper: 10)."""
+    offpolicy_d_epochs: float = 2.0
+    """`offpolicy`: discriminator epochs on the frozen post-SFT student's samples (paper: 2)."""
+    epochs: float = 2.0
+    """GAD-stage length in passes over the prompts (paper: 2)."""
+    max_steps: int | None = None
+    """Stop the GAD stage after this many steps."""
+    batch_prompts: int = 256
+    """Prompts per step, over all processes (paper: 256; one policy update per step)."""
+    n_samples: int = 8
+    """Student samples per prompt, the GRPO group (paper: 8)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass on one process (memory knob only)."""
+    rollout_batch_size: int = 64
+    """Sequences generated together on one process."""
+    per_prompt_seeds: bool = False
+    """Seed every prompt's samples from (seed, step, prompt) so they do not depend on batching or
+    process count (slower: one generate call per prompt). Used by the multi-process test."""
+    temperature: float = 0.8
+    """Sampling temperature of the rollouts; log-probs use the same temperature (as verl)."""
+    top_p: float = 1.0
+    """Nucleus threshold of the rollouts."""
+    max_prompt_tokens: int = 2048
+    """Records with longer templated prompts are reported and left out (paper: 2048)."""
+    max_response_tokens: int = 1536
+    """Longest sampled response; teacher answers are cut to the same length (paper: 1536)."""
+    lr: float = 1e-6
+    """Generator learning rate in both stages (paper: 1e-6; 5e-6 with a Qwen2.5 teacher)."""
+    d_lr: float = 1e-6
+    """Discriminator learning rate (paper: 1e-6)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of both models."""
+    max_grad_norm: float = 0.2
+    """Gradient clipping by global norm, both models (reference scripts: 0.2)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip ε."""
+    kl_coef: float = 0.001
+    """β of the k3 KL penalty to the frozen post-warmup student (paper: 0.001); 0 skips the
+    reference model entirely."""
+    d_loss: Literal["bt", "ce"] = "bt"
+    """Discriminator loss: Bradley–Terry (Eq. 3) or the cross-entropy ablation (Eq. 4)."""
+    d_steps: int = 1
+    """Discriminator updates per GAD step (paper: 1)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """Autocast precision; weights and optimizer state stay float32."""
+    seed: int = 0
+    """Seed for data order, sampling and the discriminator head."""
+    save_every: int = 50
+    """Checkpoint every this many steps, and at the end of each stage (paper: 50)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept per stage (0 keeps all)."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Tracker beside the JSONL metrics file."""
+    resume: bool = False
+    """Continue each stage from its latest checkpoint."""
+    skip_invalid: bool = False
+    """Skip malformed records (counted) instead of stopping."""
+    d_acc_warn: float = 0.95
+    """Warn when discriminator accuracy stays above this for `d_acc_warn_steps` steps."""
+    d_acc_warn_steps: int = 20
+    """Window of the discriminator-accuracy warning."""
+    length_warn_ratio: float = 2.0
+    """Warn when mean response length exceeds this multiple of its post-warmup value."""
+    max_bad_steps: int = 3
+    """Consecutive non-finite steps (skipped) after which the run stops with a checkpoint."""

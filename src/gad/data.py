@@ -1,0 +1,280 @@
+"""Chat records: reading, validation, ids, and tokenisation with the model's chat template.
+
+A record is `{"messages": [{"role", "content"}, ...], "id"?: str, "meta"?: {...}}`. Its prompt is
+every message but a final assistant turn; that final turn, if present, is the response.
+
+Tokenisation keeps teacher and student sequences identical in shape (SPEC §3, discriminator): the
+prompt is the template's rendering with the generation prompt, and the response is the template's
+assistant content followed by its end-of-turn token, whoever wrote the text. A student's sampled
+ids end the same way because generation stops on that token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    """A malformed record; the message names file, line and field."""
+
+
+@dataclass
+class Record:
+    """One conversation, with a stable id."""
+
+    id: str
+    messages: list[dict[str, str]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt(self) -> list[dict[str, str]]:
+        """All messages but a final assistant turn."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            return self.messages[:-1]
+        return self.messages
+
+    @property
+    def response(self) -> str | None:
+        """The final assistant turn's text, or None when the record is a bare prompt."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            return self.messages[-1]["content"]
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "messages": self.messages}
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+
+@dataclass
+class Loaded:
+    """Records read from a file, plus what was skipped (with `skip_invalid`) and why."""
+
+    records: list[Record]
+    skipped: list[str] = field(default_factory=list)
+
+
+def prompt_key(messages: list[dict[str, str]]) -> str:
+    """Content hash of a prompt: the id of a record that has none."""
+    blob = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
+    return "p" + hashlib.sha1(blob).hexdigest()[:12]
+
+
+def validate(obj: Any, where: str) -> Record:
+    """Check one decoded record; `where` is `file:line` for the error message."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+    unknown = set(obj) - {"id", "messages", "meta"}
+    if unknown:
+        raise DataError(f"{where}: field '{sorted(unknown)[0]}': unknown field")
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages': must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: field 'messages[{i}]': must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: field 'messages[{i}].role': must be one of {ROLES}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: field 'messages[{i}].content': must be a string")
+        extra = set(message) - {"role", "content"}
+        if extra:
+            raise DataError(f"{where}: field 'messages[{i}].{sorted(extra)[0]}': unknown field")
+    if all(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: field 'messages': has no prompt (only assistant turns)")
+    record_id = obj.get("id")
+    if record_id is not None and (not isinstance(record_id, str | int) or record_id == ""):
+        raise DataError(f"{where}: field 'id': must be a non-empty string")
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: field 'meta': must be an object")
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return Record(id=str(record_id) if record_id is not None else "", messages=clean, meta=meta)
+
+
+def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded object) of a JSONL or Parquet file; undecodable lines raise."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise DataError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
+        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            # Parquet has no "absent": a null id/meta column entry means the field was not given.
+            yield i, {k: v for k, v in row.items() if v is not None}
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield i, DataError(f"{path}:{i}: not valid JSON ({err.msg} at column {err.colno})")
+
+
+def read_records(path: str | Path, *, skip_invalid: bool = False) -> Loaded:
+    """Read and validate every record; give each a stable unique id.
+
+    A record without an id gets the hash of its prompt (and `-2`, `-3`... for repeats), so a
+    re-run of the same file names the same records. Duplicate explicit ids are an error.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    loaded = Loaded(records=[])
+    seen: dict[str, int] = {}
+    for line_no, obj in _rows(path):
+        where = f"{path}:{line_no}"
+        try:
+            if isinstance(obj, DataError):
+                raise obj
+            record = validate(obj, where)
+            if record.id:
+                if record.id in seen:
+                    raise DataError(
+                        f"{where}: field 'id': '{record.id}' repeats line {seen[record.id]}"
+                    )
+            else:
+                base = prompt_key(record.prompt)
+                record.id, k = base, 1
+                while record.id in seen:
+                    k += 1
+                    record.id = f"{base}-{k}"
+        except DataError as err:
+            if not skip_invalid:
+                raise
+            loaded.skipped.append(str(err))
+            continue
+        seen[record.id] = line_no
+        loaded.records.append(record)
+    return loaded
+
+
+def append_jsonl(f: Any, obj: dict[str, Any]) -> None:
+    """Append one line and make it durable before returning (a journal write)."""
+    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def write_records(path: str | Path, records: Iterable[Record]) -> None:
+    """Write records as JSONL (atomically: a temp file renamed over the target)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token the chat template closes an assistant turn with (e.g. `<|im_end|>`).
+
+    Found by rendering a one-word assistant turn and taking the first special token after the
+    content, so it follows the template rather than a table of known models.
+    """
+    cached = getattr(tokenizer, "_gad_end_of_turn_id", None)
+    if cached is not None:
+        return cached
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Zebra"}]
+    ids = tokenizer.apply_chat_template(probe, tokenize=False)
+    content_at = ids.rfind("Zebra")
+    tail = tokenizer(ids[content_at + len("Zebra") :], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+    }
+    found = next((i for i in tail if i in special), tokenizer.eos_token_id)
+    if found is None:
+        raise DataError("the tokenizer's chat template closes no turn and it has no eos token")
+    tokenizer._gad_end_of_turn_id = found
+    return found
+
+
+def _template_ids(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+    # transformers 5 returns a BatchEncoding-like dict from tokenize=True; go through text so
+    # the result is a plain list whatever the version.
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer: Any, prompt: list[dict[str, str]]) -> list[int]:
+    """Prompt ids: the chat template with the assistant generation prompt appended."""
+    return _template_ids(tokenizer, prompt, add_generation_prompt=True)
+
+
+def encode_response(tokenizer: Any, prompt: list[dict[str, str]], response: str) -> list[int]:
+    """Response ids as the template renders them, ending with the end-of-turn token.
+
+    The template's text after the prompt is used (not the bare string) so templates that
+    rewrite assistant content stay exact; anything after the end-of-turn token (a newline in
+    ChatML) is not part of the response, because generation stops at that token.
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    full = _template_ids(tokenizer, prompt + [{"role": "assistant", "content": response}])
+    eot = end_of_turn_id(tokenizer)
+    if full[: len(prompt_ids)] != prompt_ids:
+        # Tokens merged across the prompt/response boundary: fall back to the plain text.
+        return tokenizer(response, add_special_tokens=False)["input_ids"] + [eot]
+    rest = full[len(prompt_ids) :]
+    return rest[: rest.index(eot) + 1] if eot in rest else rest + [eot]
+
+
+@dataclass
+class Example:
+    """A tokenised prompt/response pair; `input_ids[prompt_len:]` is the response."""
+
+    id: str
+    input_ids: list[int]
+    prompt_len: int
+    truncated: bool
+
+
+@dataclass
+class Encoded:
+    """Tokenised records plus what could not be used, by id, for the run summary."""
+
+    examples: list[Example]
+    prompt_too_long: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+
+
+def encode_sft(
+    tokenizer: Any,
+    records: list[Record],
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+) -> Encoded:
+    """Tokenise records that have a response. Over-long prompts are set aside, never cut."""
+    out = Encoded(examples=[])
+    for record in records:
+        if record.response is None:
+            raise DataError(f"record '{record.id}': field 'messages': no assistant turn to learn")
+        prompt_ids = encode_prompt(tokenizer, record.prompt)
+        if len(prompt_ids) > max_prompt_tokens:
+            out.prompt_too_long.append(record.id)
+            continue
+        response_ids = encode_response(tokenizer, record.prompt, record.response)
+        truncated = len(response_ids) > max_response_tokens
+        if truncated:
+            response_ids = response_ids[:max_response_tokens]
+            out.truncated.append(record.id)
+        out.examples.append(
+            Example(record.id, prompt_ids + response_ids, len(prompt_ids), truncated)
+        )
+    return out

@@ -1,0 +1,303 @@
+"""Loss functions for GAD: discriminator losses, GRPO advantages and the clipped policy loss.
+
+Pure functions of tensors; no model code. Suffixes name the shape of a tensor:
+``_p`` = [prompts], ``_pn`` = [prompts, N samples per prompt], ``_b`` = [batch of sequences],
+``_bt`` = [batch, time], ``_btv`` = [batch, time, vocab]. Equation numbers refer to
+SPEC.md §3 (GAD, arXiv 2511.10643).
+
+Conventions shared with verl (volcengine/verl, ``trainer/ppo/core_algos.py``):
+
+* GRPO advantage: ``(r - mean) / (std + eps)`` with the unbiased ``torch.std``.
+* Policy loss aggregation: "seq-mean-token-mean" (mean over each sequence's response tokens,
+  then mean over sequences), which is the ``1/N Σ_i 1/|y_i| Σ_t`` of Eq. 7.
+* KL: the k3 ("low_var_kl") estimator added to the loss (verl's ``use_kl_loss``), with verl's
+  clamps: log-ratio to [-20, 20], k3 value to [-10, 10].
+"""
+
+import torch
+import torch.nn.functional as F
+
+# verl clamps the log-ratio before exp() so that a stale or garbage log-prob cannot overflow.
+_LOG_RATIO_CLAMP = 20.0
+# verl's clamp of the k3 value: bounds the KL penalty (and zeroes its gradient) on outlier tokens.
+_K3_CLAMP = 10.0
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs to float32; float32/float64 unchanged."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x
+
+
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is non-zero.
+
+    Args:
+        x: any shape.
+        mask: same shape as ``x`` (or broadcastable to it); bool or 0/1 float.
+        dim: dimension(s) to reduce; ``None`` reduces everything to a scalar.
+
+    Returns:
+        ``x`` reduced over ``dim``. Where no entry is selected the result is exactly 0, never NaN.
+        Values of ``x`` under mask == 0 never leak into the result, even if they are inf or NaN.
+    """
+    mask = mask.to(x.dtype)
+    # where() rather than x * mask alone: padding may hold inf/NaN, and 0 * inf = NaN.
+    total = torch.where(mask != 0, x * mask, torch.zeros_like(x)).sum(dim=dim)
+    count = mask.expand_as(x).sum(dim=dim)
+    safe_count = torch.where(count > 0, count, torch.ones_like(count))
+    return torch.where(count > 0, total / safe_count, torch.zeros_like(total))
+
+
+def seq_mean_token_mean(x_bt: torch.Tensor, mask_bt: torch.Tensor) -> torch.Tensor:
+    """verl's "seq-mean-token-mean": mean over each row's masked tokens, then mean over rows.
+
+    Every row weighs the same whatever its length (the ``1/N Σ_i 1/|y_i| Σ_t`` of Eq. 7).
+    A row with no token contributes 0 and still counts in the row mean, so the normaliser is
+    the batch size and does not depend on the content of the batch.
+
+    Args:
+        x_bt: [B, T] per-token values.
+        mask_bt: [B, T] response mask, bool or 0/1 float.
+
+    Returns:
+        scalar tensor.
+    """
+    return masked_mean(x_bt, mask_bt, dim=-1).mean()
+
+
+def _pair_scores(
+    teacher_score_p: torch.Tensor, student_score_pn: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate and upcast, returning teacher [P, 1] and student [P, N] for broadcasting."""
+    if teacher_score_p.dim() != 1:
+        raise ValueError(f"teacher scores must be [P], got {tuple(teacher_score_p.shape)}")
+    if student_score_pn.dim() == 1:
+        student_score_pn = student_score_pn.unsqueeze(-1)
+    if student_score_pn.dim() != 2 or student_score_pn.shape[0] != teacher_score_p.shape[0]:
+        raise ValueError(
+            f"student scores must be [P, N] or [P] with P = {teacher_score_p.shape[0]}, "
+            f"got {tuple(student_score_pn.shape)}"
+        )
+    return _upcast(teacher_score_p).unsqueeze(-1), _upcast(student_score_pn)
+
+
+def bt_discriminator_loss(
+    teacher_score_p: torch.Tensor, student_score_pn: torch.Tensor
+) -> torch.Tensor:
+    """Bradley–Terry discriminator loss (Eq. 3, group form Eq. 8).
+
+    ``L_D = mean_{p, i} -log σ(D(y_t^p) - D(y_s^{p,i}))``: each of the N student samples of
+    prompt p is paired with the same teacher score of p; the mean runs over all P·N pairs.
+
+    Args:
+        teacher_score_p: [P] discriminator scores of the teacher responses.
+        student_score_pn: [P, N] scores of the N student samples per prompt ([P] means N = 1).
+
+    Returns:
+        scalar loss (float32 at least, also for half-precision scores).
+    """
+    t_p1, s_pn = _pair_scores(teacher_score_p, student_score_pn)
+    return -F.logsigmoid(t_p1 - s_pn).mean()
+
+
+def discriminator_accuracy(
+    teacher_score_p: torch.Tensor, student_score_pn: torch.Tensor
+) -> torch.Tensor:
+    """Share of (teacher, student-sample) pairs where the teacher scores strictly higher.
+
+    Same pairing and shapes as :func:`bt_discriminator_loss`; a tie counts as a miss.
+    Returns a detached scalar in [0, 1].
+    """
+    t_p1, s_pn = _pair_scores(teacher_score_p.detach(), student_score_pn.detach())
+    return (t_p1 > s_pn).float().mean()
+
+
+def ce_discriminator_loss(
+    teacher_score_p: torch.Tensor, student_score_pn: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy discriminator loss, the Eq. 4 ablation.
+
+    Per pair (p, i): ``-log σ(D(y_t^p)) - log(1 - σ(D(y_s^{p,i})))``, computed stably as
+    ``-logsigmoid(t) - logsigmoid(-s)``; then the mean over all P·N pairs. The two terms are
+    summed, not averaged, exactly as in Eq. 4 (so a constant D = 0 gives 2·log 2). Since every
+    prompt has N samples, this equals ``mean_p(-log σ(t_p)) + mean_{p,i}(-log σ(-s_pi))``:
+    teacher and student sides carry equal total weight.
+
+    Args:
+        teacher_score_p: [P] logits of "is teacher" for the teacher responses.
+        student_score_pn: [P, N] the same for the student samples ([P] means N = 1).
+
+    Returns:
+        scalar loss.
+    """
+    t_p1, s_pn = _pair_scores(teacher_score_p, student_score_pn)
+    return (-F.logsigmoid(t_p1) - F.logsigmoid(-s_pn)).mean()
+
+
+def group_advantages(reward_pn: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO group-normalised advantages (Eq. 6): ``(r - mean_group) / (std_group + eps)``.
+
+    As verl's ``compute_grpo_outcome_advantage``: the std is the unbiased one (``torch.std``,
+    divisor N - 1) and ``eps`` is added to it. A group whose rewards are all equal gets advantages
+    of exactly 0, and so does every group when N == 1. (verl instead returns the raw reward
+    when N == 1; with a discriminator reward that has no baseline, so we give 0.)
+
+    The result is detached: advantages are constants of the policy gradient and must not carry
+    gradient back into the discriminator that produced the rewards.
+
+    Args:
+        reward_pn: [P, N] rewards, the N samples of a prompt on one row. A flat batch laid out
+            prompt-major (the N samples of a prompt contiguous) is ``reward_b.view(P, N)``.
+        eps: added to the std, as in verl.
+
+    Returns:
+        [P, N] advantages (float32 at least).
+    """
+    if reward_pn.dim() != 2:
+        raise ValueError(f"rewards must be [P, N], got {tuple(reward_pn.shape)}")
+    reward_pn = _upcast(reward_pn.detach())
+    if reward_pn.shape[-1] < 2:
+        return torch.zeros_like(reward_pn)
+    mean_p1 = reward_pn.mean(dim=-1, keepdim=True)
+    std_p1 = reward_pn.std(dim=-1, keepdim=True)
+    # Compare values rather than std == 0: the mean of equal floats can be off by one ulp, which
+    # would leave tiny non-zero advantages on a group that carries no signal.
+    constant_p1 = (reward_pn == reward_pn[:, :1]).all(dim=-1, keepdim=True)
+    advantage_pn = (reward_pn - mean_p1) / (std_p1 + eps)
+    return torch.where(constant_p1, torch.zeros_like(advantage_pn), advantage_pn)
+
+
+def k3_kl(logp_bt: torch.Tensor, ref_logp_bt: torch.Tensor) -> torch.Tensor:
+    """Per-token low-variance KL estimator k3 of KL(π_θ || π_ref) (Schulman, "Approximating KL").
+
+    ``k3 = exp(ref - logp) - (ref - logp) - 1 >= 0``, zero where ``logp == ref``. As verl's
+    ``kl_penalty(..., "low_var_kl")``, ``ref - logp`` is clamped to [-20, 20] and the value to
+    [-10, 10] (in effect [0, 10]); the clamps zero the gradient on tokens beyond them.
+
+    Args:
+        logp_bt: [B, T] log-probs of the sampled tokens under the current policy.
+        ref_logp_bt: [B, T] the same under the reference policy.
+
+    Returns:
+        [B, T] per-token k3 (no masking; pad tokens hold whatever their inputs give).
+    """
+    log_ratio_bt = (ref_logp_bt - logp_bt).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    k3_bt = torch.exp(log_ratio_bt) - log_ratio_bt - 1.0
+    return k3_bt.clamp(-_K3_CLAMP, _K3_CLAMP)
+
+
+def policy_loss(
+    logp_bt: torch.Tensor,
+    old_logp_bt: torch.Tensor,
+    advantage_b: torch.Tensor,
+    mask_bt: torch.Tensor,
+    clip_eps: float = 0.2,
+    kl_coef: float = 0.001,
+    ref_logp_bt: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO clipped surrogate with k3 KL penalty (Eq. 7), as a loss to minimise.
+
+    Per token: ``-min(ρ·A, clip(ρ, 1-ε, 1+ε)·A) + β·k3`` with ``ρ = exp(logp - old_logp)``,
+    aggregated "seq-mean-token-mean" (see :func:`seq_mean_token_mean`), so a long response
+    does not outweigh a short one. The KL is part of the loss (verl's ``use_kl_loss``), not
+    folded into the reward; it is skipped when ``ref_logp_bt`` is None or ``kl_coef == 0``.
+    ``logp - old_logp`` is clamped to [-20, 20] before exp(), as in verl.
+
+    Args:
+        logp_bt: [B, T] log-probs of the sampled tokens under the policy being trained.
+        old_logp_bt: [B, T] the same under the sampling policy; treated as a constant.
+        advantage_b: [B] one advantage per sequence ([B, T] per-token advantages also work).
+        mask_bt: [B, T] response mask, bool or 0/1 float.
+        clip_eps: ε of the ratio clip.
+        kl_coef: β of the KL term.
+        ref_logp_bt: [B, T] log-probs under the frozen reference policy; treated as a constant.
+
+    Returns:
+        ``(loss, stats)``: the scalar loss, and detached scalar tensors
+        ``pg_loss`` (the clipped-surrogate part), ``kl`` (mean k3, same aggregation as the
+        loss; 0 when ``ref_logp_bt`` is None, still reported when ``kl_coef == 0``),
+        ``clip_frac`` (share of response tokens whose clipped term is the one taken, i.e. where
+        the clip is active, over all response tokens of the batch) and ``ratio_mean`` (mean ρ
+        over all response tokens of the batch).
+    """
+    advantage_bt = _upcast(advantage_b.detach())
+    if advantage_bt.dim() == 1:
+        advantage_bt = advantage_bt.unsqueeze(-1)
+    log_ratio_bt = (logp_bt - old_logp_bt.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio_bt = torch.exp(log_ratio_bt)
+
+    unclipped_bt = -advantage_bt * ratio_bt
+    clipped_bt = -advantage_bt * ratio_bt.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    # Pessimistic bound: as a loss, the max of the two negated surrogates.
+    pg_bt = torch.maximum(unclipped_bt, clipped_bt)
+    pg_loss = seq_mean_token_mean(pg_bt, mask_bt)
+
+    if ref_logp_bt is not None:
+        kl = seq_mean_token_mean(k3_kl(logp_bt, ref_logp_bt.detach()), mask_bt)
+    else:
+        kl = pg_loss.new_zeros(())
+    loss = pg_loss + kl_coef * kl if (ref_logp_bt is not None and kl_coef != 0) else pg_loss
+
+    # Strict ">": where the clip binds, the clipped branch is taken and its gradient is zero.
+    clip_active_bt = (clipped_bt > unclipped_bt).to(ratio_bt.dtype)
+    stats = {
+        "pg_loss": pg_loss.detach(),
+        "kl": kl.detach(),
+        "clip_frac": masked_mean(clip_active_bt.detach(), mask_bt),
+        "ratio_mean": masked_mean(ratio_bt.detach(), mask_bt),
+    }
+    return loss, stats
+
+
+def _gather_logprobs_rows(logits_tv: torch.Tensor, token_ids_t: torch.Tensor) -> torch.Tensor:
+    logits_tv = _upcast(logits_tv)
+    picked_t = logits_tv.gather(-1, token_ids_t.unsqueeze(-1)).squeeze(-1)
+    return picked_t - torch.logsumexp(logits_tv, dim=-1)
+
+
+def gather_logprobs(logits_btv: torch.Tensor, token_ids_bt: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[..., token_ids]`` without a full log-softmax copy of the logits.
+
+    Computed as ``logits.gather(ids) - logsumexp(logits)``, one leading row at a time, so the
+    full-vocab temporaries are [T, V], not [B, T, V] (as TRL's ``selective_log_softmax``).
+    Half-precision logits are upcast to float32 row by row: PPO ratios of bf16 log-probs are
+    too noisy.
+
+    Args:
+        logits_btv: [B, T, V] (or [T, V]); position t scores token t, so shift before calling
+            if the logits are next-token predictions.
+        token_ids_bt: [B, T] (or [T]) int64 ids.
+
+    Returns:
+        [B, T] log-probs, float32 at least; differentiable wrt the logits.
+    """
+    if logits_btv.dim() < 3:
+        return _gather_logprobs_rows(logits_btv, token_ids_bt)
+    return torch.stack(
+        [_gather_logprobs_rows(lg, ids) for lg, ids in zip(logits_btv, token_ids_bt, strict=True)]
+    )
+
+
+def _entropy_rows(logits_tv: torch.Tensor) -> torch.Tensor:
+    logits_tv = _upcast(logits_tv)
+    # H = logsumexp(z) - Σ softmax(z)·z: no log of a probability that may underflow to 0.
+    expected_logit_t = (torch.softmax(logits_tv, dim=-1) * logits_tv).sum(dim=-1)
+    return torch.logsumexp(logits_tv, dim=-1) - expected_logit_t
+
+
+def token_entropy_from_logits(logits_btv: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy of ``softmax(logits)`` in nats, one leading row at a time.
+
+    Args:
+        logits_btv: [B, T, V] (or [T, V]).
+
+    Returns:
+        [B, T] entropies, float32 at least. Mask and aggregate with :func:`masked_mean`.
+    """
+    if logits_btv.dim() < 3:
+        return _entropy_rows(logits_btv)
+    return torch.stack([_entropy_rows(lg) for lg in logits_btv])

@@ -1,0 +1,131 @@
+import json
+
+import pytest
+
+from gad import data
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a prime number."},
+    {"role": "assistant", "content": "Seven is prime."},
+]
+
+
+def test_prompt_and_response_split():
+    record = data.validate({"messages": CHAT}, "x:1")
+    assert record.prompt == CHAT[:2]
+    assert record.response == "Seven is prime."
+    bare = data.validate({"messages": CHAT[:2]}, "x:1")
+    assert bare.prompt == CHAT[:2] and bare.response is None
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}]', "not valid JSON"),
+        ({"messages": []}, "field 'messages'"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "field 'messages[0].role'"),
+        ({"messages": [{"role": "user", "content": 3}]}, "field 'messages[0].content'"),
+        ({"messages": [{"role": "user", "content": "a"}], "meta": 5}, "field 'meta'"),
+        ({"messages": [{"role": "user", "content": "a"}], "colour": 5}, "field 'colour'"),
+        ({"messages": [{"role": "assistant", "content": "a"}]}, "has no prompt"),
+    ],
+)
+def test_malformed_jsonl_names_file_line_field(tmp_path, row, field):
+    good = {"messages": CHAT}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, good | {"id": "b"}, row])
+    with pytest.raises(data.DataError) as err:
+        data.read_records(path)
+    assert f"{path}:3:" in str(err.value)
+    assert field in str(err.value)
+    loaded = data.read_records(path, skip_invalid=True)
+    assert len(loaded.records) == 2
+    assert len(loaded.skipped) == 1 and f"{path}:3:" in loaded.skipped[0]
+
+
+def test_malformed_parquet_names_file_row_field(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"id": "a", "messages": [{"role": "user", "content": "hi"}]},
+        {"id": "b", "messages": [{"role": "wizard", "content": "hi"}]},
+    ]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(data.DataError, match=r"d.parquet:2: field 'messages\[0\].role'"):
+        data.read_records(path)
+    assert [r.id for r in data.read_records(path, skip_invalid=True).records] == ["a"]
+
+
+def test_ids_are_stable_and_unique(tmp_path):
+    prompt = {"messages": CHAT[:2]}
+    path = write_jsonl(tmp_path / "d.jsonl", [prompt, prompt, {"messages": CHAT, "id": "mine"}])
+    first = [r.id for r in data.read_records(path).records]
+    assert first == [r.id for r in data.read_records(path).records]
+    assert len(set(first)) == 3 and first[1] == first[0] + "-2" and first[2] == "mine"
+    dup = write_jsonl(tmp_path / "dup.jsonl", [{"messages": CHAT, "id": "x"}] * 2)
+    with pytest.raises(data.DataError, match=r"dup.jsonl:2: field 'id': 'x' repeats line 1"):
+        data.read_records(dup)
+
+
+def _check_mask(tokenizer, record):
+    encoded = data.encode_sft(
+        tokenizer, [record], max_prompt_tokens=4096, max_response_tokens=4096
+    ).examples[0]
+    eot = data.end_of_turn_id(tokenizer)
+    response_ids = encoded.input_ids[encoded.prompt_len :]
+    # The response is exactly the answer text followed by the end-of-turn token...
+    assert response_ids[-1] == eot
+    assert tokenizer.decode(response_ids[:-1]) == record.response
+    # ...and the prompt is exactly what generation would be conditioned on.
+    assert encoded.input_ids[: encoded.prompt_len] == data.encode_prompt(tokenizer, record.prompt)
+    from gad.sft import collate
+
+    batch = collate([encoded], pad_id=tokenizer.pad_token_id)
+    labelled = batch["labels"][0] != -100
+    assert labelled.sum().item() == len(response_ids)
+    assert batch["labels"][0][labelled].tolist() == response_ids
+    return encoded, eot
+
+
+def test_response_mask_tiny_template(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    record = data.validate({"messages": CHAT}, "x:1")
+    encoded, eot = _check_mask(tokenizer, record)
+    assert tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
+
+
+@pytest.mark.slow
+def test_response_mask_smollm2_template(smollm2_tokenizer):
+    record = data.validate({"messages": CHAT}, "x:1")
+    encoded, eot = _check_mask(smollm2_tokenizer, record)
+    assert smollm2_tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
+    # The template's rendering of the whole conversation starts with our prompt + response.
+    full = smollm2_tokenizer.apply_chat_template(CHAT, tokenize=False)
+    ours = smollm2_tokenizer.decode(encoded.input_ids)
+    assert full.startswith(ours) and full[len(ours) :].strip() == ""
+
+
+def test_long_prompts_reported_not_cut(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    short = data.validate({"id": "s", "messages": CHAT}, "x:1")
+    long = data.validate(
+        {"id": "l", "messages": [{"role": "user", "content": "word " * 400}, CHAT[2]]}, "x:2"
+    )
+    out = data.encode_sft(tokenizer, [short, long], max_prompt_tokens=100, max_response_tokens=3)
+    assert [e.id for e in out.examples] == ["s"]
+    assert out.prompt_too_long == ["l"]
+    assert (
+        out.truncated == ["s"] and len(out.examples[0].input_ids) - out.examples[0].prompt_len == 3
+    )

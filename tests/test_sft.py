@@ -1,0 +1,145 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gad import config as cfg
+from gad import sft
+from gad.tracking import read_metrics
+
+ANSWERS = ["The sky is blue.", "Two plus two is four.", "Cats like to sleep.", "Water is wet."]
+
+
+@pytest.fixture(scope="module")
+def records_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sft") / "train.jsonl"
+    with open(path, "w") as f:
+        for i in range(8):
+            messages = [
+                {"role": "user", "content": f"Question number {i}?"},
+                {"role": "assistant", "content": ANSWERS[i % len(ANSWERS)]},
+            ]
+            f.write(json.dumps({"id": f"q{i}", "messages": messages}) + "\n")
+    return path
+
+
+def run(tiny_dir, records_file, out, **overrides):
+    values = dict(
+        data=str(records_file),
+        model=str(tiny_dir),
+        output_dir=str(out),
+        epochs=4,
+        lr=3e-3,
+        batch_size=2,
+        grad_accum=2,
+        mixed_precision="no",
+        save_every=3,
+        keep_checkpoints=0,
+    )
+    values.update(overrides)
+    return sft.train(cfg.build(cfg.SFTConfig, values, "test"))
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def test_loss_decreases_and_checkpoint_loads(tiny_dir, records_file, tmp_path):
+    final = run(tiny_dir, records_file, tmp_path / "run", epochs=12, lr=1e-2)
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 24  # 8 examples / global batch 4 = 2 steps per epoch, 12 epochs
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert (tmp_path / "run" / "summary.json").exists()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000003"
+    assert AutoModelForCausalLM.from_pretrained(ckpt) is not None
+    trained = weights(final)
+    for name, p in model.state_dict().items():
+        if name in trained:
+            assert torch.equal(p, trained[name])
+
+
+def test_resume_is_bit_exact(tiny_dir, records_file, tmp_path):
+    run(tiny_dir, records_file, tmp_path / "straight", max_steps=6)
+    run(tiny_dir, records_file, tmp_path / "split", max_steps=3)
+    run(tiny_dir, records_file, tmp_path / "split", max_steps=6, resume=True)
+    straight, split = weights(tmp_path / "straight/final"), weights(tmp_path / "split/final")
+    assert straight.keys() == split.keys()
+    for name in straight:
+        assert torch.equal(straight[name], split[name]), name
+    losses = lambda d: [r["loss"] for r in read_metrics(d)]  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+def test_resume_mid_run_after_kill(tiny_dir, records_file, tmp_path):
+    """A run killed after a periodic checkpoint resumes from it and ends where a clean run does."""
+    run(tiny_dir, records_file, tmp_path / "clean", max_steps=7, save_every=2)
+    run(tiny_dir, records_file, tmp_path / "killed", max_steps=5, save_every=2)
+    # Simulate the kill between checkpoint 4 and the end: drop the step-5 checkpoint.
+    import shutil
+
+    shutil.rmtree(tmp_path / "killed/checkpoints/step-000005")
+    run(tiny_dir, records_file, tmp_path / "killed", max_steps=7, save_every=2, resume=True)
+    clean, resumed = weights(tmp_path / "clean/final"), weights(tmp_path / "killed/final")
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+    assert [r["step"] for r in read_metrics(tmp_path / "killed")] == list(range(1, 8))
+
+
+def test_two_processes_match_one(tiny_dir, records_file, tmp_path):
+    """torchrun with 2 CPU processes (gloo) gives the losses of 1 process, same global batch."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys\n"
+        "from gad import config as cfg, sft\n"
+        "values = dict(data=sys.argv[1], model=sys.argv[2], output_dir=sys.argv[3], epochs=1,\n"
+        "              lr=3e-3, batch_size=int(sys.argv[4]), grad_accum=1, mixed_precision='no',\n"
+        "              save_every=0)\n"
+        "sft.train(cfg.build(cfg.SFTConfig, values, 'test'))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(records_file), str(tiny_dir)]
+    one = subprocess.run(
+        [sys.executable, str(script), *args, str(tmp_path / "one"), "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+            *args,
+            str(tmp_path / "two"),
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1 = [r["loss"] for r in read_metrics(tmp_path / "one")]
+    l2 = [r["loss"] for r in read_metrics(tmp_path / "two")]
+    assert len(l1) == len(l2) == 2
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    w1, w2 = weights(tmp_path / "one/final"), weights(tmp_path / "two/final")
+    # Adam divides by sqrt(v): float summation-order noise in near-zero gradients becomes
+    # ~1e-5 weight noise after lr=3e-3 steps, still 100x below one step's size.
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
