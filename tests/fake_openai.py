@@ -96,6 +96,7 @@ class FakeOpenAI:
         self._stopped = threading.Event()
         self._sockets: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
+        self._timer: threading.Timer | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -109,7 +110,9 @@ class FakeOpenAI:
     def start(self) -> FakeOpenAI:
         """Bind a free loopback port and serve in a daemon thread."""
         handler = type("Handler", (_Handler,), {"fake": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        # The default listen backlog (5) resets connections when many clients connect at once.
+        server_cls = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256})
+        self._server = server_cls(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._server.block_on_close = False
         # A short poll interval lets stop() return quickly.
@@ -126,7 +129,8 @@ class FakeOpenAI:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -196,6 +200,9 @@ class FakeOpenAI:
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keeps connections alive like a real API; every response sets Content-Length.
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle's algorithm the second one waits
+    # for the client's delayed ACK (~40 ms), which would swamp any latency being measured.
+    disable_nagle_algorithm = True
     fake: FakeOpenAI
 
     def setup(self) -> None:

@@ -1,5 +1,6 @@
 """`gad collect`: faults and retries, kill-and-resume exactly once, key secrecy, local backend."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -47,7 +48,8 @@ def make_config(tmp_path: Path, server: FakeOpenAI | None, **overrides) -> cfg.C
         api_key_env=KEY_ENV,
         concurrency=4,
         max_retries=3,
-        request_timeout=0.5,
+        # Generous: a spurious timeout on a loaded machine would add a retry to the counts.
+        request_timeout=2.0,
     )
     values.update(overrides)
     return cfg.build(cfg.CollectConfig, values, "test")
@@ -87,7 +89,7 @@ def test_faults_retries_and_failures_file(tmp_path):
     faults = {
         question(1): [Fault(429, retry_after=0.9)],  # longer than any first backoff (<=0.5)
         question(2): [Fault(500), Fault(503)],  # no Retry-After: the client's own backoff
-        question(3): [Fault(kind="hang", hang_s=3.0)],  # longer than request_timeout=0.5
+        question(3): [Fault(kind="hang", hang_s=4.0)],  # longer than request_timeout
         question(4): [Fault(kind="drop")],
         question(5): always,
         question(6): [Fault(429, retry_after_ms=700)],
@@ -95,7 +97,7 @@ def test_faults_retries_and_failures_file(tmp_path):
     }
     attempts = {1: 2, 2: 3, 3: 2, 4: 2, 5: 4, 6: 2, 7: 1}
     with FakeOpenAI(faults=faults) as server:
-        config = make_config(tmp_path, server)
+        config = make_config(tmp_path, server, request_timeout=1.0)
         summary = teacher.collect(config, progress=False)
 
         out, fail_file = Path(config.output), teacher.failures_path(config.output)
@@ -126,7 +128,7 @@ def test_faults_retries_and_failures_file(tmp_path):
 
         # Rerun without retrying failures: nothing is sent, the failures stay.
         before = len(server.requests)
-        summary = teacher.collect(make_config(tmp_path, server, retry_failed=False), progress=False)
+        summary = teacher.collect(dataclasses.replace(config, retry_failed=False), progress=False)
         assert len(server.requests) == before
         assert (summary.done, summary.already_done, summary.failed) == (0, 8, 2)
         assert summary.failed_not_retried == 2
@@ -299,6 +301,18 @@ def test_damage_before_good_records_is_not_silently_dropped(tmp_path):
     assert out.read_text() == "not json\n" + good + "\n"
 
 
+def test_second_run_on_the_same_output_is_refused(tmp_path):
+    import fcntl
+
+    write_prompts(tmp_path / "prompts.jsonl", 1)
+    config = make_config(tmp_path, None)
+    Path(config.output).parent.mkdir(parents=True)
+    with open(config.output, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a running collection holds it
+        with pytest.raises(teacher.TeacherError, match="another `gad collect`"):
+            teacher.collect(config, progress=False)
+
+
 # ---------------------------------------------------------------- the key stays secret
 
 
@@ -407,6 +421,7 @@ def test_local_backend_tiny_model(tmp_path, tiny_dir):
         for f in failures
     )
     assert (summary.done, summary.prompt_too_long, summary.failed) == (6, 2, 2)
+    assert len(data.read_records(config.output).records) == 6  # SFT-ready chat records
 
     again = teacher.collect(config, progress=False)
     assert (again.done, again.already_done, again.failed) == (0, 6, 2)

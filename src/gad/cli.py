@@ -42,6 +42,17 @@ def _option_type(tp: Any) -> Any:
     return tp
 
 
+def _quiet_libraries() -> None:
+    """Our own progress and summaries say what happens; silence per-file load/save chatter."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def stage_command(
     name: str, config_cls: type, *, positional: str | None = None
 ) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
@@ -103,7 +114,12 @@ def stage_command(
                 config = cfg.load(config_cls, config_file, overrides)
             except cfg.ConfigError as err:
                 raise typer.BadParameter(str(err)) from err
-            run(config)
+            _quiet_libraries()
+            try:
+                run(config)
+            except cfg.UserError as err:
+                typer.secho(f"error: {err}", err=True, fg="red")
+                raise typer.Exit(code=2) from err
 
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
@@ -130,6 +146,14 @@ def sft(config: cfg.SFTConfig) -> None:
     from gad import sft as sft_module
 
     sft_module.train(config)
+
+
+@stage_command("train", cfg.GADConfig, positional="data")
+def train(config: cfg.GADConfig) -> None:
+    """GAD: warmup, then on-policy GRPO against a discriminator that keeps learning."""
+    from gad import gad as gad_module
+
+    gad_module.train(config)
 
 
 @stage_command("demo", cfg.DemoConfig)

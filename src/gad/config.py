@@ -22,7 +22,12 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem with the user's input or environment whose message says all there is to say:
+    the CLI prints it on one line, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value or key is invalid; the message names the key and its source."""
 
 

@@ -36,7 +36,7 @@ from gad.tracking import MetricsLog, PhaseTimer
 console = Console(stderr=True)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(cfg.UserError, RuntimeError):
     """Too many consecutive non-finite steps; a checkpoint was written before stopping."""
 
 

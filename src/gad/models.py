@@ -43,6 +43,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from gad.config import UserError
+
 logger = logging.getLogger(__name__)
 
 IM_START = "<|im_start|>"
@@ -67,7 +69,7 @@ _SOURCE_FILE = "gad_source.json"
 _HASH_BLOCK = 8 * 1024 * 1024
 
 
-class ModelNotFoundError(Exception):
+class ModelNotFoundError(UserError):
     """A model name or folder cannot be resolved; the message says how to fix it."""
 
 
@@ -182,7 +184,9 @@ def build_tiny(
         # 4 heads, and rotary embeddings need an even head size.
         raise ValueError(f"hidden_size must be a multiple of 8, got {hidden_size}")
     if vocab_size < 300:
-        raise ValueError(f"vocab_size must be at least 300 (256 bytes + specials), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least 300 (256 bytes + specials), got {vocab_size}"
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -251,12 +255,12 @@ def resolve(name_or_path: str | Path) -> Path:
     """A local HF folder or built-in name -> a folder to `from_pretrained` from.
 
     A string that is a built-in name means the built-in (write `./tiny`, or pass a `Path`, for
-    a folder of that name); a built-in is converted into the cache on first use. Anything else must be a folder with a config.json:
-    hub ids are not downloaded.
+    a folder of that name); a built-in is converted into the cache on first use. Anything
+    else must be a folder with a config.json: hub ids are not downloaded.
     """
     if not isinstance(name_or_path, Path) and name_or_path in BUILTIN_MODELS:
         return _builtin_folder(name_or_path)
-    return _local_folder(name_or_path, need="config.json")
+    return _local_folder(name_or_path, need=("config.json",))
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
@@ -270,11 +274,13 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
         if _is_complete(_target(name, "models"), _marker(name)):
             folder = _target(name, "models")
         elif BUILTIN_MODELS[name].packages:
-            folder = _materialize(name, "tokenizers", lambda out: _convert_gguf(name, out, with_model=False))
+            folder = _materialize(
+                name, "tokenizers", lambda out: _convert_gguf(name, out, with_model=False)
+            )
         else:
             folder = _builtin_folder(name)
     else:
-        folder = _local_folder(name, need="tokenizer_config.json")
+        folder = _local_folder(name, need=("tokenizer_config.json", "tokenizer.json"))
     return _tokenizer_from(folder)
 
 
@@ -323,11 +329,13 @@ def _tokenizer_from(folder: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _local_folder(name: str | Path, *, need: str) -> Path:
+def _local_folder(name: str | Path, *, need: tuple[str, ...]) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / need).is_file():
-            raise ModelNotFoundError(f"{path} is not a Hugging Face model folder: no {need}")
+        if not any((path / file).is_file() for file in need):
+            raise ModelNotFoundError(
+                f"{path} is not a Hugging Face model folder: no {' or '.join(need)}"
+            )
         return path
     if path.exists():
         raise ModelNotFoundError(f"{path} is a file; expected a Hugging Face model folder")
@@ -480,17 +488,18 @@ def _convert_gguf(name: str, out: Path, *, with_model: bool) -> None:
     """Write the tokenizer (and, `with_model`, the float32 model) of a built-in to `out`."""
     scratch = out.parent
     gguf = _gguf_file(name, scratch)
+    kind = "models" if with_model else "tokenizers"
     what = "" if with_model else " (tokenizer only)"
-    logger.info("converting %s from GGUF once%s into %s", name, what, cache_dir())
+    logger.info("converting %s from GGUF once%s into %s", name, what, _target(name, kind))
     start = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(
         gguf.parent, gguf_file=gguf.name, local_files_only=True
     )
-    # GGUF metadata sets pad = eos (<|im_end|>) for SmolLM2; see the module docstring.
-    _ensure_pad(tokenizer)
-    end_of_turn = _token_id(tokenizer, IM_END)
-    if end_of_turn is not None:
+    if _token_id(tokenizer, IM_END) is not None:
+        # ChatML models: generation must stop where an assistant turn ends.
         tokenizer.eos_token = IM_END
+    # SmolLM2's GGUF metadata sets pad = eos = <|im_end|>; see the module docstring.
+    _ensure_pad(tokenizer)
     tokenizer.save_pretrained(out)
     if with_model:
         model = AutoModelForCausalLM.from_pretrained(
@@ -500,7 +509,6 @@ def _convert_gguf(name: str, out: Path, *, with_model: bool) -> None:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.config.name_or_path = name
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id

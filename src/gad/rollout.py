@@ -60,19 +60,26 @@ class TransformersRollout:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], n: int, sampling: Sampling
+        self,
+        prompts: list[list[int]],
+        n: int,
+        sampling: Sampling,
+        seeds: list[int] | None = None,
     ) -> list[list[Completion]]:
-        # Each prompt repeated n times, ordered by length, so a batch holds similar lengths.
-        jobs = sorted(
-            ((i, k) for i in range(len(prompts)) for k in range(n)),
-            key=lambda job: len(prompts[job[0]]),
-        )
+        jobs = [(i, k) for i in range(len(prompts)) for k in range(n)]
+        if seeds is None:
+            # Ordered by length so that a batch holds similar lengths (less padding).
+            jobs.sort(key=lambda job: len(prompts[job[0]]))
+            batches = [jobs[s : s + self.batch_size] for s in range(0, len(jobs), self.batch_size)]
+        else:
+            batches = [jobs[i * n : (i + 1) * n] for i in range(len(prompts))]
         results: list[list[Completion | None]] = [[None] * n for _ in prompts]
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
-        for start in range(0, len(jobs), self.batch_size):
-            batch = jobs[start : start + self.batch_size]
+        for batch in batches:
+            if seeds is not None:
+                torch.manual_seed(seeds[batch[0][0]])
             width = max(len(prompts[i]) for i, _ in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)

@@ -58,7 +58,7 @@ MAX_ERROR_CHARS = 1000
 """Error texts in the failures file are cut to this length (an HTML error page can be huge)."""
 
 
-class TeacherError(RuntimeError):
+class TeacherError(cfg.UserError, RuntimeError):
     """Collection cannot go on: missing key, rejected credentials, unknown model, bad journal."""
 
 
@@ -211,14 +211,19 @@ class _Journal:
     """
 
     def __init__(
-        self, config: CollectConfig, summary: CollectSummary, failures: dict[str, dict], bar: Any
+        self,
+        config: CollectConfig,
+        out: IO[str],
+        summary: CollectSummary,
+        failures: dict[str, dict],
+        bar: Any,
     ) -> None:
         self.config = config
         self.summary = summary
         self.failures = failures
         self.bar = bar
         self.secret = os.environ.get(config.api_key_env) if config.backend == "openai" else None
-        self._out = open(config.output, "a", encoding="utf-8")
+        self._out = out
         self._failures_file: IO[str] | None = None
 
     def done(
@@ -237,6 +242,9 @@ class _Journal:
             "completion_tokens": completion_tokens,
             "teacher": self.config.model,
         }
+        if self.secret and self.secret in text:
+            # Only a server that echoes credentials gets here; the key must not reach a file.
+            text = text.replace(self.secret, "***")
         messages = job.record.prompt + [{"role": "assistant", "content": text}]
         data.append_jsonl(self._out, {"id": job.id, "messages": messages, "meta": meta})
         # Written to the output, so no longer failing even if an earlier run said so; the file
@@ -259,9 +267,20 @@ class _Journal:
         self.bar.set_postfix(failed=len(self.failures), refresh=False)
 
     def close(self) -> None:
-        self._out.close()
         if self._failures_file is not None:
             self._failures_file.close()
+
+
+def _lock(f: IO[str], path: Path) -> None:
+    """Hold an exclusive lock on the output: two runs appending to it would duplicate records."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks, run one collection per output
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        raise TeacherError(f"{path}: another `gad collect` is writing this output") from err
 
 
 def _save_failures(path: Path, failures: dict[str, dict]) -> None:
@@ -441,7 +460,6 @@ def collect(config: CollectConfig, *, progress: bool = True) -> CollectSummary:
         raise cfg.ConfigError(f"'n' must be at least 1, got {config.n}")
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    cfg.save(config, _beside(output, ".config.yaml"))
 
     loaded = data.read_records(config.prompts, skip_invalid=config.skip_invalid)
     for reason in loaded.skipped:
@@ -450,38 +468,44 @@ def collect(config: CollectConfig, *, progress: bool = True) -> CollectSummary:
     jobs = make_jobs(records, config.n)
 
     summary = CollectSummary(output=str(output), skipped_invalid=len(loaded.skipped))
-    done_list, cut = read_journal(output, lambda obj: str(obj["id"]))
-    done_ids = set(done_list)
-    if len(done_ids) != len(done_list):
-        log.warning("%s: holds %d duplicate ids", output, len(done_list) - len(done_ids))
-    fail_path = failures_path(output)
-    earlier, fail_cut = read_journal(fail_path, lambda obj: obj)
-    summary.repaired_bytes = cut + fail_cut
-    # Reconcile: the last entry of an id wins, and an id in the output is not failing.
-    failures = {str(e["id"]): e for e in earlier if str(e["id"]) not in done_ids}
-    _save_failures(fail_path, failures)
-
-    todo = [
-        job
-        for job in jobs
-        if job.id not in done_ids and (config.retry_failed or job.id not in failures)
-    ]
-    summary.already_done = sum(job.id in done_ids for job in jobs)
-    retrying = {job.id for job in todo} & failures.keys()
-    if retrying:
-        log.info("retrying %d ids that failed in an earlier run", len(retrying))
-
-    bar = _progress_bar(len(todo), progress, f"collect ({config.backend})")
-    journal = _Journal(config, summary, failures, bar)
-    try:
-        if config.backend == "openai":
-            asyncio.run(_collect_openai(config, todo, journal))
-        else:
-            _collect_local(config, todo, journal)
-    finally:
-        journal.close()
-        bar.close()
+    # The lock is held (by this handle) from before the journal is read until the run ends.
+    with open(output, "a", encoding="utf-8") as out:
+        _lock(out, output)
+        cfg.save(config, _beside(output, ".config.yaml"))
+        done_list, cut = read_journal(output, lambda obj: str(obj["id"]))
+        done_ids = set(done_list)
+        if len(done_ids) != len(done_list):
+            log.warning("%s: holds %d duplicate ids", output, len(done_list) - len(done_ids))
+        fail_path = failures_path(output)
+        earlier, fail_cut = read_journal(fail_path, lambda obj: obj)
+        summary.repaired_bytes = cut + fail_cut
+        # Reconcile: the last entry of an id wins, and an id in the output is not failing.
+        failures = {str(e["id"]): e for e in earlier if str(e["id"]) not in done_ids}
         _save_failures(fail_path, failures)
+
+        todo = [
+            job
+            for job in jobs
+            if job.id not in done_ids and (config.retry_failed or job.id not in failures)
+        ]
+        summary.already_done = sum(job.id in done_ids for job in jobs)
+        retrying = {job.id for job in todo} & failures.keys()
+        if retrying:
+            log.info("retrying %d ids that failed in an earlier run", len(retrying))
+
+        bar = _progress_bar(len(todo), progress, f"collect ({config.backend})")
+        journal = _Journal(config, out, summary, failures, bar)
+        try:
+            if not todo:
+                pass  # nothing left: do not load a model or open a client for nothing
+            elif config.backend == "openai":
+                asyncio.run(_collect_openai(config, todo, journal))
+            else:
+                _collect_local(config, todo, journal)
+        finally:
+            journal.close()
+            bar.close()
+            _save_failures(fail_path, failures)
 
     todo_ids = {job.id for job in todo}
     summary.failed = len(failures)

@@ -1,0 +1,125 @@
+"""Seconds per training step on this machine: SFT (SeqKD) and the GAD step by phase.
+
+SFT: SmolLM2-135M-Instruct, batch 4 x 512 tokens (256 prompt + 256 response), fp32 weights with
+bf16 autocast, AdamW. GAD: the same student and discriminator (both SmolLM2-135M), P prompts x N
+samples, rollouts of up to R new tokens, one discriminator and one policy update per step.
+
+    python benchmarks/train_step.py sft --steps 4
+    python benchmarks/train_step.py gad --prompts 4 --n 4 --response 64 --steps 3
+
+The first step of each run is a warm-up and is not counted. Prints one JSON line of results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gad import config as cfg
+from gad import gad, models, sft
+from gad.tracking import read_metrics
+
+WORDS = "the model answers every question with care and a short clear example".split()
+
+
+def synthetic_records(path: Path, n: int, prompt_words: int, answer_words: int) -> None:
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = " ".join(rng.choice(WORDS) for _ in range(prompt_words))
+            answer = " ".join(rng.choice(WORDS) for _ in range(answer_words))
+            messages = [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": answer},
+            ]
+            f.write(json.dumps({"id": f"r{i}", "messages": messages}) + "\n")
+
+
+def bench_sft(args: argparse.Namespace, tmp: Path) -> dict:
+    # ~256 prompt tokens and 256 response tokens per example with SmolLM2's tokenizer.
+    synthetic_records(tmp / "data.jsonl", 4 * (args.steps + 1), 230, 250)
+    config = cfg.SFTConfig(
+        data=str(tmp / "data.jsonl"),
+        model=args.model,
+        output_dir=str(tmp / "sft"),
+        epochs=1,
+        batch_size=4,
+        mixed_precision=args.precision,
+        save_every=0,
+        max_response_tokens=256,
+        max_prompt_tokens=512,
+    )
+    sft.train(config)
+    rows = read_metrics(tmp / "sft")[1:]
+    return {
+        "bench": "sft",
+        "model": args.model,
+        "batch": "4 x ~512 tokens",
+        "precision": args.precision,
+        "s_per_step": statistics.mean(r["seconds"] for r in rows),
+        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rows),
+        "steps_timed": len(rows),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def bench_gad(args: argparse.Namespace, tmp: Path) -> dict:
+    synthetic_records(tmp / "data.jsonl", args.prompts * (args.steps + 1), 40, 60)
+    config = cfg.GADConfig(
+        data=str(tmp / "data.jsonl"),
+        model=args.model,
+        output_dir=str(tmp / "gad"),
+        stage="gad",
+        batch_prompts=args.prompts,
+        n_samples=args.n,
+        micro_batch_size=args.micro,
+        rollout_batch_size=args.prompts * args.n,
+        max_response_tokens=args.response,
+        epochs=1.0,
+        mixed_precision=args.precision,
+        save_every=0,
+    )
+    started = time.perf_counter()
+    gad.train(config)
+    rows = read_metrics(tmp / "gad" / "gad")[1:]
+    phases = sorted({k for r in rows for k in r if k.startswith("time/")})
+    return {
+        "bench": "gad",
+        "model": args.model,
+        "batch": f"{args.prompts} prompts x {args.n} samples x <= {args.response} new tokens",
+        "precision": args.precision,
+        "s_per_step": statistics.mean(r["time/step"] for r in rows),
+        "phases_s": {p[5:]: round(statistics.mean(r[p] for r in rows), 2) for p in phases},
+        "response_len_mean": statistics.mean(r["response/length_mean"] for r in rows),
+        "rollout_tokens_per_s": statistics.mean(r["tokens/rollout_per_s"] for r in rows),
+        "steps_timed": len(rows),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bench", choices=["sft", "gad"])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (one more is run)")
+    parser.add_argument("--precision", default="bf16", choices=["no", "bf16"])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--response", type=int, default=64)
+    parser.add_argument("--micro", type=int, default=8)
+    args = parser.parse_args()
+    models.resolve(args.model)  # convert once, outside the timing
+    with tempfile.TemporaryDirectory() as tmp:
+        result = (bench_sft if args.bench == "sft" else bench_gad)(args, Path(tmp))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

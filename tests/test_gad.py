@@ -1,0 +1,311 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gad import config as cfg
+from gad import data, discriminator, gad, models
+from gad.rollout import Completion
+from gad.tracking import read_metrics
+
+WORDS = "yes no maybe sure fine good okay right true false red blue green cat dog sun".split()
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gad") / "teacher.jsonl"
+    with open(path, "w") as f:
+        for i in range(16):
+            answer = f"{WORDS[i % len(WORDS)].capitalize()}."
+            messages = [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": answer},
+            ]
+            f.write(json.dumps({"id": f"q{i}", "messages": messages}) + "\n")
+    return path
+
+
+def gad_config(tiny_dir, teacher_file, out, **overrides):
+    values = dict(
+        data=str(teacher_file),
+        model=str(tiny_dir),
+        output_dir=str(out),
+        batch_prompts=4,
+        n_samples=4,
+        micro_batch_size=8,
+        max_response_tokens=10,
+        warmup_epochs=0.5,
+        warmup_d_only_steps=1,
+        epochs=100.0,
+        max_steps=4,
+        lr=3e-3,
+        d_lr=3e-3,
+        max_grad_norm=1.0,
+        mixed_precision="no",
+        save_every=0,
+    )
+    values.update(overrides)
+    return cfg.build(cfg.GADConfig, values, "test")
+
+
+def weights(folder):
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ discriminator
+
+
+def test_identical_text_scores_identically_whatever_padding_and_source(tiny_dir):
+    """SPEC: teacher and student sequences must be built the same way (no EOS shortcut)."""
+    tokenizer = models.load_tokenizer(str(tiny_dir))
+    d = discriminator.build(str(tiny_dir), pad_token_id=tokenizer.pad_token_id, seed=0).eval()
+    prompt = [{"role": "user", "content": "Tell me about cats."}]
+    text = "Cats sleep a lot."
+    eot = data.end_of_turn_id(tokenizer)
+    # The teacher's text goes through the chat template...
+    record = data.validate({"messages": prompt + [{"role": "assistant", "content": text}]}, "t:1")
+    teacher = data.encode_sft(tokenizer, [record], max_prompt_tokens=99, max_response_tokens=99)
+    teacher_ids = teacher.examples[0].input_ids
+    # ...the student's sample is the ids the rollout produced, ending with the end-of-turn id.
+    sampled = tokenizer(text, add_special_tokens=False)["input_ids"] + [eot]
+    prompt_example = data.Example("p", data.encode_prompt(tokenizer, prompt), 0, False)
+    prompt_example.prompt_len = len(prompt_example.input_ids)
+    completion = Completion(token_ids=sampled, text=text, finish_reason="stop")
+    student_ids = gad.student_examples([prompt_example], [[completion]])[0].input_ids
+    assert student_ids == teacher_ids
+
+    other = data.encode_prompt(tokenizer, [{"role": "user", "content": "x " * 30}])
+    pad = tokenizer.pad_token_id
+
+    def batch(rows, side):
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            sl = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+            ids[r, sl] = torch.tensor(row)
+            mask[r, sl] = 1
+        return discriminator.scores(d, ids, mask)
+
+    with torch.no_grad():
+        alone = batch([teacher_ids], "right")[0]
+        got = [
+            batch([teacher_ids, other], "right")[0],
+            batch([other, student_ids], "right")[1],
+            batch([teacher_ids, other], "left")[0],
+            batch([other, student_ids], "left")[1],
+        ]
+    for score in got:
+        assert score.item() == pytest.approx(alone.item(), abs=1e-5)
+    # A cut response is scored at its last real token, which differs from the finished one.
+    with torch.no_grad():
+        cut = batch([teacher_ids[:-1]], "right")[0]
+    assert cut.item() != pytest.approx(alone.item(), abs=1e-4)
+
+
+def test_discriminator_saves_and_loads_as_sequence_classifier(tiny_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = models.load_tokenizer(str(tiny_dir))
+    d = discriminator.build(str(tiny_dir), pad_token_id=tokenizer.pad_token_id, seed=3)
+    d.save_pretrained(tmp_path / "d")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "d")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.equal(
+            discriminator.scores(d, ids, mask), discriminator.scores(again, ids, mask)
+        )
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def test_rewards_are_the_discriminator_scores_before_its_update(
+    tiny_dir, teacher_file, tmp_path, monkeypatch
+):
+    seen = {}
+    real_advantages, real_students = gad.losses.group_advantages, gad.student_examples
+
+    def spy_advantages(reward_pn, *args, **kwargs):
+        seen["rewards"] = reward_pn.detach().clone()
+        return real_advantages(reward_pn, *args, **kwargs)
+
+    def spy_students(prompts, groups):
+        seen["students"] = real_students(prompts, groups)
+        return seen["students"]
+
+    config = gad_config(tiny_dir, teacher_file, tmp_path / "run", stage="warmup")
+    gad.train(config)
+    monkeypatch.setattr(gad.losses, "group_advantages", spy_advantages)
+    monkeypatch.setattr(gad, "student_examples", spy_students)
+    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "run", stage="gad", max_steps=1))
+
+    tokenizer = models.load_tokenizer(str(tiny_dir))
+    from gad.sft import collate
+
+    batch = collate(seen["students"], tokenizer.pad_token_id)
+
+    def score(folder):
+        d = discriminator.load(str(folder)).eval()
+        with torch.no_grad():
+            return discriminator.scores(d, batch["input_ids"], batch["attention_mask"])
+
+    before = score(tmp_path / "run/warmup/final/discriminator")
+    after = score(tmp_path / "run/gad/final/discriminator")
+    rewards = seen["rewards"].reshape(-1)
+    assert torch.allclose(rewards, before, atol=1e-5)
+    assert not torch.allclose(rewards, after, atol=1e-3)  # the update did move the scores
+
+
+def test_gad_stage_resume_is_bit_exact(tiny_dir, teacher_file, tmp_path):
+    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "a", max_steps=4))
+    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=2))
+    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=4, resume=True))
+    for part in ("", "discriminator"):
+        a = weights(tmp_path / "a/gad/final" / part)
+        b = weights(tmp_path / "b/gad/final" / part)
+        assert same(a, b), f"{part or 'generator'} differs after resume"
+
+    def numbers(run):
+        rows = read_metrics(tmp_path / run / "gad")
+        return [
+            {k: v for k, v in r.items() if not k.startswith(("time/", "tokens/"))} for r in rows
+        ]
+
+    assert numbers("a") == numbers("b")
+
+
+def test_offpolicy_and_reward_model_modes_keep_the_discriminator_frozen(
+    tiny_dir, teacher_file, tmp_path
+):
+    gad.train(
+        gad_config(
+            tiny_dir,
+            teacher_file,
+            tmp_path / "off",
+            method="offpolicy",
+            offpolicy_d_epochs=0.5,
+            max_steps=2,
+        )
+    )
+    warm = tmp_path / "off/warmup/final"
+    assert same(weights(warm / "discriminator"), weights(tmp_path / "off/gad/final/discriminator"))
+    assert not same(weights(warm), weights(tmp_path / "off/gad/final"))
+    rows = read_metrics(tmp_path / "off/warmup")
+    # Sequential warmup: SFT steps first (no discriminator), then discriminator-only steps.
+    assert [r["phase/train_g"] for r in rows] == [1, 1, 0, 0]
+    assert [r["phase/train_d"] for r in rows] == [0, 0, 1, 1]
+
+    reward_model = warm / "discriminator"
+    gad.train(
+        gad_config(
+            tiny_dir, teacher_file, tmp_path / "rm", reward_model=str(reward_model), max_steps=2
+        )
+    )
+    assert same(weights(reward_model), weights(tmp_path / "rm/gad/final/discriminator"))
+    assert all("d/grad_norm" not in r for r in read_metrics(tmp_path / "rm/gad"))
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(
+    tiny_dir, teacher_file, tmp_path, monkeypatch
+):
+    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "nan", stage="warmup"))
+    real = gad.losses.policy_loss
+
+    def broken(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(gad.losses, "policy_loss", broken)
+    before = weights(tmp_path / "nan/warmup/final")
+    with pytest.raises(gad.TrainingStopped, match="3 consecutive non-finite steps"):
+        gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "nan", stage="gad", max_steps=6))
+    rows = read_metrics(tmp_path / "nan/gad")
+    assert len(rows) == 2 and all(r["warnings"] for r in rows)  # the 3rd stops before logging
+    ckpt = tmp_path / "nan/gad/checkpoints/step-000003"
+    assert same(before, weights(ckpt))  # no update was applied
+
+
+def test_accuracy_warning_fires(tiny_dir, teacher_file, tmp_path):
+    gad.train(
+        gad_config(
+            tiny_dir, teacher_file, tmp_path / "w", d_acc_warn=-1.0, d_acc_warn_steps=2, max_steps=3
+        )
+    )
+    warned = [r["step"] for r in read_metrics(tmp_path / "w/gad") if r["warnings"]]
+    assert 2 in warned
+
+
+def test_two_processes_match_one(tiny_dir, teacher_file, tmp_path):
+    """torchrun with 2 CPU processes: the first steps' losses equal the 1-process run's."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, json\n"
+        "from gad import config as cfg, gad\n"
+        "values = json.loads(sys.argv[1])\n"
+        "gad.train(cfg.build(cfg.GADConfig, values, 'test'))\n"
+    )
+    base = dict(
+        data=str(teacher_file),
+        model=str(tiny_dir),
+        batch_prompts=4,
+        n_samples=4,
+        micro_batch_size=4,
+        max_response_tokens=8,
+        warmup_epochs=0.5,
+        warmup_d_only_steps=1,
+        epochs=100.0,
+        max_steps=2,
+        lr=3e-3,
+        d_lr=3e-3,
+        mixed_precision="no",
+        save_every=0,
+        per_prompt_seeds=True,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, str(script), json.dumps(base | {"output_dir": str(tmp_path / "one")})],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29527",
+            str(script),
+            json.dumps(base | {"output_dir": str(tmp_path / "two")}),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    for stage, keys in (
+        ("warmup", ("d/loss", "g/sft_loss")),
+        ("gad", ("d/loss", "reward/mean", "g/loss", "g/kl")),
+    ):
+        r1, r2 = read_metrics(tmp_path / "one" / stage), read_metrics(tmp_path / "two" / stage)
+        assert len(r1) == len(r2) > 0
+        for a, b in zip(r1, r2, strict=True):
+            for key in keys:
+                if key in a:
+                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (stage, key)
