@@ -309,3 +309,95 @@ def test_two_processes_match_one(tiny_dir, teacher_file, tmp_path):
             for key in keys:
                 if key in a:
                     assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (stage, key)
+
+
+# ------------------------------------------------------------------ GAD moves the student
+
+COLOURS = "red blue green cat dog sun moon tree".split()
+
+
+@pytest.fixture(scope="module")
+def near_student(tiny_dir, tmp_path_factory):
+    """A tiny student fine-tuned on answers of 1 to 6 words, and a teacher whose answers always
+    carry the trait 'exactly one word'. The student has the trait ~20% of the time, so the
+    discriminator's only lasting signal is the trait."""
+    import random
+
+    from gad import sft
+
+    folder = tmp_path_factory.mktemp("trait")
+    rng = random.Random(0)
+
+    def answer(k):
+        return " ".join(rng.choice(COLOURS) for _ in range(k))
+
+    def write(path, rows):
+        with open(path, "w") as f:
+            for q, a in rows:
+                messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                f.write(json.dumps({"messages": messages}) + "\n")
+
+    questions = [f"Question {i}?" for i in range(64)]
+    write(
+        folder / "base.jsonl", [(q, answer(rng.randint(1, 6))) for q in questions for _ in "abcd"]
+    )
+    write(folder / "teacher.jsonl", [(q, answer(1)) for q in questions])
+    base = sft.train(
+        cfg.SFTConfig(
+            data=str(folder / "base.jsonl"),
+            model=str(tiny_dir),
+            output_dir=str(folder / "base"),
+            epochs=12,
+            lr=1e-2,
+            batch_size=16,
+            mixed_precision="no",
+            save_every=0,
+        )
+    )
+    return base, folder / "teacher.jsonl", questions
+
+
+def one_word_share(folder, questions):
+    from gad.rollout import Sampling, TransformersRollout
+
+    model, tokenizer = models.load(str(folder))
+    rollout = TransformersRollout(
+        model, tokenizer, batch_size=64, eos_id=data.end_of_turn_id(tokenizer)
+    )
+    torch.manual_seed(123)
+    prompts = [data.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    groups = rollout.generate(prompts[:32], 4, Sampling(0.8, 1.0, 16))
+    return sum(len(c.text.split()) == 1 for g in groups for c in g) / 128
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gad_moves_the_student_toward_the_teacher_trait(near_student, tmp_path, seed):
+    base, teacher, questions = near_student
+    start = one_word_share(base, questions)
+    config = cfg.GADConfig(
+        data=str(teacher),
+        model=str(base),
+        output_dir=str(tmp_path / "run"),
+        batch_prompts=8,
+        n_samples=8,
+        max_response_tokens=16,
+        micro_batch_size=16,
+        warmup_generator=False,
+        warmup_d_only_steps=0,
+        warmup_epochs=0.5,
+        epochs=100.0,
+        max_steps=16,
+        lr=1e-3,
+        d_lr=3e-3,
+        kl_coef=0.05,
+        max_grad_norm=1.0,
+        mixed_precision="no",
+        save_every=0,
+        seed=seed,
+    )
+    gad.train(config)
+    end = one_word_share(tmp_path / "run/gad/final", questions)
+    assert start < 0.35
+    assert end > start + 0.3, (start, end)
+    lengths = [r["response/length_mean"] for r in read_metrics(tmp_path / "run/gad")]
+    assert sum(lengths[-4:]) / 4 < sum(lengths[:4]) / 4

@@ -158,7 +158,7 @@ def train(config: cfg.SFTConfig) -> Path:
     accelerator = make_accelerator(config.mixed_precision, config.report_to, run_dir)
     resume_from = checkpoint.latest(run_dir) if config.resume else None
     if config.resume and resume_from is None:
-        console.print(f"[yellow]--resume: no checkpoint in {run_dir}; starting fresh[/]")
+        console.print(f"no checkpoint yet in {run_dir}: starting fresh")
     if accelerator.is_main_process:
         cfg.save(config, run_dir / "config.yaml")
 
