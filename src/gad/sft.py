@@ -106,6 +106,11 @@ def constant_with_warmup(optimizer: Any, warmup_steps: int) -> Any:
 
 def make_accelerator(mixed_precision: str, report_to: str, run_dir: Path) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state; a second stage in the same process (the demo,
+    # a notebook) may ask for another precision. The distributed group itself is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
 
     # Without an accelerator device, accelerate only forms a multi-process (gloo) group when
     # told it runs on CPU; torchrun's environment alone leaves each process on its own.
