@@ -401,3 +401,23 @@ def test_gad_moves_the_student_toward_the_teacher_trait(near_student, tmp_path, 
     assert end > start + 0.3, (start, end)
     lengths = [r["response/length_mean"] for r in read_metrics(tmp_path / "run/gad")]
     assert sum(lengths[-4:]) / 4 < sum(lengths[:4]) / 4
+
+
+def test_smaller_discriminator_and_ce_loss(tiny_dir, teacher_file, tmp_path):
+    """A discriminator of another size (same tokenizer) and the Eq. 4 loss run the same loop."""
+    small = models.build_tiny(tmp_path / "small", seed=5, hidden_size=32, num_layers=1)
+    gad.train(
+        gad_config(
+            tiny_dir,
+            teacher_file,
+            tmp_path / "run",
+            discriminator=str(small),
+            d_loss="ce",
+            max_steps=2,
+        )
+    )
+    d = discriminator.load(str(tmp_path / "run/gad/final/discriminator"))
+    assert d.config.hidden_size == 32 and d.config.num_labels == 1
+    rows = read_metrics(tmp_path / "run/gad")
+    # CE loss of an untrained head is near 2·log 2 (teacher term + student term), BT's near log 2.
+    assert rows[0]["d/loss"] > 1.0
