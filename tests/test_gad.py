@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,7 @@ def teacher_file(tmp_path_factory):
     return path
 
 
-def gad_config(tiny_dir, teacher_file, out, **overrides):
+def gad_values(tiny_dir, teacher_file, out, **overrides):
     values = dict(
         data=str(teacher_file),
         model=str(tiny_dir),
@@ -50,7 +47,11 @@ def gad_config(tiny_dir, teacher_file, out, **overrides):
         save_every=0,
     )
     values.update(overrides)
-    return cfg.build(cfg.GADConfig, values, "test")
+    return values
+
+
+def gad_config(tiny_dir, teacher_file, out, **overrides):
+    return cfg.build(cfg.GADConfig, gad_values(tiny_dir, teacher_file, out, **overrides), "test")
 
 
 def weights(folder):
@@ -248,57 +249,19 @@ def test_accuracy_warning_fires(tiny_dir, teacher_file, tmp_path):
 
 def test_two_processes_match_one(tiny_dir, teacher_file, tmp_path):
     """torchrun with 2 CPU processes: the first steps' losses equal the 1-process run's."""
-    script = tmp_path / "train.py"
-    script.write_text(
-        "import sys, json\n"
-        "from gad import config as cfg, gad\n"
-        "values = json.loads(sys.argv[1])\n"
-        "gad.train(cfg.build(cfg.GADConfig, values, 'test'))\n"
-    )
-    base = dict(
-        data=str(teacher_file),
-        model=str(tiny_dir),
-        batch_prompts=4,
-        n_samples=4,
+    from launch import train_in_processes
+
+    values = gad_values(
+        tiny_dir,
+        teacher_file,
+        tmp_path,
         micro_batch_size=4,
         max_response_tokens=8,
-        warmup_epochs=0.5,
-        warmup_d_only_steps=1,
-        epochs=100.0,
         max_steps=2,
-        lr=3e-3,
-        d_lr=3e-3,
-        mixed_precision="no",
-        save_every=0,
         per_prompt_seeds=True,
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, str(script), json.dumps(base | {"output_dir": str(tmp_path / "one")})],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29527",
-            str(script),
-            json.dumps(base | {"output_dir": str(tmp_path / "two")}),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    train_in_processes(tmp_path, "gad", values | {"output_dir": str(tmp_path / "one")}, 1, 0)
+    train_in_processes(tmp_path, "gad", values | {"output_dir": str(tmp_path / "two")}, 2, 29527)
     for stage, keys in (
         ("warmup", ("d/loss", "g/sft_loss")),
         ("gad", ("d/loss", "reward/mean", "g/loss", "g/kl")),

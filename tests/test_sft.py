@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -96,45 +93,21 @@ def test_resume_mid_run_after_kill(tiny_dir, records_file, tmp_path):
 
 def test_two_processes_match_one(tiny_dir, records_file, tmp_path):
     """torchrun with 2 CPU processes (gloo) gives the losses of 1 process, same global batch."""
-    script = tmp_path / "train.py"
-    script.write_text(
-        "import sys\n"
-        "from gad import config as cfg, sft\n"
-        "values = dict(data=sys.argv[1], model=sys.argv[2], output_dir=sys.argv[3], epochs=1,\n"
-        "              lr=3e-3, batch_size=int(sys.argv[4]), grad_accum=1, mixed_precision='no',\n"
-        "              save_every=0)\n"
-        "sft.train(cfg.build(cfg.SFTConfig, values, 'test'))\n"
+    from launch import train_in_processes
+
+    values = dict(
+        data=str(records_file),
+        model=str(tiny_dir),
+        epochs=1,
+        lr=3e-3,
+        grad_accum=1,
+        mixed_precision="no",
+        save_every=0,
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [str(records_file), str(tiny_dir)]
-    one = subprocess.run(
-        [sys.executable, str(script), *args, str(tmp_path / "one"), "4"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            str(script),
-            *args,
-            str(tmp_path / "two"),
-            "2",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    one = values | {"output_dir": str(tmp_path / "one"), "batch_size": 4}
+    two = values | {"output_dir": str(tmp_path / "two"), "batch_size": 2}
+    train_in_processes(tmp_path, "sft", one, 1, 0)
+    train_in_processes(tmp_path, "sft", two, 2, 29517)
     l1 = [r["loss"] for r in read_metrics(tmp_path / "one")]
     l2 = [r["loss"] for r in read_metrics(tmp_path / "two")]
     assert len(l1) == len(l2) == 2
