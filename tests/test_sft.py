@@ -116,3 +116,14 @@ def test_two_processes_match_one(tiny_dir, records_file, tmp_path):
     # Adam divides by sqrt(v): float summation-order noise in near-zero gradients becomes
     # ~1e-5 weight noise after lr=3e-3 steps, still 100x below one step's size.
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+
+
+def test_tensorboard_tracker_gets_the_metrics(tiny_dir, records_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tiny_dir, records_file, tmp_path / "tb", epochs=1, report_to="tensorboard")
+    events = EventAccumulator(str(tmp_path / "tb" / "gad-sft"))
+    events.Reload()
+    assert {"loss", "lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("loss")) == 2

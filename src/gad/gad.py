@@ -31,7 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from gad import checkpoint, data, discriminator, losses, models, sft
 from gad import config as cfg
 from gad.rollout import Completion, Sampling, TransformersRollout
-from gad.tracking import MetricsLog, PhaseTimer
+from gad.tracking import MetricsLog, PhaseTimer, tracker_config
 
 console = Console(stderr=True)
 
@@ -394,7 +394,7 @@ def _setup(
         health = Health(**state.get("health", {}))
         console.print(f"{name}: resuming from {resume_from} at step {start_step}")
     if config.report_to != "none":
-        accelerator.init_trackers(f"gad-{name}", config=cfg.to_dict(config))
+        accelerator.init_trackers(f"gad-{name}", config=tracker_config(cfg.to_dict(config)))
     metrics = MetricsLog(run_dir, accelerator, resume_step=start_step if resume_from else None)
     if accelerator.is_main_process:
         sft._print_data_summary(prepared, len(plan), config.batch_prompts)

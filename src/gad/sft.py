@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from gad import checkpoint, data, models
 from gad import config as cfg
-from gad.tracking import MetricsLog
+from gad.tracking import MetricsLog, tracker_config
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -193,7 +193,7 @@ def train(config: cfg.SFTConfig) -> Path:
         )["step"]
         console.print(f"resuming from {resume_from} at step {start_step}")
     if config.report_to != "none":
-        accelerator.init_trackers("gad-sft", config=cfg.to_dict(config))
+        accelerator.init_trackers("gad-sft", config=tracker_config(cfg.to_dict(config)))
     metrics = MetricsLog(run_dir, accelerator, resume_step=start_step if resume_from else None)
     if accelerator.is_main_process:
         _print_data_summary(prepared, len(plan), global_batch)

@@ -76,6 +76,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def tracker_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A config for trackers: TensorBoard's hparams take only int, float, str and bool."""
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in values.items()}
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl."""
     path = Path(run_dir) / "metrics.jsonl"
