@@ -339,6 +339,14 @@ def _setup(
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = checkpoint.latest(run_dir) if config.resume else None
     g_source = str(resume_from) if resume_from else init["generator"]
+    # Data first: a bad record should fail in a second, not after loading two models.
+    prepared = sft.prepare_data(
+        config.data,
+        models.load_tokenizer(g_source),
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_response_tokens=config.max_response_tokens,
+        skip_invalid=config.skip_invalid,
+    )
     generator, tokenizer = models.load(g_source)
     generator.config.use_cache = False
     if resume_from is not None:
@@ -350,13 +358,6 @@ def _setup(
             init["discriminator"], pad_token_id=tokenizer.pad_token_id, seed=config.seed
         )
     d.config.pad_token_id = tokenizer.pad_token_id
-    prepared = sft.prepare_data(
-        config.data,
-        tokenizer,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_response_tokens=config.max_response_tokens,
-        skip_invalid=config.skip_invalid,
-    )
     world = accelerator.num_processes
     if config.batch_prompts % world:
         raise cfg.ConfigError(

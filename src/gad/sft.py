@@ -168,16 +168,18 @@ def train(config: cfg.SFTConfig) -> Path:
         cfg.save(config, run_dir / "config.yaml")
 
     torch.manual_seed(config.seed)
-    model, tokenizer = models.load(str(resume_from) if resume_from else config.model)
-    model.config.use_cache = False
-    model.train()
+    source = str(resume_from) if resume_from else config.model
+    # Data first: a bad record should fail in a second, not after loading the model.
     prepared = prepare_data(
         config.data,
-        tokenizer,
+        models.load_tokenizer(source),
         max_prompt_tokens=config.max_prompt_tokens,
         max_response_tokens=config.max_response_tokens,
         skip_invalid=config.skip_invalid,
     )
+    model, tokenizer = models.load(source)
+    model.config.use_cache = False
+    model.train()
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = config.batch_size * config.grad_accum * world
     plan = batch_plan(len(prepared.examples), config.epochs, global_batch, config.seed)
