@@ -156,6 +156,34 @@ def train(config: cfg.GADConfig) -> None:
     gad_module.train(config)
 
 
+@stage_command("generate", cfg.GenerateConfig, positional="model")
+def generate(config: cfg.GenerateConfig) -> None:
+    """A local model (a student) answers a prompt set; resumable like `gad collect`."""
+    from gad import evalsets, teacher
+
+    summary = teacher.collect(evalsets.generation_job(config))
+    if summary.failed:
+        raise typer.Exit(code=3)
+
+
+@stage_command("split", cfg.SplitConfig, positional="prompts")
+def split(config: cfg.SplitConfig) -> None:
+    """Split a prompt file into train and held-out parts (deterministic, by prompt content)."""
+    from gad import data, evalsets
+
+    records = data.read_records(config.prompts).records
+    train_part, held = evalsets.split(records, config.fraction, config.seed)
+    out = Path(config.output_dir)
+    data.write_records(out / "train.jsonl", train_part)
+    data.write_records(out / "held_out.jsonl", held)
+    cfg.save(config, out / "split.config.yaml")
+    typer.echo(
+        f"{len(train_part)} train -> {out / 'train.jsonl'}, "
+        f"{len(held)} held out -> {out / 'held_out.jsonl'} "
+        "(pass --exclude of the held-out file to collect/sft/train)"
+    )
+
+
 @stage_command("demo", cfg.DemoConfig)
 def demo(config: cfg.DemoConfig) -> None:
     """The quick start: a local teacher answers bundled prompts, then SeqKD on its answers."""

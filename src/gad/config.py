@@ -75,6 +75,8 @@ class CollectConfig:
     """Skip malformed input records (counted in the summary) instead of stopping."""
     limit: int | None = None
     """Only the first `limit` prompts of the file (for quick trials)."""
+    exclude: str | None = None
+    """Held-out chat-record file: refuse to run if any record overlaps it (by prompt or id)."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ class SFTConfig:
     """Continue from the latest checkpoint in `output_dir`."""
     skip_invalid: bool = False
     """Skip malformed records (counted in the summary) instead of stopping."""
+    exclude: str | None = None
+    """Held-out chat-record file: refuse to run if any record overlaps it (by prompt or id)."""
 
 
 C = TypeVar("C")
@@ -357,6 +361,8 @@ class GADConfig:
     """Continue each stage from its latest checkpoint."""
     skip_invalid: bool = False
     """Skip malformed records (counted) instead of stopping."""
+    exclude: str | None = None
+    """Held-out chat-record file: refuse to run if any record overlaps it (by prompt or id)."""
     d_acc_warn: float = 0.95
     """Warn when discriminator accuracy stays above this for `d_acc_warn_steps` steps."""
     d_acc_warn_steps: int = 20
@@ -365,3 +371,47 @@ class GADConfig:
     """Warn when mean response length exceeds this multiple of its post-warmup value."""
     max_bad_steps: int = 3
     """Consecutive non-finite steps (skipped) after which the run stops with a checkpoint."""
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """`gad generate`: a local model (a student) answers a prompt set, resumably."""
+
+    model: str = "smollm2-135m"
+    """Model that answers: built-in name, HF folder, or a run's checkpoint/final folder."""
+    prompts: str = "mt-bench"
+    """Built-in set (`mt-bench`, `self-instruct`) or a chat-record file."""
+    output: str = "runs/generate/answers.jsonl"
+    """Output JSONL of chat records with finish reason and token count in `meta`; the journal."""
+    n: int = 1
+    """Samples per prompt."""
+    temperature: float = 0.8
+    """Sampling temperature (paper evaluation: 0.8)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_tokens: int = 1536
+    """Maximum new tokens per answer (paper evaluation: 1536)."""
+    max_prompt_tokens: int = 2048
+    """Prompts longer than this (after the chat template) are reported, not run."""
+    batch_size: int = 16
+    """Prompts generated together in one batch."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype."""
+    seed: int = 0
+    """Sampling seed."""
+    limit: int | None = None
+    """Only the first `limit` prompts of the set."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """`gad split`: a deterministic held-out split of a prompt file (by prompt content)."""
+
+    prompts: str = ""
+    """Chat-record file to split."""
+    output_dir: str = "data"
+    """Folder for `train.jsonl` and `held_out.jsonl`."""
+    fraction: float = 0.1
+    """Share of prompts held out for evaluation."""
+    seed: int = 0
+    """Seed of the split (the same seed always gives the same split)."""

@@ -346,6 +346,7 @@ def _setup(
         max_prompt_tokens=config.max_prompt_tokens,
         max_response_tokens=config.max_response_tokens,
         skip_invalid=config.skip_invalid,
+        exclude=config.exclude,
     )
     generator, tokenizer = models.load(g_source)
     generator.config.use_cache = False

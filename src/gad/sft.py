@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from gad import checkpoint, data, models
+from gad import checkpoint, data, evalsets, models
 from gad import config as cfg
 from gad.tracking import MetricsLog, tracker_config
 
@@ -142,8 +142,10 @@ def prepare_data(
     max_prompt_tokens: int,
     max_response_tokens: int,
     skip_invalid: bool,
+    exclude: str | None = None,
 ) -> Prepared:
     loaded = data.read_records(path, skip_invalid=skip_invalid)
+    evalsets.refuse_overlap(loaded.records, exclude, path)
     encoded = data.encode_sft(
         tokenizer,
         loaded.records,
@@ -176,6 +178,7 @@ def train(config: cfg.SFTConfig) -> Path:
         max_prompt_tokens=config.max_prompt_tokens,
         max_response_tokens=config.max_response_tokens,
         skip_invalid=config.skip_invalid,
+        exclude=config.exclude,
     )
     model, tokenizer = models.load(source)
     model.config.use_cache = False

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gad import config as cfg
-from gad import data
+from gad import data, evalsets
 from gad.config import CollectConfig
 
 log = logging.getLogger(__name__)
@@ -465,6 +465,7 @@ def collect(config: CollectConfig, *, progress: bool = True) -> CollectSummary:
     for reason in loaded.skipped:
         log.warning("skipped invalid prompt record: %s", reason)
     records = loaded.records if config.limit is None else loaded.records[: config.limit]
+    evalsets.refuse_overlap(records, config.exclude, config.prompts)
     jobs = make_jobs(records, config.n)
 
     summary = CollectSummary(output=str(output), skipped_invalid=len(loaded.skipped))
