@@ -184,6 +184,20 @@ def split(config: cfg.SplitConfig) -> None:
     )
 
 
+@stage_command("report", cfg.ReportConfig)
+def report(config: cfg.ReportConfig) -> None:
+    """Markdown report with training curves and a comparison table of evaluated systems."""
+    from gad import report as report_module
+
+    def paths(text: str) -> list[str]:
+        return [p.strip() for p in text.split(",") if p.strip()]
+
+    path = report_module.write_report(
+        paths(config.runs), paths(config.results), config.output_dir, config.title
+    )
+    typer.echo(f"report: {path}")
+
+
 @stage_command("demo", cfg.DemoConfig)
 def demo(config: cfg.DemoConfig) -> None:
     """The quick start: a local teacher answers bundled prompts, then SeqKD on its answers."""

@@ -415,3 +415,17 @@ class SplitConfig:
     """Share of prompts held out for evaluation."""
     seed: int = 0
     """Seed of the split (the same seed always gives the same split)."""
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """`gad report`: Markdown report and PNG plots from runs and evaluation results."""
+
+    runs: str = ""
+    """Comma-separated run folders (SFT runs, or GAD runs with warmup/ and gad/ inside)."""
+    results: str = ""
+    """Comma-separated result files of `gad eval` / `gad judge` (one JSON per system)."""
+    output_dir: str = "runs/report"
+    """Folder for report.md and its PNGs."""
+    title: str = "gad report"
+    """Heading of the report."""
