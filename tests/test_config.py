@@ -52,7 +52,10 @@ def test_bad_type_names_key(tmp_path, key, value, message):
 def test_every_field_has_a_docstring():
     import dataclasses
 
-    for cls in (cfg.CollectConfig, cfg.SFTConfig):
+    classes = [c for c in vars(cfg).values() if dataclasses.is_dataclass(c)]
+    assert len(classes) >= 6
+    for cls in classes:
+        assert cls.__dataclass_params__.frozen, cls.__name__
         docs = cfg.field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"

@@ -198,6 +198,14 @@ def report(config: cfg.ReportConfig) -> None:
     typer.echo(f"report: {path}")
 
 
+@stage_command("toy", cfg.ToyConfig)
+def toy(config: cfg.ToyConfig) -> None:
+    """The paper's Figure 5 toy: SeqKD covers a two-mode teacher, GAD seeks one mode."""
+    from gad import toy as toy_module
+
+    toy_module.run(config)
+
+
 @stage_command("demo", cfg.DemoConfig)
 def demo(config: cfg.DemoConfig) -> None:
     """The quick start: a local teacher answers bundled prompts, then SeqKD on its answers."""

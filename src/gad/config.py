@@ -429,3 +429,40 @@ class ReportConfig:
     """Folder for report.md and its PNGs."""
     title: str = "gad report"
     """Heading of the report."""
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """`gad toy`: the paper's Figure 5 toy, SeqKD (mode covering) vs GAD (mode seeking)."""
+
+    output_dir: str = "runs/toy"
+    """Folder for the figure (toy.png) and the numbers (toy.json)."""
+    num_categories: int = 10
+    """Number of categories 0..K-1 of the discrete distributions."""
+    teacher_modes: str = "2,7"
+    """Comma-separated centres of the teacher's Gaussian modes (two: with three modes on 10
+    categories even exact reverse-KL descent ends near uniform, see docs/benchmarks.md)."""
+    teacher_weights: str = "0.5,0.5"
+    """Comma-separated mixture weights of the teacher's modes (normalised to sum to 1)."""
+    teacher_std: float = 0.5
+    """Std of every teacher mode (before discretisation)."""
+    student_mean: float = 3.0
+    """Initial mean of the student Gaussian (between the teacher modes, as SPEC advises)."""
+    student_std: float = 1.0
+    """Initial std of the student Gaussian (moderate; from 1.5 reverse KL itself goes uniform)."""
+    steps: int = 300
+    """Student updates for SeqKD, GAD and both exact-KL references."""
+    lr: float = 0.05
+    """Adam learning rate of the student (mean and log-std), for every method."""
+    d_lr: float = 0.5
+    """Adam learning rate of GAD's discriminator (one score per category)."""
+    d_steps: int = 5
+    """Discriminator updates per student update in GAD (on the same batch)."""
+    n_samples: int = 8
+    """N: student samples per group ("prompt"); advantages are normalised within a group."""
+    groups: int = 16
+    """Groups per step, each with one teacher sample (SeqKD's batch is these teacher samples)."""
+    seed: int = 0
+    """First random seed; seeds seed .. seed + num_seeds - 1 are run."""
+    num_seeds: int = 3
+    """How many seeds to run SeqKD and GAD with."""
