@@ -184,6 +184,25 @@ def split(config: cfg.SplitConfig) -> None:
     )
 
 
+@stage_command("eval", cfg.EvalConfig, positional="answers")
+def evaluate(config: cfg.EvalConfig) -> None:
+    """Judge-free metrics of a system's answers (ROUGE-L, n-gram F1, length; lab metrics)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gad import evaluate as evaluate_module
+    from gad.report import format_cell
+
+    result = evaluate_module.run_eval(config)
+    table = Table(title=f"{result['name']}: {result['records']} answers")
+    table.add_column("metric")
+    table.add_column("value [95% CI]", justify="right")
+    for key, value in result["metrics"].items():
+        table.add_row(key, format_cell(value))
+    Console().print(table)
+    typer.echo(f"results: {result['output']}")
+
+
 @stage_command("report", cfg.ReportConfig)
 def report(config: cfg.ReportConfig) -> None:
     """Markdown report with training curves and a comparison table of evaluated systems."""

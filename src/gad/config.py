@@ -466,3 +466,26 @@ class ToyConfig:
     """First random seed; seeds seed .. seed + num_seeds - 1 are run."""
     num_seeds: int = 3
     """How many seeds to run SeqKD and GAD with."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`gad eval`: judge-free (and, with local models, lab) metrics of one system's answers."""
+
+    answers: str = ""
+    """The system's answers: chat records from `gad generate` or `gad collect`."""
+    name: str = ""
+    """System name in the results and the report (default: the answers file's stem)."""
+    reference: str | None = None
+    """Teacher answers to the same prompts (chat records) for ROUGE-L and n-gram F1."""
+    teacher_model: str | None = None
+    """Local teacher (built-in name or folder): its mean per-token log-likelihood of the answers."""
+    student_model: str | None = None
+    """The model that wrote the answers; with `teacher_model`, a reverse-KL(student||teacher)
+    estimate from these samples (unbiased only for samples at temperature 1)."""
+    output: str | None = None
+    """Result JSON (default: `<answers>.eval.json`)."""
+    bootstrap_reps: int = 1000
+    """Bootstrap resamples for the 95% confidence intervals."""
+    seed: int = 0
+    """Bootstrap seed."""

@@ -72,7 +72,7 @@ def plot_curves(name: str, rows: list[dict[str, Any]], out: Path) -> Path | None
     return path
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
     if isinstance(value, dict) and "mean" in value:
         if value.get("low") is not None and value.get("high") is not None:
             return f"{value['mean']:.3g} [{value['low']:.3g}, {value['high']:.3g}]"
@@ -97,7 +97,7 @@ def comparison_table(results: list[dict[str, Any]]) -> str:
         metrics = result.get("metrics", {})
         lines.append(
             f"| {result.get('name', '?')} | "
-            + " | ".join(_cell(metrics.get(c)) for c in columns)
+            + " | ".join(format_cell(metrics.get(c)) for c in columns)
             + " |"
         )
     return "\n".join(lines)

@@ -1,0 +1,451 @@
+"""Judge-free evaluation: text-overlap metrics against the teacher, length statistics, bootstrap
+confidence intervals, and "lab" metrics that need the teacher as a local model.
+
+Text metrics (pure Python / numpy, no model):
+
+* `rouge_l`: ROUGE-L F-measure from the `rouge-score` package (its own tokeniser: lowercase,
+  runs of ``[a-z0-9]``; no stemming). Non-ASCII text therefore scores 0 there.
+* `ngram_f1` / `ngram_f1_all`: clipped n-gram overlap F1 (the paper's Figure 4), with our own
+  tokeniser `tokenize` (lowercase, runs of Unicode letters/digits), see its docstring.
+* `length_stats`, `bootstrap_ci`, `compare_to_teacher`.
+
+Lab metrics (torch; the caller loads the models, e.g. with `gad.models.load`):
+
+* `teacher_logprob`: the teacher's mean per-token log-likelihood of a response.
+* `sequence_logprob`: a model's total log-probability of a response.
+* `reverse_kl_estimate`: Monte-Carlo KL(student || teacher) from student samples.
+
+Every model scores the *text* of a response with its own tokenizer and chat template
+(`data.encode_prompt` / `data.encode_response`, so the response ends with the model's
+end-of-turn token), which is what lets a teacher and student with different vocabularies be
+compared. The price: a student's sampled ids are re-tokenised from their decoded text, so the
+scored token sequence may differ from the sampled one (and a sample cut at `max_new_tokens` is
+scored as if it had ended there, with an end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+
+from gad.data import Record, encode_prompt, encode_response
+from gad.losses import gather_logprobs
+
+# ---------------------------------------------------------------- text metrics
+
+_rouge_scorer: Any = None
+
+
+def _scorer() -> Any:
+    """The ROUGE-L scorer, built once on first use (the import is an optional extra)."""
+    global _rouge_scorer
+    if _rouge_scorer is None:
+        from rouge_score import rouge_scorer
+
+        _rouge_scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return _rouge_scorer
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F-measure of `candidate` against `reference` (0 when either has no tokens).
+
+    LCS-based: P = LCS / candidate tokens, R = LCS / reference tokens, F = 2PR / (P + R), on the
+    `rouge-score` tokenisation (lowercase, ``[a-z0-9]+`` runs, no stemming).
+    """
+    # rouge-score's argument order is (target, prediction).
+    return float(_scorer().score(reference, candidate)["rougeL"].fmeasure)
+
+
+_TOKEN = re.compile(r"[^\W_]+")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercased runs of Unicode letters and digits; everything else (spaces, punctuation,
+    underscores) separates tokens. E.g. ``"Don't stop_now, 2x!"`` -> ``don t stop now 2x``.
+
+    Unicode-aware on purpose (unlike rouge-score's ASCII-only tokeniser) so that non-English
+    answers still get an n-gram score.
+    """
+    return _TOKEN.findall(text.lower())
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def ngram_f1(candidate: str, reference: str, n: int) -> float:
+    """F1 of clipped n-gram overlap between `candidate` and `reference` (tokens: `tokenize`).
+
+    overlap = Σ_g min(count_cand(g), count_ref(g)) (clipped counts, as BLEU);
+    precision = overlap / #candidate n-grams, recall = overlap / #reference n-grams,
+    F1 = 2PR / (P + R). 0 when either side has no n-grams (fewer than n tokens) or no overlap.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    cand = _ngrams(tokenize(candidate), n)
+    ref = _ngrams(tokenize(reference), n)
+    n_cand, n_ref = sum(cand.values()), sum(ref.values())
+    if n_cand == 0 or n_ref == 0:
+        return 0.0
+    overlap = sum((cand & ref).values())  # Counter & = element-wise min: the clipping
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / n_cand, overlap / n_ref
+    return 2 * precision * recall / (precision + recall)
+
+
+def ngram_f1_all(candidate: str, reference: str) -> dict[int, float]:
+    """`ngram_f1` for n = 1..4, keyed by n."""
+    return {n: ngram_f1(candidate, reference, n) for n in range(1, 5)}
+
+
+def length_stats(token_counts: list[int], truncated: list[bool]) -> dict[str, Any]:
+    """Summary of response lengths: count, mean, median, p95 and share truncated.
+
+    p95 is numpy's default ("linear", Hyndman–Fan type 7) percentile: linear interpolation
+    between the two closest ranks, so it need not be an observed length. With no responses
+    the statistics are None (JSON-friendly) and count is 0.
+    """
+    if len(token_counts) != len(truncated):
+        raise ValueError(
+            f"token_counts and truncated differ in length ({len(token_counts)} vs {len(truncated)})"
+        )
+    if not token_counts:
+        return {"count": 0, "mean": None, "median": None, "p95": None, "truncated_share": None}
+    counts = np.asarray(token_counts, dtype=np.float64)
+    return {
+        "count": len(token_counts),
+        "mean": float(counts.mean()),
+        "median": float(np.median(counts)),
+        "p95": float(np.percentile(counts, 95)),
+        "truncated_share": sum(bool(t) for t in truncated) / len(truncated),
+    }
+
+
+def _prompt_id(record: Record) -> str:
+    """Matching key: `meta["prompt_id"]` when present (a student sample of a prompt), else id."""
+    key = record.meta.get("prompt_id") if record.meta else None
+    return str(key) if key is not None else record.id
+
+
+def compare_to_teacher(student: list[Record], teacher: list[Record]) -> dict[str, Any]:
+    """Mean ROUGE-L and n-gram F1 (n = 1..4) of student responses against the teacher's.
+
+    Records are matched by prompt id: `meta["prompt_id"]` if the record has one, else its `id`
+    (same rule on both sides). Several student records may share a prompt (N samples each
+    scored against the one teacher answer); two teacher records with the same prompt id are an
+    error (which answer would be the reference?). Nothing is dropped silently: student records
+    with no teacher are listed by id in `unmatched_student`, teacher prompts no student answered
+    in `unmatched_teacher`, and records of either side without a final assistant turn in
+    `no_response` (as "student:<id>" / "teacher:<id>"). Means are None when nothing matched.
+    """
+    teacher_by_key: dict[str, Record] = {}
+    for record in teacher:
+        key = _prompt_id(record)
+        if key in teacher_by_key:
+            raise ValueError(
+                f"teacher records '{teacher_by_key[key].id}' and '{record.id}' share "
+                f"prompt id '{key}'"
+            )
+        teacher_by_key[key] = record
+
+    rouge: list[float] = []
+    f1: dict[int, list[float]] = {n: [] for n in range(1, 5)}
+    unmatched_student: list[str] = []
+    no_response: list[str] = []
+    answered: set[str] = set()
+    for record in student:
+        key = _prompt_id(record)
+        ref = teacher_by_key.get(key)
+        if ref is None:
+            unmatched_student.append(record.id)
+            continue
+        answered.add(key)
+        if record.response is None:
+            no_response.append(f"student:{record.id}")
+            continue
+        if ref.response is None:
+            continue  # reported once below, with the teacher records
+        rouge.append(rouge_l(record.response, ref.response))
+        for n, value in ngram_f1_all(record.response, ref.response).items():
+            f1[n].append(value)
+    no_response += [f"teacher:{r.id}" for r in teacher if r.response is None]
+    unmatched_teacher = [r.id for k, r in teacher_by_key.items() if k not in answered]
+
+    def mean(values: list[float]) -> float | None:
+        return statistics.fmean(values) if values else None
+
+    return {
+        "matched": len(rouge),
+        "rouge_l": mean(rouge),
+        "ngram_f1": {n: mean(v) for n, v in f1.items()},
+        "unmatched_student": unmatched_student,
+        "unmatched_teacher": unmatched_teacher,
+        "no_response": no_response,
+    }
+
+
+def bootstrap_ci(
+    values: list[float], *, reps: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """(mean, low, high): the sample mean and a percentile-bootstrap (1 - alpha) interval.
+
+    `reps` resamples of size n with replacement (numpy `default_rng(seed)`, so the same inputs
+    give the same interval); low/high are the alpha/2 and 1 - alpha/2 quantiles (numpy's
+    "linear" method) of the resampled means. A single value gives a zero-width interval.
+    """
+    if not values:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    data = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    # Resample in chunks so reps x n indices never exceed ~1M entries in memory at once.
+    chunk = max(1, 1_000_000 // len(data))
+    means = np.concatenate(
+        [
+            data[rng.integers(0, len(data), size=(min(chunk, reps - start), len(data)))].mean(1)
+            for start in range(0, reps, chunk)
+        ]
+    )
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(data.mean()), float(low), float(high)
+
+
+# ---------------------------------------------------------------- lab metrics (local models)
+
+
+@torch.no_grad()
+def _response_logprobs(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[dict[str, str]]],
+    responses: list[str],
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """Per-token log-probs (float32, CPU) of each response's tokens given its prompt.
+
+    Each pair is tokenised with `tokenizer`'s chat template (`encode_prompt` + `encode_response`,
+    so the response includes the end-of-turn token), batched with right padding. Positions come
+    from the attention mask, so padding never shifts the real tokens' positions.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pairs = [
+        (encode_prompt(tokenizer, p), encode_response(tokenizer, p, r))
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            batch = pairs[start : start + batch_size]
+            width = max(len(p) + len(r) for p, r in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (p, r) in enumerate(batch):
+                input_ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+                attention[row, : len(p) + len(r)] = 1
+            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                position_ids=position_ids.to(device),
+            ).logits
+            # Logits at t predict token t + 1; gather_logprobs upcasts to float32 row by row.
+            logp_bt = gather_logprobs(logits[:, :-1], input_ids[:, 1:].to(device)).float().cpu()
+            for row, (p, r) in enumerate(batch):
+                # Response token j sits at len(p) + j and is predicted at len(p) + j - 1.
+                out.append(logp_bt[row, len(p) - 1 : len(p) - 1 + len(r)])
+    finally:
+        model.train(was_training)
+    return out
+
+
+def teacher_logprob(
+    teacher_model: Any,
+    teacher_tokenizer: Any,
+    prompts: list[list[dict[str, str]]],
+    responses: list[str],
+    *,
+    batch_size: int = 8,
+) -> list[float]:
+    """The teacher's mean per-token log-likelihood of each response given its prompt.
+
+    Text level: each response is re-tokenised with the TEACHER's tokenizer and chat template, so
+    responses from any student (any vocabulary) can be scored. The mean runs over the teacher's
+    response tokens, end-of-turn token included (never empty, so always defined).
+    """
+    return [
+        float(lp.mean())
+        for lp in _response_logprobs(
+            teacher_model, teacher_tokenizer, prompts, responses, batch_size
+        )
+    ]
+
+
+def sequence_logprob(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[dict[str, str]]],
+    responses: list[str],
+    *,
+    batch_size: int = 8,
+) -> list[float]:
+    """Total log-probability log p(y|x) (sum over response tokens, end-of-turn included) of each
+    response under `model`, with `tokenizer`'s own chat template."""
+    return [
+        float(lp.sum(dtype=torch.float64))
+        for lp in _response_logprobs(model, tokenizer, prompts, responses, batch_size)
+    ]
+
+
+def reverse_kl_estimate(
+    student_model: Any,
+    student_tokenizer: Any,
+    teacher_model: Any,
+    teacher_tokenizer: Any,
+    prompts: list[list[dict[str, str]]],
+    student_responses: list[str],
+    *,
+    batch_size: int = 8,
+) -> dict[str, float | int]:
+    """Monte-Carlo estimate of sequence-level KL(student || teacher) from student samples.
+
+    KL = E_{y ~ student(.|x)}[log p_s(y|x) - log p_t(y|x)], estimated by the mean over the given
+    (prompt, response) pairs, each side scoring the text with its own tokenizer and template.
+
+    Caveat: this is unbiased only if `student_responses` were sampled from the student at
+    temperature 1 (and top_p 1, no length cut): samples from any other distribution estimate
+    something else, and a single sample's difference can be negative. Re-tokenising the text
+    (see the module docstring) adds a further small mismatch when the sampled ids are not the
+    tokenizer's canonical encoding of their text.
+
+    Returns:
+        `mean` (nats per sequence), `stderr` (sample std with ddof=1 over sqrt(n); NaN when
+        n < 2), `n`, `per_token` (Σ differences / Σ student response tokens, end-of-turn
+        included: nats per student token) and `per_char` (Σ differences / Σ response
+        characters, tokenizer-independent; NaN when all responses are empty).
+    """
+    if not student_responses:
+        raise ValueError("reverse_kl_estimate needs at least one response")
+    logp_s = _response_logprobs(
+        student_model, student_tokenizer, prompts, student_responses, batch_size
+    )
+    logp_t = _response_logprobs(
+        teacher_model, teacher_tokenizer, prompts, student_responses, batch_size
+    )
+    diffs = np.array(
+        [
+            float(s.sum(dtype=torch.float64) - t.sum(dtype=torch.float64))
+            for s, t in zip(logp_s, logp_t, strict=True)
+        ]
+    )
+    n = len(diffs)
+    tokens = sum(len(s) for s in logp_s)
+    chars = sum(len(r) for r in student_responses)
+    return {
+        "mean": float(diffs.mean()),
+        "stderr": float(diffs.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+        "n": n,
+        "per_token": float(diffs.sum() / tokens),
+        "per_char": float(diffs.sum() / chars) if chars else math.nan,
+    }
+
+
+# ---------------------------------------------------------------- `gad eval`
+
+
+def _with_ci(values: list[float], reps: int, seed: int) -> dict[str, float | int | None]:
+    if not values:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean, low, high = bootstrap_ci(values, reps=reps, seed=seed)
+    return {"mean": mean, "low": low, "high": high, "n": len(values)}
+
+
+def run_eval(config: Any) -> dict[str, Any]:
+    """Metrics of one system's answers (an `EvalConfig`), written as a result JSON that
+    `gad report` tabulates. Every value that averages over prompts carries a 95% bootstrap CI."""
+    import json
+    from pathlib import Path
+
+    from gad import data
+
+    answers = data.read_records(config.answers).records
+    name = config.name or Path(config.answers).stem
+    metrics: dict[str, Any] = {}
+    counts = [int(r.meta.get("completion_tokens", 0)) for r in answers]
+    cut = [r.meta.get("finish_reason") == "length" for r in answers]
+    lengths = length_stats(counts, cut)
+    metrics["length_mean"] = _with_ci(
+        [float(c) for c in counts], config.bootstrap_reps, config.seed
+    )
+    metrics["length_median"] = lengths["median"]
+    metrics["length_p95"] = lengths["p95"]
+    metrics["truncated_share"] = lengths["truncated_share"]
+    notes = {}
+    if config.reference:
+        teacher = data.read_records(config.reference).records
+        by_key = {_prompt_id(t): t for t in teacher}
+        pairs = [
+            (a.response, by_key[_prompt_id(a)].response)
+            for a in answers
+            if _prompt_id(a) in by_key
+            and a.response is not None
+            and by_key[_prompt_id(a)].response is not None
+        ]
+        summary = compare_to_teacher(answers, teacher)
+        notes["unmatched"] = len(summary["unmatched_student"])
+        metrics["rouge_l"] = _with_ci(
+            [rouge_l(s, t) for s, t in pairs], config.bootstrap_reps, config.seed
+        )
+        per_n = [ngram_f1_all(s, t) for s, t in pairs]
+        for n in (1, 2, 3, 4):
+            metrics[f"ngram_f1_{n}"] = _with_ci(
+                [f[n] for f in per_n], config.bootstrap_reps, config.seed
+            )
+    if config.teacher_model:
+        from gad import models
+
+        teacher_model, teacher_tok = models.load(config.teacher_model)
+        scored = [a for a in answers if a.response is not None]
+        prompts = [a.prompt for a in scored]
+        responses = [a.response for a in scored]
+        values = teacher_logprob(teacher_model, teacher_tok, prompts, responses)
+        metrics["teacher_logprob"] = _with_ci(values, config.bootstrap_reps, config.seed)
+        if config.student_model:
+            student_model, student_tok = models.load(config.student_model)
+            kl = reverse_kl_estimate(
+                student_model, student_tok, teacher_model, teacher_tok, prompts, responses
+            )
+            metrics["reverse_kl"] = {
+                "mean": kl["mean"],
+                "low": kl["mean"] - 1.96 * kl["stderr"],
+                "high": kl["mean"] + 1.96 * kl["stderr"],
+                "n": kl["n"],
+            }
+            metrics["reverse_kl_per_token"] = kl["per_token"]
+    result = {
+        "name": name,
+        "answers": config.answers,
+        "reference": config.reference,
+        "records": len(answers),
+        "metrics": metrics,
+        **notes,
+    }
+    output = Path(config.output or str(Path(config.answers).with_suffix("")) + ".eval.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    result["output"] = str(output)
+    return result
