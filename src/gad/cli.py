@@ -203,6 +203,14 @@ def evaluate(config: cfg.EvalConfig) -> None:
     typer.echo(f"results: {result['output']}")
 
 
+@stage_command("judge", cfg.JudgeConfig, positional="answers")
+def judge(config: cfg.JudgeConfig) -> None:
+    """LLM judge (API or local model): scores vs. its own reference, or pairwise A vs. B."""
+    from gad import judge as judge_module
+
+    judge_module.judge(config)
+
+
 @stage_command("report", cfg.ReportConfig)
 def report(config: cfg.ReportConfig) -> None:
     """Markdown report with training curves and a comparison table of evaluated systems."""

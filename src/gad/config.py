@@ -489,3 +489,57 @@ class EvalConfig:
     """Bootstrap resamples for the 95% confidence intervals."""
     seed: int = 0
     """Bootstrap seed."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """`gad judge`: an LLM judge rates answers against its own reference, or two systems."""
+
+    answers: str = ""
+    """Chat-record file of the candidate's answers (`gad generate` / `gad collect` output)."""
+    baseline: str | None = None
+    """Pairwise mode: chat-record file of a second system (B) compared with `answers` (A)."""
+    questions: str | None = None
+    """Optional chat-record file fixing which prompt ids are judged (default: all answered)."""
+    output: str = "runs/judge/results.json"
+    """Results JSON: per-question scores, verdict texts and status, and the summary."""
+    cache_dir: str = "runs/judge/cache"
+    """Folder of the judgement cache (`judge_cache.jsonl`); shared by runs, safe to keep."""
+    backend: Literal["openai", "local"] = "openai"
+    """`openai`: any OpenAI-compatible chat-completions endpoint; `local`: a local model."""
+    model: str = "gpt-4o"
+    """Judge: API model name (openai backend) or built-in name / HF folder (local backend)."""
+    base_url: str | None = None
+    """Endpoint of the OpenAI-compatible API; None uses the client default or OPENAI_BASE_URL."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (the key itself is never stored)."""
+    temperature: float = 0.0
+    """Judge sampling temperature (0 = greedy for the local backend)."""
+    max_tokens: int = 1536
+    """Maximum tokens of the judge's reference answer."""
+    verdict_max_tokens: int = 512
+    """Maximum tokens of a verdict (two scores and a short explanation)."""
+    attempts: int = 3
+    """Requests per verdict, in all, before an unparsable verdict is recorded as failed."""
+    retry_failed: bool = False
+    """Ask again the verdicts cached as failed (unparsable) by an earlier run."""
+    concurrency: int = 8
+    """Openai backend: requests in flight at once."""
+    max_retries: int = 6
+    """Openai backend: the client's retries per request on 429/5xx/timeouts/dropped connections."""
+    request_timeout: float = 120.0
+    """Openai backend: seconds before one request attempt is abandoned (then retried)."""
+    batch_size: int = 8
+    """Local backend: prompts generated together in one batch."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Local backend: weight dtype of the judge."""
+    max_prompt_tokens: int = 4096
+    """Local backend: judge prompts longer than this (after the chat template) are errors."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (over questions) for the confidence intervals."""
+    confidence: float = 0.95
+    """Confidence level of the percentile-bootstrap intervals."""
+    seed: int = 0
+    """Seed of the bootstrap (and of local sampling when temperature > 0)."""
+    limit: int | None = None
+    """Only the first `limit` questions (for quick trials)."""
