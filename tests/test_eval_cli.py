@@ -68,3 +68,65 @@ def test_eval_writes_metrics_with_intervals_and_report_reads_them(tmp_path, tiny
     )
     assert report.exit_code == 0, report.output
     assert "| student |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_generate_judge_eval_report_chain_with_a_local_judge(tmp_path, tiny_dir):
+    """The evaluation path a user takes, offline: generate -> judge (local) -> eval -> report."""
+    prompts = write(
+        tmp_path / "set.jsonl",
+        [{"id": f"p{i}", "messages": [{"role": "user", "content": f"Say {i}."}]} for i in range(2)],
+    )
+    runner = CliRunner()
+    gen = runner.invoke(
+        app,
+        [
+            "generate",
+            str(tiny_dir),
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(tmp_path / "ans.jsonl"),
+            "--max-tokens",
+            "8",
+        ],
+    )
+    assert gen.exit_code == 0, gen.output
+    judged = runner.invoke(
+        app,
+        [
+            "judge",
+            str(tmp_path / "ans.jsonl"),
+            "--backend",
+            "local",
+            "--model",
+            str(tiny_dir),
+            "--max-tokens",
+            "8",
+            "--verdict-max-tokens",
+            "8",
+            "--attempts",
+            "1",
+            "--output",
+            str(tmp_path / "judge.json"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
+    assert judged.exit_code == 0, judged.output
+    summary = json.loads((tmp_path / "judge.json").read_text())["summary"]
+    assert summary["failed"] == 2  # a random model writes no parsable verdict: never scored
+    ev = runner.invoke(app, ["eval", str(tmp_path / "ans.jsonl")])
+    assert ev.exit_code == 0, ev.output
+    rep = runner.invoke(
+        app,
+        [
+            "report",
+            "--results",
+            f"{tmp_path / 'ans.eval.json'},{tmp_path / 'judge.json'}",
+            "--output-dir",
+            str(tmp_path / "rep"),
+        ],
+    )
+    assert rep.exit_code == 0, rep.output
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| ans |" in text and "judge_score" in text and "n/a" in text

@@ -73,6 +73,8 @@ def plot_curves(name: str, rows: list[dict[str, Any]], out: Path) -> Path | None
 
 
 def format_cell(value: Any) -> str:
+    if isinstance(value, dict) and value.get("mean") is None and "mean" in value:
+        return "n/a"
     if isinstance(value, dict) and "mean" in value:
         if value.get("low") is not None and value.get("high") is not None:
             return f"{value['mean']:.3g} [{value['low']:.3g}, {value['high']:.3g}]"
@@ -103,6 +105,26 @@ def comparison_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def as_result(raw: dict[str, Any]) -> dict[str, Any]:
+    """A `gad eval` result as is; a `gad judge` result turned into the same shape."""
+    if "metrics" in raw or "summary" not in raw:
+        return raw
+    summary, config = raw["summary"], raw.get("config", {})
+    name = Path(config.get("answers", "judged")).stem
+    if "win" in summary:  # pairwise
+        name = f"{name} vs {Path(config.get('baseline') or 'B').stem}"
+        metrics = {k: summary.get(k) for k in ("win_rate", "tie_rate", "lose_rate")}
+    else:
+        low, high = summary.get("mean_candidate_ci") or (None, None)
+        r_low, r_high = summary.get("relative_ci") or (None, None)
+        metrics = {
+            "judge_score": {"mean": summary.get("mean_candidate"), "low": low, "high": high},
+            "judge_relative": {"mean": summary.get("relative"), "low": r_low, "high": r_high},
+            "judge_failed": summary.get("failed"),
+        }
+    return {"name": name, "metrics": metrics}
+
+
 def write_report(
     runs: list[str | Path],
     results: list[str | Path],
@@ -113,7 +135,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}", ""]
-    loaded = [json.loads(Path(p).read_text()) for p in results]
+    loaded = [as_result(json.loads(Path(p).read_text())) for p in results]
     if loaded:
         parts += ["## Systems compared", "", comparison_table(loaded), ""]
         parts += ["Values are means; brackets give the 95% bootstrap confidence interval.", ""]
