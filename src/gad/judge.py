@@ -279,23 +279,16 @@ class OpenAIBackend:
     ) -> list[Result]:
         import openai
 
-        from gad.teacher import _describe
+        from gad.teacher import _describe, api_client, refusals, run_pool
 
         config = self.config
 
         async def count(request: Any) -> None:
             self.requests += 1
 
-        client = openai.AsyncOpenAI(
-            api_key=self.key,
-            base_url=config.base_url,
-            max_retries=config.max_retries,
-            timeout=config.request_timeout,
-            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [count]}),
-        )
+        client = api_client(config, self.key, count)
         results: list[Result | None] = [None] * len(messages_list)
         fatal: list[BaseException] = []
-        pending = iter(range(len(messages_list)))
 
         async def ask(i: int) -> None:
             try:
@@ -305,11 +298,7 @@ class OpenAIBackend:
                     temperature=config.temperature,
                     max_tokens=max_tokens,
                 )
-            except (
-                openai.AuthenticationError,
-                openai.PermissionDeniedError,
-                openai.NotFoundError,
-            ) as err:
+            except refusals() as err:
                 fatal.append(err)
                 return
             except openai.APIError as err:
@@ -325,14 +314,7 @@ class OpenAIBackend:
             if on_result is not None:
                 on_result(i, result)
 
-        async def worker() -> None:
-            for i in pending:
-                if fatal:
-                    return
-                await ask(i)
-
-        async with client:
-            await asyncio.gather(*(worker() for _ in range(max(1, config.concurrency))))
+        await run_pool(client, range(len(messages_list)), ask, config.concurrency, fatal)
         if fatal:
             raise JudgeError(
                 f"the judge API refused the run ({self.redact(_describe(fatal[0]))}); check "

@@ -307,6 +307,50 @@ def _describe(err: BaseException) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
+def api_client(config: Any, key: str, on_request: Callable[[Any], Any]) -> Any:
+    """AsyncOpenAI from a config with `base_url`, `max_retries` and `request_timeout`: the
+    client's own retries and backoff, plus a hook called on every attempt (for counting)."""
+    import openai
+
+    return openai.AsyncOpenAI(
+        api_key=key,
+        base_url=config.base_url,
+        max_retries=config.max_retries,
+        timeout=config.request_timeout,
+        # The SDK's default client (its connection limits, redirects) plus the counting hook.
+        http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [on_request]}),
+    )
+
+
+def refusals() -> tuple[type[BaseException], ...]:
+    """API errors that every other request would hit too (bad key, no access, unknown model):
+    they stop a run instead of filling its failures with a configuration problem."""
+    import openai
+
+    return (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+
+
+async def run_pool(
+    client: Any,
+    items: Iterable[Any],
+    ask: Callable[[Any], Any],
+    concurrency: int,
+    fatal: list[BaseException],
+) -> None:
+    """`await ask(item)` for every item with `concurrency` workers; once `fatal` holds an error,
+    no further item is started."""
+    pending = iter(items)  # shared by the workers; next() never awaits, so no item runs twice
+
+    async def worker() -> None:
+        for item in pending:
+            if fatal:
+                return
+            await ask(item)
+
+    async with client:
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+
+
 async def _collect_openai(config: CollectConfig, jobs: list[Job], journal: _Journal) -> None:
     import openai
 
@@ -319,16 +363,8 @@ async def _collect_openai(config: CollectConfig, jobs: list[Job], journal: _Jour
         if box is not None:
             box[0] += 1
 
-    client = openai.AsyncOpenAI(
-        api_key=key,
-        base_url=config.base_url,
-        max_retries=config.max_retries,
-        timeout=config.request_timeout,
-        # The SDK's default client (its connection limits, redirects) plus the counting hook.
-        http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [count_attempt]}),
-    )
+    client = api_client(config, key, count_attempt)
     fatal: list[BaseException] = []
-    pending = iter(jobs)  # shared by the workers; next() never awaits, so no job runs twice
 
     async def ask(job: Job) -> None:
         box = [0]
@@ -343,13 +379,7 @@ async def _collect_openai(config: CollectConfig, jobs: list[Job], journal: _Jour
                 top_p=config.top_p,
                 max_tokens=config.max_tokens,
             )
-        except (
-            openai.AuthenticationError,
-            openai.PermissionDeniedError,
-            openai.NotFoundError,
-        ) as err:
-            # Every other request would fail the same way: stop instead of filling the
-            # failures file with a configuration problem.
+        except refusals() as err:
             fatal.append(err)
             return
         except openai.APIError as err:
@@ -373,14 +403,7 @@ async def _collect_openai(config: CollectConfig, jobs: list[Job], journal: _Jour
             usage.completion_tokens if usage else None,
         )
 
-    async def worker() -> None:
-        for job in pending:
-            if fatal:
-                return
-            await ask(job)
-
-    async with client:
-        await asyncio.gather(*(worker() for _ in range(max(1, config.concurrency))))
+    await run_pool(client, jobs, ask, config.concurrency, fatal)
     if fatal:
         detail = _describe(fatal[0]).replace(key, "***") if key else _describe(fatal[0])
         raise TeacherError(
