@@ -322,7 +322,7 @@ def _reduce_mean(accelerator: Any, stats: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def _length_stats(students: list[data.Example], max_len: int) -> dict[str, float]:
+def _length_stats(students: list[data.Example]) -> dict[str, float]:
     lengths = [len(e.input_ids) - e.prompt_len for e in students]
     return {
         "response/length_mean": sum(lengths) / len(lengths),
@@ -549,7 +549,7 @@ def warmup(config: cfg.GADConfig, accelerator: Any) -> Path:
             with timer("rollout"):
                 groups = rollout_step(config, m, prompts, step, offset)
                 students = student_examples(prompts, groups)
-            row.update(_length_stats(students, config.max_response_tokens))
+            row.update(_length_stats(students))
             with timer("update_d"):
                 _, d_stats = update_d(
                     config, accelerator, m, prompts, students, config.batch_prompts
@@ -639,7 +639,7 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
             "reward/mean": reward_b.mean().item(),
             "reward/std": reward_b.std().item() if reward_b.numel() > 1 else 0.0,
             "advantage/mean": advantage_b.mean().item(),
-            **_length_stats(students, config.max_response_tokens),
+            **_length_stats(students),
             "tokens/generated": float(generated),
         }
         if len(d_rows) > 1:
