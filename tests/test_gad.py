@@ -324,9 +324,7 @@ def one_word_share(folder, questions):
     from gad.rollout import Sampling, TransformersRollout
 
     model, tokenizer = models.load(str(folder))
-    rollout = TransformersRollout(
-        model, tokenizer, batch_size=64, eos_id=data.end_of_turn_id(tokenizer)
-    )
+    rollout = TransformersRollout(model, tokenizer, batch_size=64)
     torch.manual_seed(123)
     prompts = [data.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     groups = rollout.generate(prompts[:32], 4, Sampling(0.8, 1.0, 16))

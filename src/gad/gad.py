@@ -386,7 +386,6 @@ def _setup(
         accelerator.unwrap_model(generator),
         tokenizer,
         batch_size=config.rollout_batch_size,
-        eos_id=data.end_of_turn_id(tokenizer),
     )
     health, start_step = Health(), 0
     if resume_from is not None:

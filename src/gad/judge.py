@@ -335,10 +335,7 @@ class LocalBackend:
 
         self.config = config
         self.model, self.tokenizer = models.load(config.model, dtype=getattr(torch, config.dtype))
-        eos = data.end_of_turn_id(self.tokenizer)
-        self.rollout = TransformersRollout(
-            self.model, self.tokenizer, batch_size=config.batch_size, eos_id=eos
-        )
+        self.rollout = TransformersRollout(self.model, self.tokenizer, batch_size=config.batch_size)
         self.identity = {"backend": "local", "model": config.model, "template": TEMPLATE_VERSION}
         self.requests = 0
         self._calls = 0

@@ -11,6 +11,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from gad import data
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -51,11 +53,15 @@ class Rollout(Protocol):
 class TransformersRollout:
     """Batched `model.generate` with KV cache; prompts sorted by length to cut padding."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16, eos_id: int) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, *, batch_size: int = 16, eos_id: int | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.eos_id = eos_id
+        # Generation stops where the chat template ends a turn, so a finished sample ends with
+        # exactly the token a templated teacher answer ends with.
+        self.eos_id = data.end_of_turn_id(tokenizer) if eos_id is None else eos_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
     @torch.no_grad()

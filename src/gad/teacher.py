@@ -422,8 +422,7 @@ def _collect_local(config: CollectConfig, jobs: list[Job], journal: _Journal) ->
     from gad.rollout import Sampling, TransformersRollout
 
     model, tokenizer = models.load(config.model, dtype=getattr(torch, config.dtype))
-    eos_id = data.end_of_turn_id(tokenizer)
-    rollout = TransformersRollout(model, tokenizer, batch_size=config.batch_size, eos_id=eos_id)
+    rollout = TransformersRollout(model, tokenizer, batch_size=config.batch_size)
     sampling = Sampling(
         temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_tokens
     )
