@@ -248,12 +248,9 @@ class OpenAIBackend:
 
     def __init__(self, config: JudgeConfig) -> None:
         self.config = config
-        self.key = os.environ.get(config.api_key_env, "")
-        if not self.key:
-            raise JudgeError(
-                f"no API key: the environment variable {config.api_key_env} is not set or empty "
-                f"(set it, or point `api_key_env` at the variable that holds the key)"
-            )
+        from gad.teacher import api_key
+
+        self.key = api_key(config.api_key_env, JudgeError)
         self.identity = {"backend": "openai", "model": config.model, "template": TEMPLATE_VERSION}
         self.requests = 0
 

@@ -307,6 +307,17 @@ def _describe(err: BaseException) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
+def api_key(env_name: str, error: type[Exception]) -> str:
+    """The API key from the environment variable `env_name`; `error` when it is missing."""
+    key = os.environ.get(env_name, "")
+    if not key:
+        raise error(
+            f"no API key: the environment variable {env_name} is not set or empty "
+            f"(set it, or point `api_key_env` at the variable that holds the key)"
+        )
+    return key
+
+
 def api_client(config: Any, key: str, on_request: Callable[[Any], Any]) -> Any:
     """AsyncOpenAI from a config with `base_url`, `max_retries` and `request_timeout`: the
     client's own retries and backoff, plus a hook called on every attempt (for counting)."""
@@ -354,7 +365,7 @@ async def run_pool(
 async def _collect_openai(config: CollectConfig, jobs: list[Job], journal: _Journal) -> None:
     import openai
 
-    key = os.environ.get(config.api_key_env, "")
+    key = api_key(config.api_key_env, TeacherError)
     summary = journal.summary
 
     async def count_attempt(request: Any) -> None:
@@ -473,11 +484,8 @@ def collect(config: CollectConfig, *, progress: bool = True) -> CollectSummary:
     `data.DataError` for a malformed prompt file and `TeacherError` when the run cannot go on.
     """
     started = time.monotonic()
-    if config.backend == "openai" and not os.environ.get(config.api_key_env):
-        raise TeacherError(
-            f"no API key: the environment variable {config.api_key_env} is not set or empty "
-            f"(set it, or point `api_key_env` at the variable that holds the key)"
-        )
+    if config.backend == "openai":
+        api_key(config.api_key_env, TeacherError)
     if config.n < 1:
         raise cfg.ConfigError(f"'n' must be at least 1, got {config.n}")
     output = Path(config.output)
