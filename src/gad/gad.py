@@ -44,12 +44,13 @@ class TrainingStopped(cfg.UserError, RuntimeError):
 
 
 def response_logprobs(
-    model: Any, batch: dict[str, torch.Tensor], temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model: Any, batch: dict[str, torch.Tensor], temperature: float, *, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens under `model` at the sampling temperature (as verl).
 
     Returns `(logp_bt, mask_bt, entropy_bt)` aligned with `input_ids[:, 1:]`; the mask is 1 on
-    response tokens (from the collated labels) and the entropy is detached.
+    response tokens (from the collated labels). The entropy (detached) costs a full-vocabulary
+    softmax, so it is computed only when asked for (the policy update logs it), else None.
     """
     logits_btv = model(
         input_ids=batch["input_ids"],
@@ -59,6 +60,8 @@ def response_logprobs(
     logits_btv = logits_btv.float() / temperature
     logp_bt = losses.gather_logprobs(logits_btv, batch["input_ids"][:, 1:])
     mask_bt = (batch["labels"][:, 1:] != -100).float()
+    if not entropy:
+        return logp_bt, mask_bt, None
     with torch.no_grad():
         entropy_bt = losses.token_entropy_from_logits(logits_btv.detach())
     return logp_bt, mask_bt, entropy_bt
@@ -224,7 +227,9 @@ def update_g(
         batch = sft.collate([students[i] for i in idx], m.tokenizer.pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.no_sync(g) if j < len(parts) - 1 else nullcontext():
-            logp_bt, mask_bt, entropy_bt = response_logprobs(g, batch, config.temperature)
+            logp_bt, mask_bt, entropy_bt = response_logprobs(
+                g, batch, config.temperature, entropy=True
+            )
             # One update per step: the sampling policy is this very policy, so the old
             # log-probs are these log-probs, detached (ratio = 1, the clip stays inactive).
             loss, stats = losses.policy_loss(
