@@ -34,8 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gad.data import Record, encode_prompt, encode_response
-from gad.losses import gather_logprobs
+from gad.data import Example, Record, encode_prompt, encode_response
 
 # ---------------------------------------------------------------- text metrics
 
@@ -243,31 +242,23 @@ def _response_logprobs(
         (encode_prompt(tokenizer, p), encode_response(tokenizer, p, r))
         for p, r in zip(prompts, responses, strict=True)
     ]
+    from gad.gad import response_logprobs
+    from gad.sft import collate
+
+    examples = [Example(str(i), p + r, len(p), False) for i, (p, r) in enumerate(pairs)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
     try:
-        for start in range(0, len(pairs), batch_size):
-            batch = pairs[start : start + batch_size]
-            width = max(len(p) + len(r) for p, r in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (p, r) in enumerate(batch):
-                input_ids[row, : len(p) + len(r)] = torch.tensor(p + r)
-                attention[row, : len(p) + len(r)] = 1
-            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-            logits = model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                position_ids=position_ids.to(device),
-            ).logits
-            # Logits at t predict token t + 1; gather_logprobs upcasts to float32 row by row.
-            logp_bt = gather_logprobs(logits[:, :-1], input_ids[:, 1:].to(device)).float().cpu()
-            for row, (p, r) in enumerate(batch):
-                # Response token j sits at len(p) + j and is predicted at len(p) + j - 1.
-                out.append(logp_bt[row, len(p) - 1 : len(p) - 1 + len(r)])
+        for start in range(0, len(examples), batch_size):
+            part = examples[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+            # The trainer's own path: right padding, positions from the mask, float32 log-probs.
+            logp_bt, mask_bt, _ = response_logprobs(model, batch, temperature=1.0)
+            for row in range(len(part)):
+                out.append(logp_bt[row][mask_bt[row].bool()].cpu())
     finally:
         model.train(was_training)
     return out
