@@ -143,6 +143,8 @@ def compare_to_teacher(student: list[Record], teacher: list[Record]) -> dict[str
     with no teacher are listed by id in `unmatched_student`, teacher prompts no student answered
     in `unmatched_teacher`, and records of either side without a final assistant turn in
     `no_response` (as "student:<id>" / "teacher:<id>"). Means are None when nothing matched.
+    The per-pair values are returned too (`rouge_l_values`, `ngram_f1_values`, in student
+    order), for confidence intervals.
     """
     teacher_by_key: dict[str, Record] = {}
     for record in teacher:
@@ -184,6 +186,8 @@ def compare_to_teacher(student: list[Record], teacher: list[Record]) -> dict[str
         "matched": len(rouge),
         "rouge_l": mean(rouge),
         "ngram_f1": {n: mean(v) for n, v in f1.items()},
+        "rouge_l_values": rouge,
+        "ngram_f1_values": f1,
         "unmatched_student": unmatched_student,
         "unmatched_teacher": unmatched_teacher,
         "no_response": no_response,
@@ -238,13 +242,13 @@ def _response_logprobs(
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from gad.gad import response_logprobs
+    from gad.sft import collate
+
     pairs = [
         (encode_prompt(tokenizer, p), encode_response(tokenizer, p, r))
         for p, r in zip(prompts, responses, strict=True)
     ]
-    from gad.gad import response_logprobs
-    from gad.sft import collate
-
     examples = [Example(str(i), p + r, len(p), False) for i, (p, r) in enumerate(pairs)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -387,25 +391,11 @@ def run_eval(config: Any) -> dict[str, Any]:
     metrics["truncated_share"] = lengths["truncated_share"]
     notes = {}
     if config.reference:
-        teacher = data.read_records(config.reference).records
-        by_key = {_prompt_id(t): t for t in teacher}
-        pairs = [
-            (a.response, by_key[_prompt_id(a)].response)
-            for a in answers
-            if _prompt_id(a) in by_key
-            and a.response is not None
-            and by_key[_prompt_id(a)].response is not None
-        ]
-        summary = compare_to_teacher(answers, teacher)
+        summary = compare_to_teacher(answers, data.read_records(config.reference).records)
         notes["unmatched"] = len(summary["unmatched_student"])
-        metrics["rouge_l"] = _with_ci(
-            [rouge_l(s, t) for s, t in pairs], config.bootstrap_reps, config.seed
-        )
-        per_n = [ngram_f1_all(s, t) for s, t in pairs]
-        for n in (1, 2, 3, 4):
-            metrics[f"ngram_f1_{n}"] = _with_ci(
-                [f[n] for f in per_n], config.bootstrap_reps, config.seed
-            )
+        metrics["rouge_l"] = _with_ci(summary["rouge_l_values"], config.bootstrap_reps, config.seed)
+        for n, values in summary["ngram_f1_values"].items():
+            metrics[f"ngram_f1_{n}"] = _with_ci(values, config.bootstrap_reps, config.seed)
     if config.teacher_model:
         from gad import models
 
