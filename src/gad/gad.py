@@ -403,7 +403,7 @@ def _setup(
         accelerator.init_trackers(f"gad-{name}", config=tracker_config(cfg.to_dict(config)))
     metrics = MetricsLog(run_dir, accelerator, resume_step=start_step if resume_from else None)
     if accelerator.is_main_process:
-        sft._print_data_summary(prepared, len(plan), config.batch_prompts)
+        sft.print_data_summary(prepared, len(plan), config.batch_prompts)
     return Stage(
         name, config, run_dir, accelerator, prepared.examples, plan, m, start_step, metrics, health
     )

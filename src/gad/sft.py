@@ -201,7 +201,7 @@ def train(config: cfg.SFTConfig) -> Path:
         accelerator.init_trackers("gad-sft", config=tracker_config(cfg.to_dict(config)))
     metrics = MetricsLog(run_dir, accelerator, resume_step=start_step if resume_from else None)
     if accelerator.is_main_process:
-        _print_data_summary(prepared, len(plan), global_batch)
+        print_data_summary(prepared, len(plan), global_batch)
 
     def save(step: int) -> Path:
         return checkpoint.save(
@@ -299,7 +299,7 @@ def train(config: cfg.SFTConfig) -> Path:
     return final_dir
 
 
-def _print_data_summary(prepared: Prepared, steps: int, global_batch: int) -> None:
+def print_data_summary(prepared: Prepared, steps: int, global_batch: int) -> None:
     console.print(
         f"data: {len(prepared.examples)} examples, {steps} optimizer steps of {global_batch}"
     )
