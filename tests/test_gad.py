@@ -382,3 +382,73 @@ def test_smaller_discriminator_and_ce_loss(tiny_dir, teacher_file, tmp_path):
     rows = read_metrics(tmp_path / "run/gad")
     # CE loss of an untrained head is near 2·log 2 (teacher term + student term), BT's near log 2.
     assert rows[0]["d/loss"] > 1.0
+
+
+# ------------------------------------------------------------------ fused passes
+
+
+class GradSnapshot:
+    """Stands in for the optimizer: keeps the gradients `update_g` produced."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters()}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def test_fused_old_logprobs_and_length_sorted_batches_give_the_separate_pass_loss(
+    tiny_dir, tmp_path
+):
+    """The reference implementation spends a forward pass on the old log-probs and batches
+    sequences in prompt order; `update_g` takes them from its own forward, in length-sorted
+    micro-batches. Same loss, same gradients."""
+    from gad import losses, sft
+
+    torch.manual_seed(0)
+    generator, tokenizer = models.load(str(tiny_dir))
+    reference, _ = models.load(str(tiny_dir))
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    students = [
+        data.Example(f"s{i}", torch.randint(5, 500, (6 + n,)).tolist(), 6, False)
+        for i, n in enumerate([1, 9, 3, 12, 2, 7, 5, 11])
+    ]
+    advantage_b = torch.randn(len(students))
+    config = cfg.GADConfig(micro_batch_size=3, temperature=0.7, kl_coef=0.1, max_grad_norm=0.0)
+    accelerator = sft.make_accelerator("no", "none", tmp_path)
+    snapshot = GradSnapshot(generator)
+    m = gad.Models(generator, None, tokenizer, snapshot, None, reference)
+
+    ref_logp = gad.ref_logprobs(config, accelerator, m, students)
+    stats = gad.update_g(config, accelerator, m, students, advantage_b, ref_logp, len(students))
+
+    # The separate passes: old and reference log-probs by their own forward, prompt order.
+    generator.zero_grad()
+    total = 0.0
+    for idx in gad.chunks(list(range(len(students))), config.micro_batch_size):
+        batch = sft.collate([students[i] for i in idx], tokenizer.pad_token_id)
+        with torch.no_grad():
+            old_bt, _, _ = gad.response_logprobs(generator, batch, config.temperature)
+            ref_bt, _, _ = gad.response_logprobs(reference, batch, config.temperature)
+        logp_bt, mask_bt, _ = gad.response_logprobs(generator, batch, config.temperature)
+        loss, _ = losses.policy_loss(
+            logp_bt,
+            old_bt,
+            advantage_b[idx],
+            mask_bt,
+            clip_eps=config.clip_eps,
+            kl_coef=config.kl_coef,
+            ref_logp_bt=ref_bt,
+        )
+        (loss * len(idx) / len(students)).backward()
+        total += loss.item() * len(idx) / len(students)
+
+    assert stats["g/loss"] == pytest.approx(total, abs=1e-6)
+    assert stats["g/clip_frac"] == 0.0 and stats["g/kl"] > 0
+    for name, p in generator.named_parameters():
+        torch.testing.assert_close(snapshot.grads[name], p.grad, atol=1e-6, rtol=1e-5)

@@ -48,22 +48,17 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens under `model` at the sampling temperature (as verl).
 
-    Returns `(logp_bt, mask_bt, entropy_bt)` aligned with `input_ids[:, 1:]`; the mask is 1 on
-    response tokens (from the collated labels). The entropy (detached) costs a full-vocabulary
-    softmax, so it is computed only when asked for (the policy update logs it), else None.
+    Returns `(logp_bt, mask_bt, entropy_bt)` over the positions `sft.response_logits` keeps
+    (from the batch's earliest response token on); the mask is 1 on response tokens. The
+    entropy (detached) costs a full-vocabulary softmax, so it is computed only when asked for
+    (the policy update logs it), else None.
     """
-    logits_btv = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=discriminator.position_ids_from_mask(batch["attention_mask"]),
-    ).logits[:, :-1]
-    logits_btv = logits_btv.float() / temperature
-    logp_bt = losses.gather_logprobs(logits_btv, batch["input_ids"][:, 1:])
-    mask_bt = (batch["labels"][:, 1:] != -100).float()
+    logits_btv, targets_bt, mask_bt = sft.response_logits(model, batch)
+    logp_bt = losses.gather_logprobs(logits_btv, targets_bt, temperature)
     if not entropy:
         return logp_bt, mask_bt, None
     with torch.no_grad():
-        entropy_bt = losses.token_entropy_from_logits(logits_btv.detach())
+        entropy_bt = losses.token_entropy_from_logits(logits_btv.detach(), temperature)
     return logp_bt, mask_bt, entropy_bt
 
 
@@ -88,6 +83,17 @@ def student_examples(
 
 def chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def length_sorted_chunks(examples: list[data.Example], size: int) -> list[list[int]]:
+    """Indices of `examples` in micro-batches of similar length, longest first.
+
+    Sampled responses of one group range from a few tokens to the cap; batching neighbours by
+    length instead of by prompt cuts the padding every forward/backward pass computes. The
+    losses are sums over sequences, so the grouping does not change them.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    return chunks(order, size)
 
 
 # ----------------------------------------------------------------------------- run state
@@ -195,13 +201,15 @@ def update_d(
 
 
 def ref_logprobs(config: cfg.GADConfig, accelerator: Any, m: Models, students: list) -> list:
-    """Per micro-batch log-probs of the sampled tokens under the frozen reference policy."""
+    """Log-probs of the sampled tokens under the frozen reference policy, one entry per
+    micro-batch of `length_sorted_chunks` (the order `update_g` uses)."""
+    parts = length_sorted_chunks(students, config.micro_batch_size)
     if m.reference is None:
-        return [None] * len(chunks(students, config.micro_batch_size))
+        return [None] * len(parts)
     out = []
     with torch.no_grad(), accelerator.autocast():
-        for part in chunks(students, config.micro_batch_size):
-            batch = sft.collate(part, m.tokenizer.pad_token_id)
+        for idx in parts:
+            batch = sft.collate([students[i] for i in idx], m.tokenizer.pad_token_id)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             logp_bt, _, _ = response_logprobs(m.reference, batch, config.temperature)
             out.append(logp_bt)
@@ -221,7 +229,7 @@ def update_g(
     g = m.generator
     g.train()
     world = accelerator.num_processes
-    parts = chunks(list(range(len(students))), config.micro_batch_size)
+    parts = length_sorted_chunks(students, config.micro_batch_size)
     totals = {"pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "loss": 0.0}
     for j, idx in enumerate(parts):
         batch = sft.collate([students[i] for i in idx], m.tokenizer.pad_token_id)
@@ -266,10 +274,10 @@ def sft_g_step(
     """Warmup generator step: response-only cross-entropy on the teacher answers (SeqKD)."""
     g = m.generator
     g.train()
-    parts = chunks(examples, config.micro_batch_size)
+    parts = length_sorted_chunks(examples, config.micro_batch_size)
     nll = 0.0
-    for j, part in enumerate(parts):
-        batch = sft.collate(part, m.tokenizer.pad_token_id)
+    for j, idx in enumerate(parts):
+        batch = sft.collate([examples[i] for i in idx], m.tokenizer.pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.no_sync(g) if j < len(parts) - 1 else nullcontext():
             loss_sum = sft.response_nll_sum(g, batch)
@@ -669,7 +677,9 @@ def train(config: cfg.GADConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     accelerator = sft.make_accelerator(config.mixed_precision, config.report_to, out)
     if accelerator.is_main_process:
-        cfg.save(config, out / "config.yaml")
+        # Stages run one by one may differ in settings (the demo's learning rates): keep each.
+        name = "config.yaml" if config.stage == "all" else f"config.{config.stage}.yaml"
+        cfg.save(config, out / name)
     if config.reward_model and config.method == "offpolicy":
         raise cfg.ConfigError("reward_model and method=offpolicy exclude each other")
     started = time.time()

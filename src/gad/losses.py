@@ -253,14 +253,18 @@ def policy_loss(
     return loss, stats
 
 
-def _gather_logprobs_rows(logits_tv: torch.Tensor, token_ids_t: torch.Tensor) -> torch.Tensor:
-    logits_tv = _upcast(logits_tv)
+def _gather_logprobs_rows(
+    logits_tv: torch.Tensor, token_ids_t: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    logits_tv = _upcast(logits_tv) / temperature
     picked_t = logits_tv.gather(-1, token_ids_t.unsqueeze(-1)).squeeze(-1)
     return picked_t - torch.logsumexp(logits_tv, dim=-1)
 
 
-def gather_logprobs(logits_btv: torch.Tensor, token_ids_bt: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)[..., token_ids]`` without a full log-softmax copy of the logits.
+def gather_logprobs(
+    logits_btv: torch.Tensor, token_ids_bt: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``log_softmax(logits / temperature)[..., token_ids]`` without a full-size copy.
 
     Computed as ``logits.gather(ids) - logsumexp(logits)``, one leading row at a time, so the
     full-vocab temporaries are [T, V], not [B, T, V] (as TRL's ``selective_log_softmax``).
@@ -271,33 +275,39 @@ def gather_logprobs(logits_btv: torch.Tensor, token_ids_bt: torch.Tensor) -> tor
         logits_btv: [B, T, V] (or [T, V]); position t scores token t, so shift before calling
             if the logits are next-token predictions.
         token_ids_bt: [B, T] (or [T]) int64 ids.
+        temperature: the sampling temperature the log-probs are taken at (applied per row,
+            after the upcast, so no [B, T, V] float32 copy is made).
 
     Returns:
         [B, T] log-probs, float32 at least; differentiable wrt the logits.
     """
     if logits_btv.dim() < 3:
-        return _gather_logprobs_rows(logits_btv, token_ids_bt)
+        return _gather_logprobs_rows(logits_btv, token_ids_bt, temperature)
     return torch.stack(
-        [_gather_logprobs_rows(lg, ids) for lg, ids in zip(logits_btv, token_ids_bt, strict=True)]
+        [
+            _gather_logprobs_rows(lg, ids, temperature)
+            for lg, ids in zip(logits_btv, token_ids_bt, strict=True)
+        ]
     )
 
 
-def _entropy_rows(logits_tv: torch.Tensor) -> torch.Tensor:
-    logits_tv = _upcast(logits_tv)
+def _entropy_rows(logits_tv: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logits_tv = _upcast(logits_tv) / temperature
     # H = logsumexp(z) - Σ softmax(z)·z: no log of a probability that may underflow to 0.
     expected_logit_t = (torch.softmax(logits_tv, dim=-1) * logits_tv).sum(dim=-1)
     return torch.logsumexp(logits_tv, dim=-1) - expected_logit_t
 
 
-def token_entropy_from_logits(logits_btv: torch.Tensor) -> torch.Tensor:
-    """Per-token entropy of ``softmax(logits)`` in nats, one leading row at a time.
+def token_entropy_from_logits(logits_btv: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token entropy of ``softmax(logits / temperature)`` in nats, one row at a time.
 
     Args:
         logits_btv: [B, T, V] (or [T, V]).
+        temperature: as in :func:`gather_logprobs`.
 
     Returns:
         [B, T] entropies, float32 at least. Mask and aggregate with :func:`masked_mean`.
     """
     if logits_btv.dim() < 3:
-        return _entropy_rows(logits_btv)
-    return torch.stack([_entropy_rows(lg) for lg in logits_btv])
+        return _entropy_rows(logits_btv, temperature)
+    return torch.stack([_entropy_rows(lg, temperature) for lg in logits_btv])

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from gad import checkpoint, data, evalsets, models
 from gad import config as cfg
+from gad.discriminator import position_ids_from_mask
 from gad.tracking import MetricsLog, tracker_config
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,39 @@ def collate(examples: list[data.Example], pad_id: int) -> dict[str, torch.Tensor
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def response_logits(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits at the positions that predict response tokens, with their targets.
+
+    Only the positions from the batch's earliest response start on go through the LM head
+    (`logits_to_keep`): the prompts' logits are never used, and the full-vocabulary head is the
+    costliest layer of a small model. Returns `(logits_btv, targets_bt, mask_bt)` with
+    T = width - (earliest response start); the mask is 1 on response tokens (from the labels).
+    """
+    width = batch["input_ids"].size(1)
+    is_response_bt = batch["labels"] != -100
+    # First response position of each row (rows without one count as the full width).
+    starts_b = torch.where(
+        is_response_bt.any(dim=1), is_response_bt.int().argmax(dim=1), torch.tensor(width)
+    )
+    first = max(1, int(starts_b.min()))
+    logits_btv = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids_from_mask(batch["attention_mask"]),
+        logits_to_keep=width - first + 1,
+    ).logits[:, :-1]
+    return logits_btv, batch["input_ids"][:, first:], is_response_bt[:, first:].float()
+
+
 def response_nll_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over response tokens of -log p(token | prefix). Shape: scalar."""
-    logits_btv = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    # Position t predicts token t+1.
-    logits_btv = logits_btv[:, :-1].float()
-    labels_bt = batch["labels"][:, 1:]
+    logits_btv, targets_bt, mask_bt = response_logits(model, batch)
+    targets_bt = targets_bt.masked_fill(mask_bt == 0, -100)
     return torch.nn.functional.cross_entropy(
-        logits_btv.reshape(-1, logits_btv.size(-1)),
-        labels_bt.reshape(-1),
+        logits_btv.float().reshape(-1, logits_btv.size(-1)),
+        targets_bt.reshape(-1),
         ignore_index=-100,
         reduction="sum",
     )
