@@ -252,26 +252,43 @@ def save(config: Any, path: str | Path) -> None:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """`gad demo`: the quick start — a local teacher answers bundled prompts, then SeqKD."""
+    """`gad demo`: the quick start. A local teacher answers bundled prompts; the student is
+    trained with SeqKD and with GAD on the same answers; the untouched student and both trained
+    students answer held-out prompts and are compared; a report is written.
+
+    Sizes are chosen so the whole run fits in 20 minutes on a 2-core CPU: a smoke test of the
+    pipeline, not a result (the report says so)."""
 
     output_dir: str = "runs/demo"
-    """Folder for the teacher data, the SFT run and the summary."""
+    """Folder for every stage's output and the report."""
     teacher: str = "qwen2.5-coder-0.5b"
     """Local teacher model (built-in name or HF folder)."""
     student: str = "smollm2-135m"
     """Student model (built-in name or HF folder)."""
     prompts: str = ""
     """Prompt file; empty uses the 40 prompts bundled with gad (written for it, CC0)."""
-    num_prompts: int = 16
-    """How many prompts the teacher answers (sized so the demo runs in minutes on a CPU)."""
-    max_tokens: int = 128
-    """Longest teacher answer, in tokens."""
+    num_train: int = 24
+    """Prompts (the first of the file) whose teacher answers both methods train on."""
+    num_held_out: int = 8
+    """The prompts after those, held out: every system answers them for the comparison."""
+    max_tokens: int = 96
+    """Longest answer in tokens: teacher answers, student rollouts and evaluation answers."""
     sft_epochs: int = 2
     """SeqKD epochs over the teacher's answers."""
     lr: float = 5e-5
-    """SeqKD learning rate (higher than the paper's 5e-6 because the demo takes few steps)."""
+    """SeqKD and GAD-warmup learning rate (above the paper's 5e-6: the demo takes few steps)."""
+    gad_lr: float = 1e-5
+    """GAD-stage generator and discriminator learning rate."""
+    gad_steps: int = 6
+    """GRPO steps of the GAD stage (after a one-epoch warmup)."""
+    n_samples: int = 4
+    """GAD: student samples per prompt (the GRPO group; paper: 8)."""
+    batch_prompts: int = 4
+    """Prompts per step of SeqKD and of both GAD stages."""
+    seed: int = 0
+    """Seed of training and of the evaluation samples."""
     tiny: bool = False
-    """Use tiny random-init models instead (a smoke test of the pipeline in seconds)."""
+    """Use tiny random-init models instead (a smoke test of the pipeline in about a minute)."""
 
 
 @dataclass(frozen=True)
@@ -543,3 +560,153 @@ class JudgeConfig:
     """Seed of the bootstrap (and of local sampling when temperature > 0)."""
     limit: int | None = None
     """Only the first `limit` questions (for quick trials)."""
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """`gad label`: teacher and student responses per prompt, labelled with the teacher's
+    judgement (majority vote on verifiable tasks, 1-10 judge scores on open-ended ones)."""
+
+    prompts: str = ""
+    """Chat-record file of the prompts to label."""
+    output_dir: str = "runs/label"
+    """Folder for the collected responses, `labels.jsonl`, `set_aside.jsonl`, `summary.json`."""
+    task: Literal["verifiable", "open"] = "verifiable"
+    """`verifiable`: a final answer is extracted and checked against the teacher's majority vote;
+    `open`: the teacher rates every response 1-10 as a judge."""
+    extractor: Literal["number", "choice", "boxed"] = "number"
+    """Verifiable: how the final answer is read (last number / multiple-choice letter /
+    `\\boxed{}` content)."""
+    min_vote_share: float = 0.5
+    """Verifiable: prompts whose top answer holds less than this share of the teacher's samples
+    (abstentions count) are set aside and counted."""
+    good_score: float = 7.0
+    """Open: judge scores at or above this mark a response as good (the SFT warmup's data)."""
+    k: int = 4
+    """Teacher samples per prompt (the vote), and student samples unless `student_k` is set."""
+    student_k: int | None = None
+    """Student samples per prompt (None = `k`; 0 = no student responses)."""
+    backend: Literal["openai", "local"] = "local"
+    """Teacher backend: an OpenAI-compatible API or a local model."""
+    teacher: str = "qwen2.5-coder-0.5b"
+    """Teacher: API model name (openai backend) or built-in name / HF folder (local backend)."""
+    student: str | None = "smollm2-135m"
+    """Local student whose samples are labelled too (built-in name or folder); None = none."""
+    base_url: str | None = None
+    """Endpoint of the OpenAI-compatible API; None uses the client default or OPENAI_BASE_URL."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (the key itself is never stored)."""
+    judge_backend: Literal["openai", "local"] | None = None
+    """Open: the judge's backend (None = the teacher's)."""
+    judge_model: str | None = None
+    """Open: the judge model (None = the teacher)."""
+    temperature: float = 0.8
+    """Teacher sampling temperature (samples must differ for a vote to mean anything)."""
+    student_temperature: float = 0.8
+    """Student sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of both."""
+    max_tokens: int = 1536
+    """Longest response of teacher and student (and the judge's reference answer)."""
+    max_prompt_tokens: int = 2048
+    """Local models: prompts longer than this (after the chat template) are reported, not run."""
+    concurrency: int = 8
+    """Openai backend: requests in flight at once."""
+    max_retries: int = 6
+    """Openai backend: retries per request on 429/5xx/timeouts/dropped connections."""
+    request_timeout: float = 120.0
+    """Openai backend: seconds before one request attempt is abandoned (then retried)."""
+    batch_size: int = 16
+    """Local models: prompts generated together in one batch."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Local models: weight dtype."""
+    seed: int = 0
+    """Seed of local sampling."""
+    ground_truth: str | None = None
+    """Verifiable: truth file (`gad tasks` writes one) read after labelling, only to report the
+    pseudo-labels' accuracy; never used to label."""
+    limit: int | None = None
+    """Only the first `limit` prompts (for quick trials)."""
+    skip_invalid: bool = False
+    """Skip malformed prompt records (counted) instead of stopping."""
+    exclude: str | None = None
+    """Held-out chat-record file: refuse to run if any prompt overlaps it (by prompt or id)."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """`gad reward-model`: a scalar-head reward model (the discriminator's architecture) trained
+    on `gad label` output, teacher and student responses alike."""
+
+    data: str = ""
+    """Labelled records: the `labels.jsonl` of `gad label`."""
+    model: str = "smollm2-135m"
+    """Backbone the reward model starts from (built-in name or folder); use the student's
+    tokenizer family, since RL scores the student's token ids."""
+    output_dir: str = "runs/reward"
+    """Run folder: config, metrics, checkpoints, summary and the model in `final/`."""
+    loss: Literal["bt", "bce"] = "bt"
+    """`bt`: Bradley–Terry on within-prompt pairs (higher label preferred); `bce`: pointwise
+    binary cross-entropy on good / not good."""
+    sources: Literal["both", "teacher", "student"] = "both"
+    """Whose responses to train on (the method uses both, against distribution shift)."""
+    min_label_gap: float = 0.0
+    """BT: a pair needs labels differing by more than this (e.g. 1 for judge scores)."""
+    held_out: float = 0.1
+    """Share of prompts (split by prompt content) held out to measure pairwise accuracy."""
+    split_seed: int = 0
+    """Seed of the held-out split."""
+    epochs: int = 2
+    """Passes over the training pairs (BT) or responses (BCE)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    lr: float = 1e-5
+    """Learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (none on biases and norms)."""
+    batch_size: int = 16
+    """Pairs (BT) or responses (BCE) per optimizer step, over all processes."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass on one process (memory knob only)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables."""
+    max_prompt_tokens: int = 2048
+    """Records whose templated prompt is longer are reported and left out, never cut."""
+    max_response_tokens: int = 1536
+    """Responses are cut to this many tokens (scored at their last kept token, as in RL)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """Autocast precision; weights and optimizer state stay float32."""
+    seed: int = 0
+    """Seed of the head's initialisation and the data order."""
+    eval_every: int = 0
+    """Measure held-out accuracy every this many steps (0: only before and after training)."""
+    save_every: int = 50
+    """Checkpoint every this many optimizer steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept on disk (0 keeps all)."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Tracker beside the JSONL metrics file."""
+    resume: bool = False
+    """Continue from the latest checkpoint in `output_dir`."""
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    """`gad tasks`: verifiable prompt sets generated offline with a fixed seed; the ground truth
+    goes to a separate file that only evaluation reads."""
+
+    source: Literal["reasoning-gym"] = "reasoning-gym"
+    """Task generator (the `reasoning-gym` package: `pip install 'gad[reasoning]'`)."""
+    dataset: str = "basic_arithmetic"
+    """Dataset name of the generator (e.g. basic_arithmetic, chain_sum, gsm_symbolic)."""
+    size: int = 200
+    """Number of prompts."""
+    seed: int = 0
+    """Generator seed. reasoning-gym seeds item i with seed + i, so seeds closer than `size`
+    share items: split one set with `gad split` for disjoint train/test prompts."""
+    options: str = ""
+    """The dataset's own settings as a YAML mapping, e.g. "{min_terms: 2, max_terms: 3}"."""
+    instruction: str = ""
+    """Text appended to every question (e.g. how to state the final answer)."""
+    output: str = "data/tasks.jsonl"
+    """Prompt records; the ground truth goes to `<output stem>.truth.jsonl` beside it."""

@@ -130,11 +130,13 @@ def write_report(
     results: list[str | Path],
     out_dir: str | Path,
     title: str = "gad report",
+    preface: str = "",
 ) -> Path:
-    """Write `report.md` and its PNGs into `out_dir`; returns the report's path."""
+    """Write `report.md` and its PNGs into `out_dir`; returns the report's path. `preface`
+    (Markdown) goes under the title: what was run, with which budget."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parts = [f"# {title}", ""]
+    parts = [f"# {title}", ""] + ([preface, ""] if preface else [])
     loaded = [as_result(json.loads(Path(p).read_text())) for p in results]
     if loaded:
         parts += ["## Systems compared", "", comparison_table(loaded), ""]
