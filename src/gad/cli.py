@@ -156,6 +156,34 @@ def train(config: cfg.GADConfig) -> None:
     gad_module.train(config)
 
 
+@stage_command("label", cfg.LabelConfig, positional="prompts")
+def label(config: cfg.LabelConfig) -> None:
+    """Reward distillation, step 1: teacher and student answers, labelled by the teacher's
+    majority vote (verifiable tasks) or its 1-10 judgement (open-ended)."""
+    from gad import label as label_module
+
+    label_module.run(config)
+
+
+@stage_command("reward-model", cfg.RewardConfig, positional="data")
+def reward_model(config: cfg.RewardConfig) -> None:
+    """Reward distillation, step 2: train a scalar-head reward model on `gad label` output
+    (Bradley–Terry on within-prompt pairs, or pointwise BCE)."""
+    from gad import reward
+
+    reward.train(config)
+
+
+@stage_command("tasks", cfg.TasksConfig, positional="source")
+def tasks(config: cfg.TasksConfig) -> None:
+    """Verifiable prompts generated offline with a fixed seed (reasoning-gym); the ground truth
+    is written to a separate file that only evaluation reads."""
+    from gad import tasks as tasks_module
+
+    prompts, truth = tasks_module.run(config)
+    typer.echo(f"{config.size} prompts -> {prompts}; ground truth -> {truth}")
+
+
 @stage_command("generate", cfg.GenerateConfig, positional="model")
 def generate(config: cfg.GenerateConfig) -> None:
     """A local model (a student) answers a prompt set; resumable like `gad collect`."""
@@ -235,7 +263,7 @@ def toy(config: cfg.ToyConfig) -> None:
 
 @stage_command("demo", cfg.DemoConfig)
 def demo(config: cfg.DemoConfig) -> None:
-    """The quick start: a local teacher answers bundled prompts, then SeqKD on its answers."""
+    """The quick start: teacher answers, SeqKD and GAD, held-out comparison, report."""
     from gad import demo as demo_module
 
     demo_module.run(config)
