@@ -118,6 +118,9 @@ class SFTConfig:
     """Seed for data order and initialisation."""
     save_every: int = 50
     """Checkpoint every this many optimizer steps (and always at the end)."""
+    save_state: bool = True
+    """Write the resumable state (optimizer, RNG) at the end of the run, not only the model
+    folder; off saves GBs of disk and some seconds where nobody will resume (demo, benchmarks)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk (0 keeps all)."""
     log_every: int = 1
@@ -307,13 +310,18 @@ class GADConfig:
     reward_model: str | None = None
     """A trained scalar-head model used as a frozen reward in place of the discriminator (no D
     warmup, no D updates): the reward-distillation mode."""
+    reward_mix_alpha: float | None = None
+    """Combined reward α·D + (1-α)·R: D the online discriminator (still trained), R the frozen
+    `reward_model`, each z-scored within its prompt's group first. None = no mixing."""
     output_dir: str = "runs/gad"
     """Run folder; the stages write `warmup/` and `gad/` inside it."""
     stage: Literal["warmup", "gad", "all"] = "all"
     """Which stage to run; `gad` starts from `warmup/final` when it exists."""
-    method: Literal["gad", "offpolicy"] = "gad"
+    method: Literal["gad", "offpolicy", "reward-distill"] = "gad"
     """`gad`: the discriminator learns online. `offpolicy` (paper Fig. 6): SeqKD warmup, then
-    the discriminator trains on the frozen student's samples, then RL against it frozen."""
+    the discriminator trains on the frozen student's samples, then RL against it frozen.
+    `reward-distill` (SPEC §4): `data` is `gad label` output; SFT on the teacher responses
+    labelled good, then RL against the frozen `reward_model`."""
     warmup_epochs: float = 1.0
     """Warmup length in passes over the data (paper: 1)."""
     warmup_generator: bool = True
@@ -370,6 +378,9 @@ class GADConfig:
     """Seed for data order, sampling and the discriminator head."""
     save_every: int = 50
     """Checkpoint every this many steps, and at the end of each stage (paper: 50)."""
+    save_state: bool = True
+    """Write the resumable state (optimizer, RNG) at the end of the run, not only the model
+    folder; off saves GBs of disk and some seconds where nobody will resume (demo, benchmarks)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept per stage (0 keeps all)."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
@@ -502,6 +513,13 @@ class EvalConfig:
     estimate from these samples (unbiased only for samples at temperature 1)."""
     output: str | None = None
     """Result JSON (default: `<answers>.eval.json`)."""
+    metric: Literal["text", "accuracy"] = "text"
+    """`text`: the metrics above; `accuracy`: also the share of answers whose extracted final
+    answer equals the ground truth (needs `ground_truth`)."""
+    ground_truth: str | None = None
+    """Accuracy: truth file of `{"id", "answer"}` lines (`gad tasks` writes one)."""
+    extractor: Literal["number", "choice", "boxed"] = "number"
+    """Accuracy: how the final answer is read, as in `gad label`."""
     bootstrap_reps: int = 1000
     """Bootstrap resamples for the 95% confidence intervals."""
     seed: int = 0
@@ -664,10 +682,12 @@ class RewardConfig:
     """Learning rate."""
     weight_decay: float = 0.01
     """AdamW weight decay (none on biases and norms)."""
-    batch_size: int = 16
-    """Pairs (BT) or responses (BCE) per optimizer step, over all processes."""
+    batch_size: int = 8
+    """Per optimizer step, over all processes: prompts with all their pairs (BT), or responses
+    (BCE)."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward pass on one process (memory knob only)."""
+    """Sequences per forward/backward pass on one process (memory knob only; BT keeps a
+    prompt's responses together, so one prompt with more responses makes a larger pass)."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm; 0 disables."""
     max_prompt_tokens: int = 2048
@@ -696,7 +716,7 @@ class TasksConfig:
     goes to a separate file that only evaluation reads."""
 
     source: Literal["reasoning-gym"] = "reasoning-gym"
-    """Task generator (the `reasoning-gym` package: `pip install 'gad[reasoning]'`)."""
+    """Task generator: the `reasoning-gym` package (gad's `reasoning` extra)."""
     dataset: str = "basic_arithmetic"
     """Dataset name of the generator (e.g. basic_arithmetic, chain_sum, gsm_symbolic)."""
     size: int = 200

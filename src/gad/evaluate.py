@@ -390,6 +390,18 @@ def run_eval(config: Any) -> dict[str, Any]:
     metrics["length_p95"] = lengths["p95"]
     metrics["truncated_share"] = lengths["truncated_share"]
     notes = {}
+    if config.metric == "accuracy":
+        from gad import label
+        from gad.config import ConfigError
+
+        if not config.ground_truth:
+            raise ConfigError("metric 'accuracy' needs 'ground_truth' (a truth file)")
+        scored = label.accuracy(
+            answers, label.read_truth(config.ground_truth), label.EXTRACTORS[config.extractor]
+        )
+        metrics["accuracy"] = _with_ci(scored["values"], config.bootstrap_reps, config.seed)
+        metrics["answered_share"] = scored["answered"] / len(answers) if answers else None
+        notes["no_truth"] = len(scored["no_truth"])
     if config.reference:
         summary = compare_to_teacher(answers, data.read_records(config.reference).records)
         notes["unmatched"] = len(summary["unmatched_student"])

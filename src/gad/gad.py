@@ -17,6 +17,7 @@ Baselines and ablations are settings of the same loops (`method`, `warmup_*`, `d
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -28,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gad import checkpoint, data, discriminator, losses, models, sft
+from gad import checkpoint, data, discriminator, losses, models, reward, sft
 from gad import config as cfg
 from gad.rollout import Completion, Sampling, TransformersRollout
 from gad.tracking import MetricsLog, PhaseTimer, tracker_config
@@ -110,6 +111,14 @@ class Models:
     d_opt: Any | None
     reference: Any | None = None
     rollout: TransformersRollout | None = None
+    reward_model: Any | None = None
+    """The frozen reward model R of the combined reward (`reward_mix_alpha`), else None."""
+
+
+def frozen_reward(config: cfg.GADConfig) -> bool:
+    """The discriminator slot holds the frozen `reward_model` (reward distillation) rather than
+    a discriminator that learns; with `reward_mix_alpha` the reward model is mixed in instead."""
+    return bool(config.reward_model) and config.reward_mix_alpha is None
 
 
 @dataclass
@@ -524,7 +533,7 @@ def _run_loop(stage: Stage, total: int, step_fn: Any, show: tuple[str, ...]) -> 
             )
             if stage.config.save_every and done % stage.config.save_every == 0 and done < total:
                 _save(stage, done)
-    if total > stage.start_step:
+    if total > stage.start_step and stage.config.save_state:
         _save(stage, total, final=True)
 
 
@@ -540,6 +549,10 @@ def warmup(config: cfg.GADConfig, accelerator: Any) -> Path:
     offpolicy = config.method == "offpolicy"
     epochs = config.warmup_epochs + (config.offpolicy_d_epochs if offpolicy else 0.0)
     init = {"generator": config.model, "discriminator": config.discriminator or config.model}
+    frozen = frozen_reward(config)
+    if frozen:
+        # Nothing to warm up on the reward side: load it frozen rather than build a spare D.
+        init |= {"discriminator_folder": config.reward_model, "d_trainable": False}
     stage = _setup(config, "warmup", accelerator, epochs=epochs, init=init)
     m = stage.models
     sft_steps = len(
@@ -549,11 +562,11 @@ def warmup(config: cfg.GADConfig, accelerator: Any) -> Path:
     def step_fn(step: int, timer: PhaseTimer) -> dict[str, Any]:
         prompts, offset = _local_prompts(stage, step)
         train_g = config.warmup_generator and (
-            step < sft_steps if offpolicy else step >= config.warmup_d_only_steps
+            step < sft_steps if offpolicy else step >= (0 if frozen else config.warmup_d_only_steps)
         )
         train_d = (
             config.warmup_discriminator
-            and not config.reward_model
+            and not frozen
             and (step >= sft_steps if offpolicy else True)
         )
         row: dict[str, Any] = {"phase/train_g": int(train_g), "phase/train_d": int(train_d)}
@@ -592,17 +605,19 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
     """Stage 2: on-policy GRPO against the discriminator, which keeps learning (Algorithm 1).
 
     With `method="offpolicy"` or a `reward_model`, the discriminator is frozen: only scores.
+    With `reward_mix_alpha`, the discriminator learns and the frozen reward model is mixed into
+    its reward (`losses.mixed_reward`).
     """
     out = Path(config.output_dir)
     warm = out / "warmup" / "final"
     init: dict[str, Any] = {"generator": str(warm) if warm.exists() else config.model}
-    if config.reward_model:
+    if frozen_reward(config):
         init["discriminator_folder"] = config.reward_model
     elif (warm / "discriminator").exists():
         init["discriminator_folder"] = str(warm / "discriminator")
     else:
         init["discriminator"] = config.discriminator or config.model
-    init["d_trainable"] = config.method == "gad" and not config.reward_model
+    init["d_trainable"] = config.method == "gad" and not frozen_reward(config)
     if config.kl_coef > 0:
         # The reference is the student as it enters this stage, frozen; kept on disk so a
         # resumed run compares against the same policy.
@@ -619,6 +634,10 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
         total = min(total, config.max_steps)
     m, n = stage.models, config.n_samples
     train_d = m.d_opt is not None
+    if config.reward_mix_alpha is not None:
+        rm = discriminator.load(config.reward_model)  # type: ignore[arg-type]
+        rm.config.pad_token_id = m.tokenizer.pad_token_id
+        m.reward_model = rm.to(accelerator.device).eval().requires_grad_(False)
 
     def step_fn(step: int, timer: PhaseTimer) -> dict[str, Any]:
         prompts, offset = _local_prompts(stage, step)
@@ -639,6 +658,16 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
                 d_rows.append(
                     update_d(config, accelerator, m, prompts, students, config.batch_prompts)[1]
                 )
+        if m.reward_model is not None:
+            with timer("score_rm"), accelerator.autocast():
+                rm_b = reward.score(
+                    m.reward_model, students, m.tokenizer.pad_token_id, config.micro_batch_size
+                )
+            d_rows[0]["reward/d_mean"] = reward_b.mean().item()
+            d_rows[0]["reward/rm_mean"] = rm_b.mean().item()
+            alpha: float = config.reward_mix_alpha  # type: ignore[assignment]
+            reward_b = losses.mixed_reward(reward_b.view(-1, n), rm_b.view(-1, n), alpha)
+            reward_b = reward_b.reshape(-1)
         with timer("advantages"):
             advantage_b = losses.group_advantages(reward_b.view(-1, n)).reshape(-1)
         with timer("update_g"):
@@ -676,19 +705,45 @@ def train(config: cfg.GADConfig) -> Path:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = sft.make_accelerator(config.mixed_precision, config.report_to, out)
+    # Rollouts sample from torch's generator: seed it so a run is reproducible (a resumed run
+    # restores the generator state from its checkpoint instead).
+    torch.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
     if accelerator.is_main_process:
         # Stages run one by one may differ in settings (the demo's learning rates): keep each.
         name = "config.yaml" if config.stage == "all" else f"config.{config.stage}.yaml"
         cfg.save(config, out / name)
     if config.reward_model and config.method == "offpolicy":
         raise cfg.ConfigError("reward_model and method=offpolicy exclude each other")
+    if config.reward_mix_alpha is not None and (
+        config.method != "gad" or not config.reward_model or not 0 <= config.reward_mix_alpha <= 1
+    ):
+        raise cfg.ConfigError(
+            "reward_mix_alpha needs method=gad, a reward_model, and a value in [0, 1]"
+        )
+    stage_configs = {"warmup": config, "gad": config}
+    if config.method == "reward-distill":
+        if not config.reward_model:
+            raise cfg.ConfigError(
+                "method=reward-distill needs reward_model: train one with `gad reward-model "
+                "LABELS --output-dir runs/rm` and pass --reward-model runs/rm/final"
+            )
+        # `data` is `gad label` output: the warmup learns the teacher responses labelled good,
+        # the RL stage visits every labelled prompt once per epoch.
+        files = out / "data"
+        if accelerator.is_main_process:
+            reward.distill_data(config.data, files)
+        accelerator.wait_for_everyone()
+        stage_configs = {
+            "warmup": dataclasses.replace(config, data=str(files / "sft.jsonl")),
+            "gad": dataclasses.replace(config, data=str(files / "prompts.jsonl")),
+        }
     started = time.time()
     final = None
     if config.stage in ("warmup", "all"):
-        final = warmup(config, accelerator)
+        final = warmup(stage_configs["warmup"], accelerator)
         console.print(f"warmup done in {time.time() - started:.0f}s: {final}")
     if config.stage in ("gad", "all"):
-        final = adversarial(config, accelerator)
+        final = adversarial(stage_configs["gad"], accelerator)
         console.print(f"GAD stage done in {time.time() - started:.0f}s: {final}")
     accelerator.end_training()
     return final  # type: ignore[return-value]

@@ -171,6 +171,56 @@ def group_advantages(reward_pn: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
     return torch.where(constant_p1, torch.zeros_like(advantage_pn), advantage_pn)
 
 
+def mixed_reward(
+    d_reward_pn: torch.Tensor, rm_reward_pn: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Combined reward ``α·z(D) + (1-α)·z(R)`` (beyond the sources: GAD's online discriminator
+    D mixed with a frozen learned reward model R).
+
+    ``z`` is the per-group z-score of :func:`group_advantages` (a group of equal rewards gives
+    0), so the two rewards, whose scales are unrelated, weigh as ``alpha`` says whatever their
+    units. The result is then normalised once more by GRPO like any reward.
+
+    Args:
+        d_reward_pn: [P, N] discriminator scores, the N samples of a prompt on one row.
+        rm_reward_pn: [P, N] reward-model scores of the same samples.
+        alpha: weight of D in [0, 1]; 1 is GAD alone, 0 the reward model alone.
+
+    Returns:
+        [P, N] mixed rewards (detached, float32 at least).
+    """
+    if d_reward_pn.shape != rm_reward_pn.shape:
+        raise ValueError(
+            f"reward shapes differ: {tuple(d_reward_pn.shape)} vs {tuple(rm_reward_pn.shape)}"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    return alpha * group_advantages(d_reward_pn) + (1.0 - alpha) * group_advantages(rm_reward_pn)
+
+
+def pointwise_bce_loss(score_b: torch.Tensor, target_b: torch.Tensor) -> torch.Tensor:
+    """Pointwise reward-model loss: binary cross-entropy of ``σ(score)`` against 0/1 labels.
+
+    ``mean_b -[t·log σ(s) + (1-t)·log(1 - σ(s))]``, computed stably from the logits. (The
+    pairwise Bradley–Terry loss of a reward model is :func:`bt_discriminator_loss` with the
+    preferred responses' scores as [P] and the others' as [P]: ``mean -log σ(s⁺ - s⁻)``.)
+
+    Args:
+        score_b: [B] reward-model scores (logits of "good").
+        target_b: [B] labels, 1 = good (correct), 0 = not; soft targets in [0, 1] also work.
+
+    Returns:
+        scalar loss (float32 at least).
+    """
+    if score_b.shape != target_b.shape or score_b.dim() != 1:
+        raise ValueError(
+            f"scores and targets must both be [B], got {tuple(score_b.shape)} and "
+            f"{tuple(target_b.shape)}"
+        )
+    score_b = _upcast(score_b)
+    return F.binary_cross_entropy_with_logits(score_b, target_b.to(score_b.dtype))
+
+
 def k3_kl(logp_bt: torch.Tensor, ref_logp_bt: torch.Tensor) -> torch.Tensor:
     """Per-token low-variance KL estimator k3 of KL(π_θ || π_ref) (Schulman, "Approximating KL").
 
