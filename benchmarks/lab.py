@@ -195,7 +195,7 @@ def train_all(
                 max_response_tokens=args.max_tokens,
                 seed=seed,
                 save_every=0,
-                resume=True,
+                save_state=False,
             )
         )
         return {"seqkd": (str(final), time.perf_counter() - started)}
@@ -218,7 +218,7 @@ def train_all(
         d_lr=args.d_lr,
         seed=seed,
         save_every=0,
-        resume=True,
+        save_state=False,
     )
     warm = gad.train(dataclasses.replace(config, stage="warmup"))
     warm_s = time.perf_counter() - started

@@ -153,7 +153,7 @@ def run(config: cfg.DemoConfig) -> dict[str, Any]:
                 max_response_tokens=config.max_tokens,
                 seed=config.seed,
                 save_every=0,
-                resume=True,
+                save_state=False,
                 exclude=str(held_out),
             )
         )
@@ -172,7 +172,7 @@ def run(config: cfg.DemoConfig) -> dict[str, Any]:
         d_lr=config.gad_lr,
         seed=config.seed,
         save_every=0,
-        resume=True,
+        save_state=False,
         exclude=str(held_out),
     )
     with clock("gad", f"warmup, then {config.gad_steps} GRPO steps against the discriminator"):

@@ -297,7 +297,7 @@ def train(config: cfg.SFTConfig) -> Path:
         if config.save_every and done % config.save_every == 0 and done < total_steps:
             save(done)
     bar.close()
-    if total_steps > start_step or resume_from is None:
+    if config.save_state and (total_steps > start_step or resume_from is None):
         save(total_steps)
     final_dir = run_dir / "final"
     if accelerator.is_main_process:
