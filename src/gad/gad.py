@@ -86,17 +86,6 @@ def chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def length_sorted_chunks(examples: list[data.Example], size: int) -> list[list[int]]:
-    """Indices of `examples` in micro-batches of similar length, longest first.
-
-    Sampled responses of one group range from a few tokens to the cap; batching neighbours by
-    length instead of by prompt cuts the padding every forward/backward pass computes. The
-    losses are sums over sequences, so the grouping does not change them.
-    """
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    return chunks(order, size)
-
-
 # ----------------------------------------------------------------------------- run state
 
 
@@ -155,13 +144,12 @@ def update_d(
     teacher: list[data.Example],
     students: list[data.Example],
     global_prompts: int,
-    train: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One discriminator update on (teacher answer, N student samples) per prompt (Eq. 8).
 
     Returns the student scores of the forward pass *before* the optimizer step (the GAD
-    rewards), shape [P*N] prompt-major, and the stats. With `train=False` (frozen
-    discriminator or reward model) it only scores.
+    rewards), shape [P*N] prompt-major, and the stats. (A frozen scorer goes through
+    `reward.score` instead: it needs no teacher answers.)
     """
     n = config.n_samples
     d = m.discriminator
@@ -174,21 +162,20 @@ def update_d(
     student_scores, teacher_scores = [], []
     loss_sum = 0.0
     micro = list(range(0, len(teacher), prompts_per_micro))
-    d.train(train)
+    d.train()
     for j, start in enumerate(micro):
         t_ex = teacher[start : start + prompts_per_micro]
         s_ex = students[start * n : (start + len(t_ex)) * n]
         batch = sft.collate(t_ex + s_ex, pad)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with torch.set_grad_enabled(train), accelerator.autocast():
+        with accelerator.autocast():
             sync = j == len(micro) - 1
-            with accelerator.no_sync(d) if train and not sync else nullcontext():
+            with accelerator.no_sync(d) if not sync else nullcontext():
                 score_b = discriminator.scores(d, batch["input_ids"], batch["attention_mask"])
                 teacher_p, student_pn = score_b[: len(t_ex)], score_b[len(t_ex) :].view(-1, n)
                 loss = loss_fn(teacher_p, student_pn)
-                if train:
-                    # Mean over all pairs of the global batch, however it is split.
-                    accelerator.backward(loss * len(t_ex) * world / global_prompts)
+                # Mean over all pairs of the global batch, however it is split.
+                accelerator.backward(loss * len(t_ex) * world / global_prompts)
         loss_sum += loss.item() * len(t_ex)
         teacher_scores.append(teacher_p.detach())
         student_scores.append(student_pn.detach().reshape(-1))
@@ -200,19 +187,18 @@ def update_d(
         "d/teacher_score": teacher_p.mean().item(),
         "d/student_score": student_b.mean().item(),
     }
-    if train:
-        grad_norm = accelerator.clip_grad_norm_(d.parameters(), config.max_grad_norm or math.inf)
-        stats["d/grad_norm"] = float(grad_norm)
-        if math.isfinite(stats["d/grad_norm"]):
-            m.d_opt.step()  # type: ignore[union-attr]
-        m.d_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+    grad_norm = accelerator.clip_grad_norm_(d.parameters(), config.max_grad_norm or math.inf)
+    stats["d/grad_norm"] = float(grad_norm)
+    if math.isfinite(stats["d/grad_norm"]):
+        m.d_opt.step()  # type: ignore[union-attr]
+    m.d_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
     return student_b, stats
 
 
 def ref_logprobs(config: cfg.GADConfig, accelerator: Any, m: Models, students: list) -> list:
     """Log-probs of the sampled tokens under the frozen reference policy, one entry per
     micro-batch of `length_sorted_chunks` (the order `update_g` uses)."""
-    parts = length_sorted_chunks(students, config.micro_batch_size)
+    parts = sft.length_sorted_chunks(students, config.micro_batch_size)
     if m.reference is None:
         return [None] * len(parts)
     out = []
@@ -238,7 +224,7 @@ def update_g(
     g = m.generator
     g.train()
     world = accelerator.num_processes
-    parts = length_sorted_chunks(students, config.micro_batch_size)
+    parts = sft.length_sorted_chunks(students, config.micro_batch_size)
     totals = {"pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "loss": 0.0}
     for j, idx in enumerate(parts):
         batch = sft.collate([students[i] for i in idx], m.tokenizer.pad_token_id)
@@ -283,7 +269,7 @@ def sft_g_step(
     """Warmup generator step: response-only cross-entropy on the teacher answers (SeqKD)."""
     g = m.generator
     g.train()
-    parts = length_sorted_chunks(examples, config.micro_batch_size)
+    parts = sft.length_sorted_chunks(examples, config.micro_batch_size)
     nll = 0.0
     for j, idx in enumerate(parts):
         batch = sft.collate([examples[i] for i in idx], m.tokenizer.pad_token_id)
@@ -648,16 +634,24 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
         with timer("ref_logp"):
             ref_logp = ref_logprobs(config, accelerator, m, students)
         d_rows: list[dict[str, float]] = []
-        with timer("update_d" if train_d else "score"):
-            # The first pass's scores are the discriminator's scores before its update.
-            reward_b, d_stats = update_d(
-                config, accelerator, m, prompts, students, config.batch_prompts, train=train_d
-            )
-            d_rows.append(d_stats)
-            for _ in range(config.d_steps - 1 if train_d else 0):
-                d_rows.append(
-                    update_d(config, accelerator, m, prompts, students, config.batch_prompts)[1]
+        if train_d:
+            with timer("update_d"):
+                # The first pass's scores are the discriminator's scores before its update.
+                reward_b, d_stats = update_d(
+                    config, accelerator, m, prompts, students, config.batch_prompts
                 )
+                d_rows.append(d_stats)
+                for _ in range(config.d_steps - 1):
+                    d_rows.append(
+                        update_d(config, accelerator, m, prompts, students, config.batch_prompts)[1]
+                    )
+        else:
+            with timer("score"), accelerator.autocast():
+                # A frozen scorer (reward model, off-policy D) needs only the samples' scores.
+                reward_b = reward.score(
+                    m.discriminator, students, m.tokenizer.pad_token_id, config.micro_batch_size
+                )
+                d_rows.append({"d/student_score": reward_b.mean().item()})
         if m.reward_model is not None:
             with timer("score_rm"), accelerator.autocast():
                 rm_b = reward.score(

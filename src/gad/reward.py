@@ -90,20 +90,19 @@ def make_pairs(
 @torch.no_grad()
 def score(model: Any, examples: list[data.Example], pad_id: int, batch_size: int) -> torch.Tensor:
     """Scores of `examples` under a scalar-head model, no gradient. Shape: [B] float32, on the
-    model's device, in the examples' order."""
+    model's device, in the examples' order (scored in length-sorted batches: less padding)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(examples), batch_size):
-        batch = sft.collate(examples[start : start + batch_size], pad_id)
-        out.append(
-            discriminator.scores(
+    out = torch.zeros(len(examples), device=device)
+    with torch.no_grad():
+        for idx in sft.length_sorted_chunks(examples, batch_size):
+            batch = sft.collate([examples[i] for i in idx], pad_id)
+            out[idx] = discriminator.scores(
                 model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
             )
-        )
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, device=device)
+    return out
 
 
 @dataclass
