@@ -1,0 +1,823 @@
+"""Throughput of our GRPO step against TRL's `GRPOTrainer` on the same work, and GAD's overhead.
+
+Three systems, each run in a fresh subprocess (so peak memory is per run), alternated over
+`--rounds` rounds (round r runs them in the order rotated by r):
+
+* `ours`  — `gad.train(stage="gad", reward_model=FOLDER)`: our GRPO loop with a frozen reward
+  model that only scores (no discriminator update).
+* `trl`   — `trl.GRPOTrainer` with the very same reward model as `reward_funcs`.
+* `gad`   — our full GAD step: the discriminator starts as that same model and is trained online
+  (one Bradley–Terry update per step, on P teacher answers + P·N samples).
+
+The same for all three: the policy (default SmolLM2-135M-Instruct, float32 weights), the prompts
+(`gad/assets/prompts.jsonl`, and the same prompts at every step: TRL's dataset is laid out in our
+trainer's batch-plan order and not shuffled), P prompts per step, N samples per prompt, at most
+`--max-new-tokens` new tokens at temperature 0.8 (top-p 1, no top-k), micro-batches of
+`--micro-batch` sequences, bf16 autocast (accelerate) over float32 weights, AdamW lr 1e-6,
+weight decay 0.01, betas (0.9, 0.999), gradient clipping 0.2, constant lr, ratio clip 0.2,
+KL coefficient 0 (so neither side runs a reference model), one optimizer step per generation
+batch, seed 0. The reward model is `AutoModelForSequenceClassification(num_labels=1)` on the
+policy's backbone with a head seeded from `--seed` (`gad.discriminator.build`), saved once.
+
+TRL settings (GRPOConfig) and why:
+  num_generations = N                    the group.
+  per_device_train_batch_size = micro    sequences per forward/backward, as our micro_batch_size.
+  gradient_accumulation_steps = P·N/micro, steps_per_generation = the same, num_iterations = 1:
+                                         one generate call over all P·N samples (ours:
+                                         rollout_batch_size = P·N) and one optimizer step per
+                                         generation batch. TRL then skips the old-log-prob pass
+                                         (ratio from the detached log-probs), as ours does.
+  beta = 0.0 (ours kl_coef = 0)          no reference model on either side. A reference pass
+                                         costs one no-grad forward on both sides alike; leaving
+                                         it out keeps the comparison on generate/score/update.
+  epsilon = 0.2                          our clip_eps.
+  loss_type = "grpo"                     token mean per sequence, then mean over sequences: our
+                                         loss (TRL's default is "dapo").
+  scale_rewards = "group"                advantages (r - group mean) / group std, as ours.
+  mask_truncated_completions = False     ours trains on truncated samples too.
+  top_entropy_quantile = 1.0             no entropy mask; both sides compute and log the entropy.
+  max_completion_length = max_new_tokens, temperature = 0.8, top_p = 1.0, top_k = 0 (off),
+  min_p = None, repetition_penalty = 1.0 the sampling of our rollout.
+  use_vllm = False, use_transformers_continuous_batching = False
+                                         plain `model.generate` with KV cache, as our rollout.
+  bf16 = (--dtype bf16), use_cpu = (--device cpu)
+                                         float32 weights under bf16 autocast, as ours.
+  gradient_checkpointing = False         TRL 1.x defaults to True; ours does not checkpoint.
+  optim = "adamw_torch", learning_rate = 1e-6, weight_decay = 0.01, max_grad_norm = 0.2,
+  lr_scheduler_type = "constant", warmup_steps = 0
+                                         our optimizer (the Trainer, like ours, exempts biases
+                                         and norms from weight decay).
+  shuffle_dataset = False, seed          same prompts per step as ours (see above).
+  logging_strategy = "no", save_strategy = "no", report_to = "none", log_completions = False
+                                         no I/O inside the loop. Our trainer's final checkpoint
+                                         (after the last step, outside the step timers) is
+                                         skipped in the worker for the same reason.
+  reward_funcs = the reward model object, reward_processing_classes = its tokenizer.
+
+Differences that stay, because they are what each implementation does: TRL decodes completions
+to text and re-tokenises them (with the chat template) for the reward model, and scores all P·N
+in one forward; ours scores the sampled ids in length-sorted micro-batches. TRL's loss uses its
+fused LM head (log-probs and entropy in tiles over completion positions only) and pads every
+micro-batch to the generation batch's widths; ours runs the LM head from the micro-batch's
+earliest response position on (`logits_to_keep`), on right-padded, length-sorted micro-batches.
+Our data needs a teacher answer per prompt (the trainer's input format; frozen-reward mode never
+scores it): a filler text cut at --max-new-tokens tokens.
+
+Measured per step (the first step of every run is a warm-up and is left out):
+  generated tokens/s = sampled tokens (up to and including end-of-turn) / whole step seconds.
+  trained tokens/s   = prompt + completion tokens of the P·N sequences of the policy update /
+                       whole step seconds (real tokens, padding not counted).
+  decode tokens/s    = sampled tokens / seconds of the generation phase.
+  phases: generate, score (ours: the reward forward; gad: the discriminator's forward, backward
+  and step, whose forward gives the rewards), update (policy forward, backward, clip, step) and
+  other (the rest of the step: ours' advantages and bookkeeping; TRL's padding, advantages and
+  metrics). Ours from the run's metrics.jsonl `time/*`; TRL by wrapping `_generate`,
+  `_calculate_rewards` and `_generate_and_score_completions` of the trainer object and a
+  TrainerCallback from on_step_begin to on_step_end (both CUDA-synchronised on a GPU).
+  peak memory = the worker's ru_maxrss (and torch.cuda.max_memory_allocated on a GPU).
+  model FLOPs = 6·params·trained_tokens + 2·params·generated_tokens (params of the policy with
+  tied embeddings counted once; the reward/discriminator passes, attention's sequence-length
+  term and padding are not counted); MFU = model FLOPs / step seconds / --peak-tflops, on CUDA.
+Aggregates are mean ± std over rounds of each run's value; ratios are per round (ours vs TRL
+run in the same round), then mean ± std.
+
+    python benchmarks/throughput.py --tiny --rounds 2 --steps 2            # smoke, ~1 min
+    python benchmarks/throughput.py --rounds 3 --steps 2 --out throughput.md
+    python benchmarks/throughput.py --shape qwen2.5-1.5b --device cuda --prompts-per-step 8 \\
+        --n 8 --max-new-tokens 256 --rounds 2 --steps 3 --out throughput-gpu.md
+
+`--shape qwen2.5-1.5b` builds random-init models of that shape (Qwen2.5-1.5B's config) with a
+word-level tokenizer of the same vocabulary size (ids decode to words and back exactly, so TRL's
+re-tokenisation keeps the lengths); random weights almost never sample end-of-turn, so every
+sample runs to --max-new-tokens. The model class is Llama with attention biases (Qwen2 is Llama
+with q/k/v biases; this adds an o_proj bias too, 43k of 1.54B parameters): transformers 5 loads
+any folder whose config says `qwen2` with Qwen2's own BPE tokenizer class, which would drop the
+word-level tokenizer. Needs `pip install -e ".[bench]"` (TRL) beside gad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    TrainerCallback,
+)
+
+from gad import config as cfg
+from gad import data, discriminator, gad, models, sft
+from gad.tracking import read_metrics
+
+SYSTEMS = ("ours", "trl", "gad")
+LABELS = {
+    "ours": "gad, frozen reward model",
+    "trl": "TRL GRPOTrainer",
+    "gad": "gad, full GAD step (D trained)",
+}
+PHASES = ("generate", "score", "update", "other")
+
+# Real shapes for the GPU figures, random-initialised (no weights needed): LlamaConfig fields.
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        attention_bias=True,
+    ),
+}
+
+# The teacher answer our trainer's data format needs; cut at --max-new-tokens tokens.
+FILLER = "A clear answer states the main point first and then gives one short example. " * 64
+
+LR = 1e-6
+WEIGHT_DECAY = 0.01
+MAX_GRAD_NORM = 0.2
+CLIP_EPS = 0.2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a worker process needs; written as JSON by the parent."""
+
+    system: str
+    policy: str
+    reward_model: str
+    data: str
+    """Chat records with a teacher answer: our trainer's input."""
+    trl_prompts: str
+    """JSONL of the same prompts (message lists) in our batch plan's order: TRL's dataset."""
+    prompt_tokens: list[int]
+    """Per step: prompt tokens of the P·N sequences of the policy update."""
+    epochs: int
+    """Our trainer's epochs, enough for `steps` steps of our batch plan."""
+    run_dir: str
+    result: str
+    device: str
+    dtype: str
+    prompts_per_step: int
+    n: int
+    max_new_tokens: int
+    micro_batch: int
+    steps: int
+    temperature: float
+    seed: int
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _sync(device: str) -> Callable[[], None]:
+    """A barrier before reading the clock: CUDA kernels run asynchronously."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def _peak_memory(device: str) -> dict[str, float | None]:
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return {"peak_rss_mib": rss_kib / 1024, "peak_gpu_mib": gpu}
+
+
+def run_ours(s: Settings, frozen: bool) -> list[dict[str, Any]]:
+    """Our GAD stage, frozen reward model or trained discriminator; per-step records."""
+    # The stage ends by writing a checkpoint with optimizer state and the final folders, after
+    # the timed steps (~2.7 GB for SmolLM2-135M, ~30 GB for the 1.5B shape). TRL runs with
+    # save_strategy="no", so both skip it here; no step changes.
+    gad._save = lambda stage, step, final=False: stage.run_dir
+    gad._finish = lambda stage: stage.run_dir
+    torch.manual_seed(s.seed)  # our GAD stage does not seed its sampling itself
+    config = cfg.GADConfig(
+        data=s.data,
+        model=s.policy,
+        reward_model=s.reward_model if frozen else None,
+        output_dir=s.run_dir,
+        stage="gad",
+        epochs=float(s.epochs),
+        max_steps=s.steps,
+        batch_prompts=s.prompts_per_step,
+        n_samples=s.n,
+        micro_batch_size=s.micro_batch,
+        rollout_batch_size=s.prompts_per_step * s.n,
+        temperature=s.temperature,
+        top_p=1.0,
+        max_response_tokens=s.max_new_tokens,
+        lr=LR,
+        d_lr=LR,
+        weight_decay=WEIGHT_DECAY,
+        max_grad_norm=MAX_GRAD_NORM,
+        clip_eps=CLIP_EPS,
+        kl_coef=0.0,
+        mixed_precision="bf16" if s.dtype == "bf16" else "no",
+        seed=s.seed,
+        save_every=0,
+    )
+    gad.train(config)
+    rows = read_metrics(Path(s.run_dir) / "gad")
+    records = []
+    for row, prompt_tokens in zip(rows, s.prompt_tokens, strict=True):
+        raw = {k[len("time/") :]: v for k, v in row.items() if k.startswith("time/")}
+        generated = int(row["tokens/generated"])
+        phases = {
+            "generate": raw["rollout"],
+            "score": raw["score"] if frozen else raw["update_d"],
+            "update": raw["update_g"],
+        }
+        phases["other"] = raw["step"] - sum(phases.values())
+        records.append(
+            {
+                "seconds": raw["step"],
+                "phases": phases,
+                "raw_phases": raw,
+                "generated_tokens": generated,
+                "prompt_tokens": prompt_tokens,
+                "trained_tokens": prompt_tokens + generated,
+            }
+        )
+    return records
+
+
+class StepClock(TrainerCallback):
+    """Seconds from on_step_begin to on_step_end: one optimizer step, generation included
+    (TRL generates inside the first micro-step's `_prepare_inputs`)."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.sync()
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _timed(
+    fn: Callable[..., Any],
+    sink: list[tuple[float, Any]],
+    sync: Callable[[], None],
+    keep: Callable[[Any], Any] = lambda result: None,
+) -> Callable[..., Any]:
+    """`fn` that appends (seconds, keep(result)) of every call to `sink`."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sync()
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        sync()
+        sink.append((time.perf_counter() - start, keep(result)))
+        return result
+
+    return wrapper
+
+
+def trl_config(s: Settings) -> Any:
+    """The GRPOConfig of the comparison; the module docstring says why each value."""
+    from trl import GRPOConfig
+
+    accumulation = s.prompts_per_step * s.n // s.micro_batch
+    return GRPOConfig(
+        output_dir=s.run_dir,
+        max_steps=s.steps,
+        num_generations=s.n,
+        per_device_train_batch_size=s.micro_batch,
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=accumulation,
+        num_iterations=1,
+        beta=0.0,
+        epsilon=CLIP_EPS,
+        loss_type="grpo",
+        scale_rewards="group",
+        mask_truncated_completions=False,
+        top_entropy_quantile=1.0,
+        max_completion_length=s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=1.0,
+        top_k=0,
+        min_p=None,
+        repetition_penalty=1.0,
+        use_vllm=False,
+        use_transformers_continuous_batching=False,
+        bf16=s.dtype == "bf16",
+        use_cpu=s.device == "cpu",
+        gradient_checkpointing=False,
+        optim="adamw_torch",
+        learning_rate=LR,
+        weight_decay=WEIGHT_DECAY,
+        max_grad_norm=MAX_GRAD_NORM,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        shuffle_dataset=False,
+        seed=s.seed,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        log_completions=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def run_trl(s: Settings) -> list[dict[str, Any]]:
+    """TRL's GRPOTrainer on the same work; per-step records."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    policy, tokenizer = models.load(s.policy)
+    reward = discriminator.load(s.reward_model)
+    prompts = [json.loads(line) for line in Path(s.trl_prompts).read_text().splitlines()]
+    sync = _sync(s.device)
+    clock = StepClock(sync)
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=reward,
+        args=trl_config(s),
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+        processing_class=tokenizer,
+        reward_processing_classes=models.load_tokenizer(s.reward_model),
+        callbacks=[clock],
+    )
+    generate: list[tuple[float, None]] = []
+    score: list[tuple[float, None]] = []
+    both: list[tuple[float, tuple[int, int]]] = []
+    # Instance attributes shadow the methods; TRL calls them through self.
+    trainer._generate = _timed(trainer._generate, generate, sync)
+    trainer._calculate_rewards = _timed(trainer._calculate_rewards, score, sync)
+    trainer._generate_and_score_completions = _timed(
+        trainer._generate_and_score_completions,
+        both,
+        sync,
+        keep=lambda out: (int(out["prompt_mask"].sum()), int(out["completion_mask"].sum())),
+    )
+    trainer.train()
+    if not len(clock.seconds) == len(generate) == len(score) == len(both) == s.steps:
+        raise RuntimeError("TRL did not generate exactly once per optimizer step")
+    records = []
+    for step_s, (gen_s, _), (score_s, _), (both_s, (prompt_tokens, generated)) in zip(
+        clock.seconds, generate, score, both, strict=True
+    ):
+        phases = {
+            "generate": gen_s,
+            "score": score_s,
+            "update": step_s - both_s,
+            "other": both_s - gen_s - score_s,
+        }
+        records.append(
+            {
+                "seconds": step_s,
+                "phases": phases,
+                "generated_tokens": generated,
+                "prompt_tokens": prompt_tokens,
+                "trained_tokens": prompt_tokens + generated,
+            }
+        )
+    return records
+
+
+def worker(settings_path: Path) -> None:
+    s = Settings(**json.loads(settings_path.read_text()))
+    started = time.perf_counter()
+    steps = run_trl(s) if s.system == "trl" else run_ours(s, frozen=s.system == "ours")
+    result = {
+        "system": s.system,
+        "steps": steps,
+        "wall_s": time.perf_counter() - started,
+        "torch_threads": torch.get_num_threads(),
+        **_peak_memory(s.device),
+    }
+    Path(s.result).write_text(json.dumps(result) + "\n")
+
+
+# ----------------------------------------------------------------------------- assets
+
+
+@dataclass(frozen=True)
+class Assets:
+    """What every run shares, built once per invocation (or reused from --work-dir)."""
+
+    policy: Path
+    reward_model: Path
+    data: Path
+    trl_prompts: Path
+    prompt_tokens: list[int]
+    epochs: int
+    params: int
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A ChatML tokenizer whose every id is a whitespace-separated word ("w123"), so any sampled
+    ids decode to text that encodes back to the same ids (TRL re-tokenises for its reward)."""
+    specials = [models.IM_START, models.IM_END, models.TINY_PAD, "<unk>"]
+    words = vocab_size - len(specials)
+    vocab = {f"w{i}": i for i in range(words)} | {t: words + k for k, t in enumerate(specials)}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=models.IM_END,
+        pad_token=models.TINY_PAD,
+        unk_token="<unk>",
+        extra_special_tokens=[models.IM_START],
+        chat_template=models.CHATML_TEMPLATE,
+        model_max_length=32768,
+    )
+
+
+def build_shape(name: str, folder: Path, device: str) -> None:
+    """A random-init causal LM of a real shape, with `word_tokenizer`, saved to `folder`."""
+    shape = SHAPES[name]
+    tokenizer = word_tokenizer(shape["vocab_size"])
+    config = LlamaConfig(
+        **shape,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    # Initialising 1.5B parameters takes minutes on a CPU and seconds on a GPU.
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # Float32 on disk: our loaders read float32 weights, as the built-in models are stored.
+    model.to("cpu", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def policy_folder(args: argparse.Namespace, assets: Path) -> Path:
+    if args.tiny:
+        folder = assets / "tiny-policy"
+        if not (folder / "config.json").exists():
+            models.build_tiny(folder, seed=0)
+        return folder
+    if args.shape:
+        folder = assets / f"{args.shape}-policy"
+        if not (folder / "config.json").exists():
+            build_shape(args.shape, folder, args.device)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()  # else this process keeps the GPU memory the runs need
+        return folder
+    return models.resolve(args.model)  # converts a built-in once, outside any timing
+
+
+def count_params(folder: Path) -> int:
+    """Parameters of the causal LM (tied embeddings once), without loading its weights."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return sum(p.numel() for p in model.parameters())
+
+
+def prepare_assets(args: argparse.Namespace, assets: Path) -> Assets:
+    """Policy, reward model, both data files and our batch plan's prompt tokens per step."""
+    assets.mkdir(parents=True, exist_ok=True)
+    policy = policy_folder(args, assets)
+    key = "tiny" if args.tiny else args.shape or Path(args.model).name
+    reward_model = assets / f"{key}-reward-model-seed{args.seed}"
+    if not (reward_model / "config.json").exists():
+        tokenizer = models.load_tokenizer(policy)
+        model = discriminator.build(
+            str(policy), pad_token_id=tokenizer.pad_token_id, seed=args.seed
+        )
+        model.save_pretrained(reward_model)
+        tokenizer.save_pretrained(reward_model)
+
+    source = Path(str(importlib.resources.files("gad") / "assets" / "prompts.jsonl"))
+    records = data.read_records(source).records
+    data_file = assets / "data.jsonl"
+    data.write_records(
+        data_file,
+        [
+            data.Record(r.id, r.prompt + [{"role": "assistant", "content": FILLER}], {})
+            for r in records
+        ],
+    )
+    prepared = sft.prepare_data(
+        str(data_file),
+        models.load_tokenizer(policy),
+        max_prompt_tokens=cfg.GADConfig.max_prompt_tokens,
+        max_response_tokens=args.max_new_tokens,
+        skip_invalid=False,
+    )
+    if len(prepared.examples) != len(records):
+        raise SystemExit("some bundled prompts were left out (too long?); the plans would differ")
+    # Our trainer's batch plan (gad._stage_plan with whole epochs is sft.batch_plan): enough
+    # epochs for the steps, then the first `steps` batches.
+    p = args.prompts_per_step
+    epochs = math.ceil(args.steps / math.ceil(len(records) / p))
+    plan = sft.batch_plan(len(records), epochs, p, args.seed)[: args.steps]
+    trl_prompts = assets / "trl_prompts.jsonl"
+    trl_prompts.write_text(
+        "".join(json.dumps(records[i].prompt) + "\n" for step in plan for i in step)
+    )
+    prompt_tokens = [args.n * sum(prepared.examples[i].prompt_len for i in step) for step in plan]
+    return Assets(
+        policy, reward_model, data_file, trl_prompts, prompt_tokens, epochs, count_params(policy)
+    )
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_child(
+    args: argparse.Namespace, assets: Assets, system: str, round_: int, work: Path
+) -> dict[str, Any]:
+    run_dir = work / "runs" / f"round{round_}-{system}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    settings = Settings(
+        system=system,
+        policy=str(assets.policy),
+        reward_model=str(assets.reward_model),
+        data=str(assets.data),
+        trl_prompts=str(assets.trl_prompts),
+        prompt_tokens=assets.prompt_tokens,
+        epochs=assets.epochs,
+        run_dir=str(run_dir / "run"),
+        result=str(run_dir / "result.json"),
+        device=args.device,
+        dtype=args.dtype,
+        prompts_per_step=args.prompts_per_step,
+        n=args.n,
+        max_new_tokens=args.max_new_tokens,
+        micro_batch=args.micro_batch,
+        steps=args.steps,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    (run_dir / "settings.json").write_text(json.dumps(asdict(settings)))
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # our trainer picks a GPU whenever it sees one
+    command = [sys.executable, __file__, "--worker", str(run_dir / "settings.json")]
+    print(f"round {round_ + 1}/{args.rounds}: {LABELS[system]} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    with open(run_dir / "log.txt", "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if code:
+        tail = (run_dir / "log.txt").read_text()[-4000:]
+        raise SystemExit(f"{system} run failed (exit {code}); end of {run_dir}/log.txt:\n{tail}")
+    result = json.loads((run_dir / "result.json").read_text())
+    result |= {"round": round_, "process_wall_s": time.perf_counter() - started}
+    shutil.rmtree(run_dir / "run", ignore_errors=True)  # its metrics are in the result
+    return result
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarise_run(run: dict[str, Any], params: int, peak_tflops: float | None) -> dict[str, Any]:
+    """One run's figures over its timed steps (all but the first)."""
+    timed = run["steps"][1:] or run["steps"]
+    seconds = sum(s["seconds"] for s in timed)
+    generated = sum(s["generated_tokens"] for s in timed)
+    trained = sum(s["trained_tokens"] for s in timed)
+    flops = 6 * params * trained + 2 * params * generated
+    out: dict[str, Any] = {
+        "s_per_step": seconds / len(timed),
+        "generated_tokens_per_s": generated / seconds,
+        "trained_tokens_per_s": trained / seconds,
+        "decode_tokens_per_s": generated / sum(s["phases"]["generate"] for s in timed),
+        "s_per_1k_trained_tokens": 1000 * seconds / trained,
+        "model_tflops_per_s": flops / seconds / 1e12,
+        "peak_rss_mib": run["peak_rss_mib"],
+    }
+    out |= {f"{p}_s": statistics.mean(s["phases"][p] for s in timed) for p in PHASES}
+    if run["peak_gpu_mib"] is not None:
+        out["peak_gpu_mib"] = run["peak_gpu_mib"]
+    if peak_tflops:
+        out["mfu"] = out["model_tflops_per_s"] / peak_tflops
+    return out
+
+
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+    }
+
+
+def summarise(runs: list[dict[str, Any]], params: int, peak_tflops: float | None) -> dict:
+    per_run = {(r["system"], r["round"]): summarise_run(r, params, peak_tflops) for r in runs}
+    rounds = sorted({r["round"] for r in runs})
+    systems = {}
+    for system in SYSTEMS:
+        rows = [per_run[(system, k)] for k in rounds]
+        systems[system] = {key: mean_std([row[key] for row in rows]) for key in rows[0]}
+
+    def paired(a: str, b: str, key: str) -> dict[str, float | None]:
+        return mean_std([per_run[(a, k)][key] / per_run[(b, k)][key] for k in rounds])
+
+    ratios = {
+        "ours_over_trl_generated_tokens_per_s": paired("ours", "trl", "generated_tokens_per_s"),
+        "ours_over_trl_trained_tokens_per_s": paired("ours", "trl", "trained_tokens_per_s"),
+        "gad_over_ours_s_per_step": paired("gad", "ours", "s_per_step"),
+        "gad_over_ours_s_per_trained_token": paired("gad", "ours", "s_per_1k_trained_tokens"),
+    }
+    return {"per_run": per_run, "systems": systems, "ratios": ratios}
+
+
+def fmt(stat: dict[str, float | None], digits: int = 2, scale: float = 1.0) -> str:
+    mean = f"{stat['mean'] * scale:.{digits}f}"
+    return mean if stat["std"] is None else f"{mean} ± {stat['std'] * scale:.{digits}f}"
+
+
+def markdown(args: argparse.Namespace, env: dict[str, Any], summary: dict[str, Any]) -> str:
+    systems, ratios = summary["systems"], summary["ratios"]
+    gpu = "peak_gpu_mib" in systems["ours"]
+    mfu = "mfu" in systems["ours"]
+    lines = [
+        f"Model: {env['model']} ({env['params'] / 1e6:.1f}M params), device {env['device']}, "
+        f"{args.dtype}; {args.prompts_per_step} prompts × N={args.n} samples × ≤"
+        f"{args.max_new_tokens} new tokens per step, micro-batch {args.micro_batch}, "
+        f"temperature {args.temperature}, KL coef 0; {args.rounds} rounds × {args.steps} steps "
+        f"per run (first step of each run not counted); mean ± std over rounds. "
+        f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, "
+        f"{env['torch_threads']} threads; {env['date']}.",
+        "",
+        "| system | s/step | generate s | score s | update s | other s | generated tok/s "
+        "| trained tok/s | decode tok/s | peak RSS MiB"
+        + (" | peak GPU MiB" if gpu else "")
+        + (" | MFU" if mfu else "")
+        + " |",
+        "|---|" + "---:|" * (9 + gpu + mfu),
+    ]
+    for system in SYSTEMS:
+        s = systems[system]
+        cells = [
+            LABELS[system],
+            fmt(s["s_per_step"]),
+            *(fmt(s[f"{p}_s"]) for p in PHASES),
+            fmt(s["generated_tokens_per_s"], 1),
+            fmt(s["trained_tokens_per_s"], 1),
+            fmt(s["decode_tokens_per_s"], 1),
+            fmt(s["peak_rss_mib"], 0),
+        ]
+        if gpu:
+            cells.append(fmt(s["peak_gpu_mib"], 0))
+        if mfu:
+            cells.append(fmt(s["mfu"], 1, scale=100) + "%")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "* ours / TRL, generated tokens/s: "
+        f"**{fmt(ratios['ours_over_trl_generated_tokens_per_s'])}**; trained tokens/s: "
+        f"**{fmt(ratios['ours_over_trl_trained_tokens_per_s'])}**",
+        f"* full GAD step / frozen-reward step, time per step: "
+        f"**{fmt(ratios['gad_over_ours_s_per_step'])}**; time per trained token: "
+        f"{fmt(ratios['gad_over_ours_s_per_trained_token'])}",
+        "",
+        "| round | system | s/step | trained tok/s | peak RSS MiB |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for (system, round_), row in summary["per_run"].items():
+        lines.append(
+            f"| {round_ + 1} | {LABELS[system]} | {row['s_per_step']:.2f} "
+            f"| {row['trained_tokens_per_s']:.1f} | {row['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each system")
+    parser.add_argument("--steps", type=int, default=2, help="steps per run; the first is warm-up")
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt (the GRPO group)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--seed", type=int, default=0)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default="smollm2-135m", help="built-in name or HF folder")
+    source.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape")
+    source.add_argument("--tiny", action="store_true", help="tiny random-init models (smoke)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak dense TFLOP/s of the device for MFU (default on cuda: 989, H100 bf16)",
+    )
+    parser.add_argument("--out", type=Path, help="write the Markdown here and the JSON beside it")
+    parser.add_argument("--work-dir", type=Path, help="keep models, data and logs here (reused)")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak_tflops is None and args.device == "cuda":
+        args.peak_tflops = 989.0
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first step of a run is a warm-up")
+    if (args.prompts_per_step * args.n) % args.micro_batch:
+        parser.error(
+            "prompts-per-step × n must be a multiple of --micro-batch (TRL's accumulation)"
+        )
+    return args
+
+
+def environment(args: argparse.Namespace, params: int) -> dict[str, Any]:
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    return {
+        "model": "tiny" if args.tiny else args.shape or args.model,
+        "params": params,
+        "device": f"{args.device} ({device or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "transformers": metadata.version("transformers"),
+        "trl": metadata.version("trl"),
+        "torch_threads": torch.get_num_threads(),
+        "date": datetime.now(timezone.utc).strftime("%a %b %d %H:%M UTC %Y"),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit('TRL is not installed: pip install -e ".[bench]"')
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work_dir or Path(scratch)
+        assets = prepare_assets(args, work / "assets")
+        runs = []
+        for round_ in range(args.rounds):
+            order = SYSTEMS[round_ % 3 :] + SYSTEMS[: round_ % 3]
+            runs += [run_child(args, assets, system, round_, work) for system in order]
+    # TRL tokenises the prompts itself: equal prompt tokens per step say it got our prompts.
+    same_prompts = all(
+        [step["prompt_tokens"] for step in run["steps"]] == assets.prompt_tokens
+        for run in runs
+        if run["system"] == "trl"
+    )
+    if not same_prompts:
+        print("warning: TRL's prompt tokens per step differ from ours", file=sys.stderr)
+    summary = summarise(runs, assets.params, args.peak_tflops)
+    env = environment(args, assets.params)
+    table = markdown(args, env, summary)
+    result = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": env,
+        "wall_s": time.perf_counter() - started,
+        "same_prompts": same_prompts,
+        "runs": runs,
+        "systems": summary["systems"],
+        "ratios": summary["ratios"],
+        "per_run": [
+            {"system": system, "round": round_, **row}
+            for (system, round_), row in summary["per_run"].items()
+        ],
+    }
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)
+    else:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
