@@ -176,6 +176,7 @@ def train_values(s: dict, seed: int, out: Path, **overrides: Any) -> cfg.GADConf
         max_steps=s["rl_steps"],
         mixed_precision=s["precision"],
         save_every=0,
+        save_state=False,
         seed=seed,
         output_dir=str(out),
     )
@@ -311,6 +312,7 @@ def main() -> None:
             max_response_tokens=s["teacher_tokens"],
             mixed_precision=s["precision"],
             save_every=0,
+            save_state=False,
         )
         timed(times, "reward_model", reward.train, rm_config)
     rm_summary = json.loads((rm_dir / "summary.json").read_text())

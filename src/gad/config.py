@@ -702,6 +702,9 @@ class RewardConfig:
     """Measure held-out accuracy every this many steps (0: only before and after training)."""
     save_every: int = 50
     """Checkpoint every this many optimizer steps (and always at the end)."""
+    save_state: bool = True
+    """Write the resumable state (optimizer, RNG) at the end of the run, not only the model
+    folder; off saves disk and time where nobody will resume (benchmarks)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk (0 keeps all)."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"

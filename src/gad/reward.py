@@ -359,7 +359,7 @@ def train(config: cfg.RewardConfig) -> Path:
         if config.save_every and done % config.save_every == 0 and done < total:
             _save(config, accelerator, run_dir, model, tokenizer, optimizer, done)
     bar.close()
-    if total > start_step:
+    if total > start_step and config.save_state:
         _save(config, accelerator, run_dir, model, tokenizer, optimizer, total)
     after = {k: v for k, v in row.items() if k.startswith("eval/")} or held_out_metrics()
     final = run_dir / "final"
