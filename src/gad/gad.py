@@ -394,7 +394,6 @@ def _setup(
         accelerator.unwrap_model(generator),
         tokenizer,
         batch_size=config.rollout_batch_size,
-        autocast=accelerator.autocast,
     )
     health, start_step = Health(), 0
     if resume_from is not None:
