@@ -22,6 +22,7 @@ GAD_PANELS = [
     ("g/kl", "KL to the post-warmup student (k3)"),
     ("response/length_mean", "mean response length (tokens)"),
     ("g/entropy", "policy entropy (nats/token)"),
+    ("g/sft_loss", "generator SFT loss (warmup)"),
 ]
 SFT_PANELS = [("loss", "SFT loss (response tokens)"), ("tokens_per_s", "tokens/s")]
 
