@@ -114,19 +114,15 @@ def exact_token_kl(
 ) -> tuple[float, float]:
     """(KL(q || p) per token, mean response tokens) over `records`' responses, exact: both
     models' full next-token distributions at every response position (shared tokenizer)."""
-    examples = [
-        data.Example(
-            r.id,
-            data.encode_prompt(tokenizer, r.prompt)
-            + data.encode_response(tokenizer, r.prompt, r.response or ""),
-            len(data.encode_prompt(tokenizer, r.prompt)),
-            False,
-        )
-        for r in records
-    ]
+    examples = []
+    for r in records:
+        prompt_ids = data.encode_prompt(tokenizer, r.prompt)
+        response_ids = data.encode_response(tokenizer, r.prompt, r.response or "")
+        examples.append(data.Example(r.id, prompt_ids + response_ids, len(prompt_ids), False))
     kl_sum, tokens = 0.0, 0
     with torch.no_grad():
-        for part in gad.chunks(examples, 8):
+        for idx in sft.length_sorted_chunks(examples, 8):
+            part = [examples[i] for i in idx]
             batch = sft.collate(part, tokenizer.pad_token_id)
             logits_q, _, mask_bt = sft.response_logits(q_model, batch)
             logits_p, _, _ = sft.response_logits(p_model, batch)

@@ -213,12 +213,10 @@ def _peak_memory(device: str) -> dict[str, float | None]:
 
 def run_ours(s: Settings, frozen: bool) -> list[dict[str, Any]]:
     """Our GAD stage, frozen reward model or trained discriminator; per-step records."""
-    # The stage ends by writing a checkpoint with optimizer state and the final folders, after
-    # the timed steps (~2.7 GB for SmolLM2-135M, ~30 GB for the 1.5B shape). TRL runs with
-    # save_strategy="no", so both skip it here; no step changes.
-    gad._save = lambda stage, step, final=False: stage.run_dir
+    # After the timed steps the stage writes its final folders (save_state=False already skips
+    # the optimizer-state checkpoint). TRL runs with save_strategy="no", so both skip saving
+    # here; no step changes.
     gad._finish = lambda stage: stage.run_dir
-    torch.manual_seed(s.seed)  # our GAD stage does not seed its sampling itself
     config = cfg.GADConfig(
         data=s.data,
         model=s.policy,
@@ -243,6 +241,7 @@ def run_ours(s: Settings, frozen: bool) -> list[dict[str, Any]]:
         mixed_precision="bf16" if s.dtype == "bf16" else "no",
         seed=s.seed,
         save_every=0,
+        save_state=False,
     )
     gad.train(config)
     rows = read_metrics(Path(s.run_dir) / "gad")

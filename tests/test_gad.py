@@ -430,7 +430,9 @@ def test_fused_old_logprobs_and_length_sorted_batches_give_the_separate_pass_los
     # The separate passes: old and reference log-probs by their own forward, prompt order.
     generator.zero_grad()
     total = 0.0
-    for idx in gad.chunks(list(range(len(students))), config.micro_batch_size):
+    prompt_order = list(range(len(students)))
+    for start in range(0, len(students), config.micro_batch_size):
+        idx = prompt_order[start : start + config.micro_batch_size]
         batch = sft.collate([students[i] for i in idx], tokenizer.pad_token_id)
         with torch.no_grad():
             old_bt, _, _ = gad.response_logprobs(generator, batch, config.temperature)

@@ -82,10 +82,6 @@ def student_examples(
     return out
 
 
-def chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 # ----------------------------------------------------------------------------- run state
 
 
