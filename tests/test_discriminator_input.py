@@ -2,6 +2,7 @@
 stage's additions (optimizer carry-over, replay pool, reward shaping, white-box, selection)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,14 @@ from gad import config as cfg
 from gad import data, discriminator, gad, losses, models, sft
 from gad.rollout import Completion
 from gad.tracking import read_metrics
-from tests.test_gad import gad_config, near_student, one_word_share, teacher_file  # noqa: F401
+from tests.test_gad import (  # noqa: F401
+    gad_config,
+    near_student,
+    one_word_share,
+    same,
+    teacher_file,
+    weights,
+)
 
 # (the fixtures above are test_gad's, shared)
 
@@ -281,3 +289,20 @@ def test_whitebox_descends_the_teacher_kl_and_selection_picks_a_step(
     best = min(selection["evals"], key=lambda e: e["eval/reverse_kl"])
     assert selection["chosen_step"] == best["step"]
     assert (tmp_path / "run/gad/best/model.safetensors").exists()
+
+
+def test_stabilisers_run_in_the_loop_and_resume_bit_for_bit(tiny_dir, teacher_file, tmp_path):
+    stabilisers = dict(d_replay_size=24, length_penalty=0.1, score_clip=2.0, loss_agg="token-mean")
+    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "a", max_steps=4, **stabilisers))
+    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=2, **stabilisers))
+    gad.train(
+        gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=4, resume=True, **stabilisers)
+    )
+    for part in ("", "discriminator"):
+        a, b = (weights(tmp_path / run / "gad/final" / part) for run in ("a", "b"))
+        assert same(a, b), f"{part or 'generator'} differs after resume"
+    rows = read_metrics(tmp_path / "a/gad")
+    # The pool fills with 16 samples a step: none replayed at step 1, then 16 of at most 24.
+    assert [r.get("d/replay_pairs", 0.0) for r in rows] == [0.0, 16.0, 16.0, 16.0]
+    # Scores clipped to [-2, 2], minus 0.1 * log(1 + length) with length <= 10 tokens.
+    assert all(-2.0 - 0.1 * math.log(11) - 1e-6 <= r["reward/mean"] <= 2.0 for r in rows)
