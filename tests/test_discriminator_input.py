@@ -17,6 +17,7 @@ from tests.test_gad import (  # noqa: F401
     one_word_share,
     same,
     teacher_file,
+    trait_config,
     weights,
 )
 
@@ -205,28 +206,7 @@ def test_a_discriminator_with_its_own_tokenizer_moves_the_student_toward_the_tra
     student_tok, d_tok = models.load_tokenizer(str(base)), models.load_tokenizer(str(other))
     assert student_tok.get_vocab() != d_tok.get_vocab()
     start = one_word_share(base, questions)
-    config = cfg.GADConfig(
-        data=str(teacher),
-        model=str(base),
-        discriminator=str(other),
-        output_dir=str(tmp_path / "run"),
-        batch_prompts=8,
-        n_samples=8,
-        max_response_tokens=16,
-        micro_batch_size=16,
-        warmup_generator=False,
-        warmup_d_only_steps=0,
-        warmup_epochs=0.5,
-        epochs=100.0,
-        max_steps=16,
-        lr=1e-3,
-        d_lr=3e-3,
-        kl_coef=0.05,
-        max_grad_norm=1.0,
-        mixed_precision="no",
-        save_every=0,
-    )
-    gad.train(config)
+    gad.train(trait_config(base, teacher, tmp_path / "run", discriminator=str(other)))
     final_d = tmp_path / "run/gad/final/discriminator"
     assert models.load_tokenizer(str(final_d)).get_vocab() == d_tok.get_vocab()
     end = one_word_share(tmp_path / "run/gad/final", questions)
