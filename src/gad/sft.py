@@ -140,9 +140,21 @@ def constant_with_warmup(optimizer: Any, warmup_steps: int) -> Any:
     )
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""The module each `report_to` tracker needs (an optional extra of gad)."""
+
+
 def make_accelerator(mixed_precision: str, report_to: str, run_dir: Path) -> Any:
+    import importlib.util
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    module = TRACKER_PACKAGES.get(report_to)
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise cfg.UserError(
+            f"report_to={report_to} needs the {module} package: pip install 'gad[{report_to}]'"
+        )
 
     # accelerate keeps one process-wide state; a second stage in the same process (the demo,
     # a notebook) may ask for another precision. The distributed group itself is kept.
