@@ -919,8 +919,8 @@ RANGES: dict[type, dict[str, Range]] = {
     RewardConfig: {
         **_TRAINING,
         "min_label_gap": NON_NEGATIVE,
-        # A split with nothing held out (or nothing left to train on) cannot measure accuracy.
-        "held_out": Range(0, 1, low_open=True, high_open=True),
+        # All held out leaves nothing to train on.
+        "held_out": Range(0, 1, high_open=True),
         "split_seed": SEED,
         "epochs": AT_LEAST_1,
         "batch_size": AT_LEAST_1,

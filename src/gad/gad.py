@@ -363,6 +363,7 @@ def _setup(
             init["discriminator"], pad_token_id=tokenizer.pad_token_id, seed=config.seed
         )
     d.config.pad_token_id = tokenizer.pad_token_id
+    checkpoint.check_space(run_dir, generator, d)
     world = accelerator.num_processes
     if config.batch_prompts % world:
         raise cfg.ConfigError(
@@ -693,7 +694,7 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
 def train(config: cfg.GADConfig) -> Path:
     """Run the configured stage(s); returns the final generator folder of the last stage."""
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.check_writable(out)
     accelerator = sft.make_accelerator(config.mixed_precision, config.report_to, out)
     # Rollouts sample from torch's generator: seed it so a run is reproducible (a resumed run
     # restores the generator state from its checkpoint instead).

@@ -264,7 +264,7 @@ def train(config: cfg.RewardConfig) -> Path:
     """Train the reward model as configured; returns the `final/` folder."""
     started = time.time()
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.check_writable(run_dir)
     accelerator = sft.make_accelerator(config.mixed_precision, config.report_to, run_dir)
     if accelerator.is_main_process:
         cfg.save(config, run_dir / "config.yaml")

@@ -209,7 +209,7 @@ def train(config: cfg.SFTConfig) -> Path:
     """Run SFT as configured; returns the folder of the final model (a plain HF folder)."""
     started = time.time()
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.check_writable(run_dir)
     accelerator = make_accelerator(config.mixed_precision, config.report_to, run_dir)
     resume_from = checkpoint.latest(run_dir) if config.resume else None
     if config.resume and resume_from is None:
@@ -229,6 +229,7 @@ def train(config: cfg.SFTConfig) -> Path:
         exclude=config.exclude,
     )
     model, tokenizer = models.load(source)
+    checkpoint.check_space(run_dir, model)
     model.config.use_cache = False
     model.train()
     world, rank = accelerator.num_processes, accelerator.process_index
