@@ -209,7 +209,7 @@ def build(cls: type[C], values: dict[str, Any], where: str) -> C:
         if not isinstance(key, str) or key not in hints or key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: unknown key '{key}' for {cls.__name__}{hint}")
+            raise ConfigError(f"{where}: unknown key {str(key)!r} for {cls.__name__}{hint}")
         checked[key] = _check_value(key, value, hints[key], where)
         check_range(cls, key, checked[key], where)
     return cls(**checked)

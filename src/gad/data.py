@@ -115,7 +115,7 @@ def _check_messages(messages: Any, name: str, where: str) -> list[dict[str, str]
             raise DataError(f"{where}: field '{name}[{i}].content': must be a string")
         extra = set(message) - {"role", "content"}
         if extra:
-            raise DataError(f"{where}: field '{name}[{i}].{sorted(extra)[0]}': unknown field")
+            raise DataError(f"{where}: field {f'{name}[{i}].{sorted(extra)[0]}'!r}: unknown field")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -136,14 +136,14 @@ def _sharegpt(turns: Any, where: str) -> list[dict[str, str]]:
         name = f"conversations[{i}]"
         if not isinstance(turn, dict):
             raise DataError(f"{where}: field '{name}': must be an object")
-        if turn.get("from") not in SHAREGPT_ROLES:
+        if not isinstance(turn.get("from"), str) or turn["from"] not in SHAREGPT_ROLES:
             roles = sorted(SHAREGPT_ROLES)
             raise DataError(f"{where}: field '{name}.from': must be one of {roles}")
         if not isinstance(turn.get("value"), str):
             raise DataError(f"{where}: field '{name}.value': must be a string")
         extra = set(turn) - {"from", "value"}
         if extra:
-            raise DataError(f"{where}: field '{name}.{sorted(extra)[0]}': unknown field")
+            raise DataError(f"{where}: field {f'{name}.{sorted(extra)[0]}'!r}: unknown field")
         messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
     return messages
 
@@ -160,11 +160,11 @@ def validate(obj: Any, where: str) -> Record:
         fields = {"prompt", "completion"}
     else:
         other = sorted(set(obj) - {"id", "meta"})
-        problem = f"field '{other[0]}': unknown field" if other else "field 'messages': missing"
+        problem = f"field {other[0]!r}: unknown field" if other else "field 'messages': missing"
         raise DataError(f"{where}: {problem}; {ACCEPTED}")
     unknown = set(obj) - {"id", "meta"} - fields
     if unknown:
-        raise DataError(f"{where}: field '{sorted(unknown)[0]}': unknown field; {ACCEPTED}")
+        raise DataError(f"{where}: field {sorted(unknown)[0]!r}: unknown field; {ACCEPTED}")
     if "messages" in fields:
         messages = _check_messages(obj["messages"], "messages", where)
     elif "conversations" in fields:
