@@ -213,3 +213,21 @@ def test_semantic_errors_name_file_and_line(tmp_path):
     turned = data.read_records(write_jsonl(tmp_path / "e.jsonl", [{"messages": CHAT + CHAT[1:2]}]))
     with pytest.raises(data.DataError, match=r"e.jsonl:1: .*last turn is from 'user'"):
         data.encode_sft(FakeTokenizer(), turned.records, max_prompt_tokens=9, max_response_tokens=9)
+
+
+def test_parquet_with_another_column_set_lists_the_formats(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "qa.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "a"}]), path)
+    with pytest.raises(data.DataError, match=r"qa.parquet:1: field 'answer': unknown field; acc"):
+        data.read_records(path)
+    # TRL's prompt/completion columns are read as they are.
+    path = tmp_path / "trl.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "q", "completion": "a"}]), path)
+    (record,) = data.read_records(path).records
+    assert record.messages == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]

@@ -48,3 +48,28 @@ def test_missing_reasoning_gym_names_the_install_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)
     with pytest.raises(cfg.UserError, match=r"pip install 'gad\[reasoning\]'"):
         tasks.reasoning_gym_items("basic_arithmetic", 2, 0, {})
+
+
+def test_quick_start_targets_use_the_project_venv(tmp_path):
+    """`make demo` / `make test` / `make lint` make (once) and use a virtual environment, so
+    they work where the system Python refuses pip installs (PEP 668)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "v"
+    done = subprocess.run(
+        ["make", "-n", "demo", "test", "lint", f"VENV={venv}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"python3 -m venv {venv}")
+    python = f"{venv}/bin/python"
+    for command in ('-m pip install -q "torch==2.13.0"', "-m gad demo", "-m pytest", "-m ruff"):
+        assert any(f"{python} {command}" in line for line in lines), command
+    assert not any(line.startswith(("pip ", "ruff ", "gad ")) for line in lines)
+    assert ".venv/" in (ROOT / ".gitignore").read_text().split()

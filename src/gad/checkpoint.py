@@ -135,12 +135,12 @@ def save(
         ) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        old = final.with_name(final.name + ".old")
+        aside = final.with_name(final.name + ".old")
         if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)  # the step is rewritten (a resumed run): keep it until replaced
+            shutil.rmtree(aside, ignore_errors=True)
+            final.rename(aside)  # the step is rewritten (a resumed run): keep it until replaced
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
         if keep > 0:
             for old in all_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
