@@ -240,7 +240,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(
 def test_accuracy_warning_fires(tiny_dir, teacher_file, tmp_path):
     gad.train(
         gad_config(
-            tiny_dir, teacher_file, tmp_path / "w", d_acc_warn=-1.0, d_acc_warn_steps=2, max_steps=3
+            tiny_dir, teacher_file, tmp_path / "w", d_acc_warn=0.0, d_acc_warn_steps=2, max_steps=3
         )
     )
     warned = [r["step"] for r in read_metrics(tmp_path / "w/gad") if r["warnings"]]
