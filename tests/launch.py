@@ -35,3 +35,64 @@ def train_in_processes(folder: Path, kind: str, values: dict, nproc: int, port: 
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+KILLABLE = """\
+import json, os, signal, sys
+import torch
+from gad import checkpoint, config as cfg, gad, sft
+kind, values = sys.argv[1], json.loads(sys.argv[2])
+kill_in_save = os.environ.get("GAD_TEST_KILL_IN_SAVE")
+if kill_in_save:
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        # The trainer state is on disk, the RNG files are not yet: a checkpoint half written.
+        name = str(f)
+        if name.endswith(checkpoint.STATE_FILE) and kill_in_save in name:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = save
+if kind == "sft":
+    sft.train(cfg.build(cfg.SFTConfig, values, "test"))
+else:
+    gad.train(cfg.build(cfg.GADConfig, values, "test"))
+"""
+
+
+def killable(folder: Path, kind: str, values: dict, kill_in_save: str | None = None):
+    """Start a training stage in a fresh process (one thread), as `subprocess.Popen`; with
+    `kill_in_save="step-000003"` it SIGKILLs itself in the middle of writing the checkpoint
+    whose path contains that text."""
+    script = folder / "train_killable.py"
+    script.write_text(KILLABLE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if kill_in_save is not None:
+        env["GAD_TEST_KILL_IN_SAVE"] = kill_in_save
+    return subprocess.Popen(
+        [sys.executable, str(script), kind, json.dumps(values)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def kill_after_progress(proc, progress, seconds: float, timeout: float = 300) -> bool:
+    """SIGKILL `proc` `seconds` after `progress()` first returns true; False if it ended first."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not progress():
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.005)
+    time.sleep(seconds)
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return True

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_openai import FakeOpenAI, Fault
+from fake_openai import BODY_FAULTS, FakeOpenAI, Fault
 
 from gad import config as cfg
 from gad import data, teacher
@@ -147,6 +147,41 @@ def test_faults_retries_and_failures_file(tmp_path):
         assert not fail_file.exists()
 
 
+def test_unusable_200_bodies_are_retried_like_a_5xx(tmp_path):
+    """A 200 that is no usable completion is a transient fault: retried with the client's
+    backoff, then recorded with its reason, and the run goes on."""
+    kinds = list(BODY_FAULTS)
+    write_prompts(tmp_path / "prompts.jsonl", len(kinds) + 3)
+    faults = {question(i): [Fault(kind=kind)] for i, kind in enumerate(kinds)}
+    faults[question(len(kinds))] = [Fault(500)]  # the yardstick: a plain 5xx, once
+    faults[question(len(kinds) + 1)] = [Fault(kind="html")] * 10  # never recovers
+    with FakeOpenAI(faults=faults) as server:
+        config = make_config(tmp_path, server, max_retries=2)
+        summary = teacher.collect(config, progress=False)
+    out, fail_file = Path(config.output), teacher.failures_path(config.output)
+    always = f"q{len(kinds) + 1}"
+    assert sorted(ids_of(out)) == sorted(
+        f"q{i}" for i in range(len(kinds) + 3) if i != i_of(always)
+    )
+    for record in read_lines(out):
+        check_record(record, int(record["id"][1:]))
+    (failure,) = read_lines(fail_file)
+    assert failure["id"] == always
+    assert failure["error"].startswith("MalformedResponse: HTTP 200 with an HTML page")
+    for i, kind in enumerate([*kinds, "status 500"]):
+        first, second = server.requests_for(question(i))
+        assert first.outcome == kind and second.outcome == "ok"
+        # The SDK's first backoff: 0.5 s less up to 25% jitter, as for the 5xx.
+        assert second.received - first.finished >= 0.35, kind
+    assert [r.outcome for r in server.requests_for(question(len(kinds) + 1))] == ["html"] * 3
+    assert summary.retried == len(kinds) + 1 + 2
+    assert (summary.done, summary.failed) == (len(kinds) + 2, 1)
+
+
+def i_of(record_id: str) -> int:
+    return int(record_id[1:])
+
+
 def test_failures_journal_reconciled_on_start(tmp_path):
     """Superseded or torn failure entries (a killed run) are cleaned up at the next start."""
     write_prompts(tmp_path / "prompts.jsonl", 3)
@@ -261,6 +296,60 @@ def test_sigkill_midway_then_restart_is_exactly_once(tmp_path):
         )
         assert clean.done == count
         assert sorted(ids_of(tmp_path / "clean" / "teacher.jsonl")) == sorted(final_ids)
+
+
+def test_sigkill_amid_api_faults_then_restart_is_exactly_once(tmp_path):
+    """Every kind of API fault, a SIGKILL in the middle, a restart: every prompt ends exactly
+    once in the output or the failures file, and nothing finished is asked again."""
+    count = 40
+    write_prompts(tmp_path / "prompts.jsonl", count)
+    kinds = [*BODY_FAULTS, "drop", "status"]
+    faults = {
+        question(i): [
+            Fault(503) if kinds[i % len(kinds)] == "status" else Fault(kind=kinds[i % len(kinds)])
+        ]
+        for i in range(0, count, 2)
+    }
+    hopeless = {question(5), question(33)}
+    for key in hopeless:
+        faults[key] = [Fault(kind="no_content")] * 100
+    with FakeOpenAI(latency=0.15, faults=faults) as server:
+        config = make_config(tmp_path, server, concurrency=4)
+        out, fail_file = Path(config.output), teacher.failures_path(config.output)
+        command = gad_collect_command(config) + ["--max-retries", "2"]
+        env = {**os.environ, KEY_ENV: KEY}
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while len(complete_ids(out)) < 10:
+                assert proc.poll() is None, "the collection ended before it could be killed"
+                assert time.monotonic() < deadline, "the collection made no progress"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        done_before = set(complete_ids(out))
+        assert 10 <= len(done_before) < count, "killed too late to test anything"
+        time.sleep(0.5)
+        mark = len(server.requests)
+
+        rerun = subprocess.run(command, env=env, capture_output=True)
+        assert rerun.returncode == 3, rerun.stderr.decode()[-2000:]  # 3: some still fail
+
+        done, failed = ids_of(out), ids_of(fail_file)
+        assert len(done) == len(set(done)) and len(failed) == len(set(failed)), "duplicated"
+        assert sorted(done + failed) == sorted(f"q{i}" for i in range(count)), "lost"
+        assert {question(i_of(i)) for i in failed} == hopeless
+        assert all("no content in the first choice" in e["error"] for e in read_lines(fail_file))
+        for record in read_lines(out):
+            check_record(record, i_of(record["id"]))
+        redone = {r.key for r in server.requests[mark:]} & {question(i_of(i)) for i in done_before}
+        assert not redone, f"finished prompts asked again: {sorted(redone)}"
+        injected = sum(1 for r in server.requests if r.outcome not in ("ok", ""))
+        assert injected >= count // 2  # the faults were served (some before the kill)
 
 
 @pytest.mark.parametrize(

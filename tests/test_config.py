@@ -1,3 +1,5 @@
+import gzip
+import re
 import subprocess
 import sys
 
@@ -102,3 +104,167 @@ def test_cli_bad_override_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["sft", "data.jsonl", "--config", str(config)])
     assert result.exit_code != 0
     assert "unknown key 'bogus'" in result.output
+
+
+# ---------------------------------------------------------------- valid ranges
+
+
+def _config_classes():
+    import dataclasses
+
+    return [c for c in vars(cfg).values() if dataclasses.is_dataclass(c)]
+
+
+def _numeric_fields(cls):
+    """(name, base type, is a tuple) of every int/float field, optional or not."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    found = []
+    for f in dataclasses.fields(cls):
+        tp, args = hints[f.name], typing.get_args(hints[f.name])
+        is_tuple = typing.get_origin(tp) is tuple
+        members = [a for a in args if a is not type(None)] if args else [tp]
+        if typing.get_origin(tp) is typing.Literal:
+            continue
+        numeric = [a for a in members if a in (int, float)]
+        if numeric:
+            found.append((f.name, numeric[0], is_tuple))
+    return found
+
+
+def _invalid_value(valid: cfg.Range, kind: type):
+    """A value of type `kind` outside `valid`, or None when every value is inside."""
+    if valid.low is not None:
+        return kind(valid.low) if valid.low_open else kind(valid.low) - 1
+    if valid.high is not None:
+        return kind(valid.high) if valid.high_open else kind(valid.high) + 1
+    return float("nan") if kind is float else None
+
+
+def test_every_numeric_field_declares_a_range_that_is_enforced(tmp_path):
+    """A numeric field added without a range in cfg.RANGES fails here, as does a range that a
+    value outside it gets through (from YAML or from the command line)."""
+    import yaml
+
+    checked = 0
+    for cls in _config_classes():
+        declared = cfg.RANGES.get(cls)
+        assert declared is not None, f"{cls.__name__} has no entry in cfg.RANGES"
+        cfg.build(cls, cfg.to_dict(cls()), "defaults")  # every default is inside its range
+        fields = _numeric_fields(cls)
+        assert set(declared) <= {name for name, _, _ in fields}, cls.__name__
+        for name, kind, is_tuple in fields:
+            valid = declared.get(name)
+            assert valid is not None, f"{cls.__name__}.{name}: no range declared in cfg.RANGES"
+            bad = _invalid_value(valid, kind)
+            assert bad is not None, f"{cls.__name__}.{name}: its range {valid} excludes nothing"
+            value = [bad] * len(getattr(cls(), name)) if is_tuple else bad
+            message = rf"'{name}' must be {re.escape(str(valid))}, got "
+            with pytest.raises(cfg.ConfigError, match="command line: " + message):
+                cfg.load(cls, None, {name: value})
+            path = tmp_path / f"{cls.__name__}.{name}.yaml"
+            path.write_text(yaml.safe_dump({name: value}))
+            with pytest.raises(cfg.ConfigError, match=re.escape(str(path)) + ": " + message):
+                cfg.load(cls, path)
+            checked += 1
+    assert checked >= 130  # 134 when written: the walk did reach every class
+
+
+@pytest.mark.parametrize(
+    ("cls", "values", "message"),
+    [
+        (cfg.SFTConfig, {"batch_size": 0}, r"'batch_size' must be >= 1, got 0"),
+        (cfg.SFTConfig, {"lr": -1e-5}, r"'lr' must be > 0, got -1e-05"),
+        (cfg.GADConfig, {"temperature": 0}, r"'temperature' must be > 0, got 0.0"),
+        (cfg.CollectConfig, {"top_p": 1.5}, r"'top_p' must be in \(0, 1\], got 1.5"),
+        (cfg.SFTConfig, {"lr": "inf"}, r"'lr' must be > 0, got inf"),
+    ],
+)
+def test_out_of_range_values_name_key_value_and_range(cls, values, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.load(cls, None, values)
+
+
+def test_unreadable_config_files_are_named(tmp_path):
+    with pytest.raises(cfg.ConfigError, match=r"nope.yaml: no such config file"):
+        cfg.load(cfg.SFTConfig, tmp_path / "nope.yaml")
+    with pytest.raises(cfg.ConfigError, match=r"is a directory"):
+        cfg.load(cfg.SFTConfig, tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"model: caf\xe9\n")
+    with pytest.raises(cfg.ConfigError, match=r"latin.yaml: not UTF-8 text \(byte 0xe9"):
+        cfg.load(cfg.SFTConfig, latin)
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("1: 2\n")
+    with pytest.raises(cfg.ConfigError, match=r"odd.yaml: unknown key '1'"):
+        cfg.load(cfg.SFTConfig, odd)
+
+
+# ---------------------------------------------------------------- the CLI's error boundary
+
+
+def gad_cli(*args, cwd=None):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "gad", *args], capture_output=True, text=True, env=env, cwd=cwd
+    )
+
+
+def _bad_inputs(tmp_path):
+    """(name, args, what the one-line message must say) of user errors of every kind."""
+    good = '{"messages": [{"role": "user", "content": "hi"}]}\n'
+    (tmp_path / "good.jsonl").write_text(good)
+    (tmp_path / "latin1.jsonl").write_bytes(good.replace("hi", "caf\xe9").encode("latin-1"))
+    (tmp_path / "gz.jsonl").write_bytes(gzip.compress(good.encode()))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1" + bytes(range(200)))
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "record.jsonl").write_text(good + '{"messages": [{"role": "user"}]}\n')
+    (tmp_path / "share.jsonl").write_text('{"conversations": [{"from": "bot", "value": "x"}]}\n')
+    (tmp_path / "neg.yaml").write_text("lr: -0.1\n")
+    (tmp_path / "zero.yaml").write_text("batch_size: 0\n")
+    (tmp_path / "notyaml.yaml").write_text("lr: [1, \n")
+    (tmp_path / "a_file").write_text("x")
+    return [
+        ("missing", ["split", "nope.jsonl"], "nope.jsonl: no such file"),
+        ("latin1", ["split", "latin1.jsonl"], "latin1.jsonl:1: not UTF-8 text (byte 0xe9"),
+        ("gzip", ["split", "gz.jsonl"], "gz.jsonl: is gzip-compressed"),
+        ("parquet", ["split", "bad.parquet"], "bad.parquet: not a readable Parquet file"),
+        ("directory", ["split", "folder.jsonl"], "folder.jsonl: is a directory"),
+        ("record", ["split", "record.jsonl"], "record.jsonl:2: field 'messages[0].content'"),
+        ("sharegpt", ["split", "share.jsonl"], "share.jsonl:1: field 'conversations[0].from'"),
+        ("range-cli", ["split", "good.jsonl", "--fraction", "-1"], "'fraction' must be in [0"),
+        ("neg-lr", ["sft", "good.jsonl", "--config", "neg.yaml"], "neg.yaml: 'lr' must be > 0"),
+        ("batch-0", ["sft", "good.jsonl", "--config", "zero.yaml"], "'batch_size' must be >= 1"),
+        ("yaml", ["sft", "good.jsonl", "--config", "notyaml.yaml"], "notyaml.yaml: not valid YAML"),
+        ("no-config", ["toy", "--config", "none.yaml"], "none.yaml: no such config file"),
+        ("unwritable", ["split", "good.jsonl", "--output-dir", "a_file/out"], "a_file"),
+        ("sft-no-answer", ["sft", "good.jsonl", "--model", "tiny"], "good.jsonl:1: field"),
+    ]
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    for name, args, expected in _bad_inputs(tmp_path):
+        done = gad_cli(*args, cwd=tmp_path)
+        assert done.returncode == 2, (name, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr, (name, done.stderr[-2000:])
+        lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1, (name, done.stderr)
+        assert expected in lines[0], (name, lines[0])
+
+
+def test_a_bug_in_gad_keeps_its_traceback(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gad import cli, evalsets
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(evalsets, "split", broken)
+    (tmp_path / "good.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    result = CliRunner().invoke(cli.app, ["split", str(tmp_path / "good.jsonl")])
+    assert isinstance(result.exception, KeyError)  # not turned into a one-line message

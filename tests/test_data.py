@@ -129,3 +129,105 @@ def test_long_prompts_reported_not_cut(tiny_dir):
     assert (
         out.truncated == ["s"] and len(out.examples[0].input_ids) - out.examples[0].prompt_len == 3
     )
+
+
+# ---------------------------------------------------------------- formats and encodings
+
+
+def test_prompt_completion_and_sharegpt_read_as_messages(tmp_path):
+    rows = [
+        {"prompt": "Name a prime number.", "completion": "Seven is prime."},
+        {"prompt": CHAT[:2], "completion": CHAT[2:]},
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Name a prime number."},
+                {"from": "gpt", "value": "Seven is prime."},
+            ],
+            "id": "share",
+        },
+        {"prompt": "Only a prompt."},
+    ]
+    records = data.read_records(write_jsonl(tmp_path / "d.jsonl", rows)).records
+    assert records[0].messages == [CHAT[1], CHAT[2]]
+    assert records[1].messages == records[2].messages == CHAT
+    assert records[2].id == "share"
+    assert records[3].messages == [{"role": "user", "content": "Only a prompt."}]
+    assert records[3].response is None
+
+
+def test_bom_crlf_and_gzip_are_read(tmp_path):
+    import gzip
+
+    text = "".join(json.dumps({"messages": CHAT, "id": str(i)}) + "\r\n" for i in range(3))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    for name in ("bom.jsonl", "d.jsonl.gz"):
+        records = data.read_records(tmp_path / name).records
+        assert [r.id for r in records] == ["0", "1", "2"] and records[0].messages == CHAT
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n', r"d.jsonl:1: not UTF-8"),
+        (b"\x1f\x8b\x08\x00\x00\x00", r"d.jsonl: is gzip-compressed.*\.jsonl\.gz"),
+        (b"PK\x03\x04rest", r"d.jsonl: is a zip archive"),
+        (b"PAR1\x00\x00", r"d.jsonl: is a Parquet file.*name it \.parquet"),
+        (b"\xff\xfe{\x00", r"d.jsonl: is UTF-16 text"),
+        (b'{"prompt": "a"}\n\x00\x01\x02\n', r"d.jsonl:2: binary data"),
+        (b'{"text": "hello"}\n', r"d.jsonl:1: field 'text': unknown field; accepted formats"),
+        (b'{"id": "x"}\n', r"d.jsonl:1: field 'messages': missing; accepted formats"),
+        (b'{"messages": [], "prompt": "x"}\n', r"field 'prompt': unknown field"),
+        (b'{"prompt": 3}\n', r"d.jsonl:1: field 'prompt': must be a string or a list"),
+        (b'{"conversations": [{"from": "human"}]}\n', r"'conversations\[0\].value'"),
+        (b"[" * 100000 + b"\n", r"d.jsonl:1: not valid JSON"),
+    ],
+)
+def test_unreadable_files_get_a_named_error(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(data.DataError, match=message):
+        data.read_records(path)
+
+
+def test_directory_and_corrupt_parquet_are_named(tmp_path):
+    with pytest.raises(data.DataError, match=r"is a directory"):
+        data.read_records(tmp_path)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(data.DataError, match=r"bad.parquet: not a readable Parquet file"):
+        data.read_records(tmp_path / "bad.parquet")
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00truncated")
+    with pytest.raises(data.DataError, match=r"bad.jsonl.gz: cannot read"):
+        data.read_records(tmp_path / "bad.jsonl.gz")
+
+
+def test_semantic_errors_name_file_and_line(tmp_path):
+    class FakeTokenizer:
+        pass
+
+    rows = [{"messages": CHAT}, {"messages": CHAT[:2], "id": "bare"}]
+    records = data.read_records(write_jsonl(tmp_path / "d.jsonl", rows)).records
+    with pytest.raises(data.DataError, match=r"d.jsonl:2: field 'messages': no assistant turn"):
+        data.encode_sft(FakeTokenizer(), records[1:], max_prompt_tokens=9, max_response_tokens=9)
+    turned = data.read_records(write_jsonl(tmp_path / "e.jsonl", [{"messages": CHAT + CHAT[1:2]}]))
+    with pytest.raises(data.DataError, match=r"e.jsonl:1: .*last turn is from 'user'"):
+        data.encode_sft(FakeTokenizer(), turned.records, max_prompt_tokens=9, max_response_tokens=9)
+
+
+def test_parquet_with_another_column_set_lists_the_formats(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "qa.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "a"}]), path)
+    with pytest.raises(data.DataError, match=r"qa.parquet:1: field 'answer': unknown field; acc"):
+        data.read_records(path)
+    # TRL's prompt/completion columns are read as they are.
+    path = tmp_path / "trl.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "q", "completion": "a"}]), path)
+    (record,) = data.read_records(path).records
+    assert record.messages == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]

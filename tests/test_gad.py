@@ -243,7 +243,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(
 def test_accuracy_warning_fires(tiny_dir, teacher_file, tmp_path):
     gad.train(
         gad_config(
-            tiny_dir, teacher_file, tmp_path / "w", d_acc_warn=-1.0, d_acc_warn_steps=2, max_steps=3
+            tiny_dir, teacher_file, tmp_path / "w", d_acc_warn=0.0, d_acc_warn_steps=2, max_steps=3
         )
     )
     warned = [r["step"] for r in read_metrics(tmp_path / "w/gad") if r["warnings"]]
@@ -461,3 +461,54 @@ def test_fused_old_logprobs_and_length_sorted_batches_give_the_separate_pass_los
     assert stats["g/clip_frac"] == 0.0 and stats["g/kl"] > 0
     for name, p in generator.named_parameters():
         torch.testing.assert_close(snapshot.grads[name], p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_sigkill_in_steps_and_checkpoint_writes_then_resume_is_bit_exact(
+    tiny_dir, teacher_file, tmp_path
+):
+    """`gad train` (warmup, then GAD) SIGKILLed in the middle of a checkpoint write and at
+    random moments, restarted with resume each time, ends with the generator and discriminator
+    of an uninterrupted run, bit for bit."""
+    import random
+
+    from launch import kill_after_progress, killable
+
+    from gad import checkpoint
+
+    def values(out, **kw):
+        return gad_values(
+            tiny_dir, teacher_file, out, save_every=1, keep_checkpoints=2, max_steps=5, **kw
+        )
+
+    clean = killable(tmp_path, "gad", values(tmp_path / "clean"))
+    assert clean.wait(timeout=300) == 0, clean.stderr.read()[-3000:]
+    out = tmp_path / "killed"
+    again = values(out, resume=True)
+
+    proc = killable(tmp_path, "gad", again, kill_in_save="gad/checkpoints/step-000002")
+    assert proc.wait(timeout=300) == -9, proc.stderr.read()[-3000:]
+    assert (out / "gad/checkpoints/step-000002.tmp").is_dir()
+    assert checkpoint.latest(out / "gad") == out / "gad/checkpoints/step-000001"
+    assert discriminator.load(str(checkpoint.latest(out / "gad") / "discriminator")) is not None
+
+    def steps() -> int:
+        path = out / "gad" / "metrics.jsonl"
+        return path.read_bytes().count(b"\n") if path.exists() else 0
+
+    rng, kills = random.Random(13), 1
+    for _ in range(3):
+        progressed = lambda done=steps(): steps() > done  # noqa: E731
+        proc = killable(tmp_path, "gad", again)
+        if kill_after_progress(proc, progressed, rng.uniform(0, 0.3)):
+            kills += 1
+        else:
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    proc = killable(tmp_path, "gad", again)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert kills >= 3, "the run ended before it could be killed"
+    for part in ("", "discriminator"):
+        a = weights(tmp_path / "clean/gad/final" / part)
+        b = weights(out / "gad/final" / part)
+        assert same(a, b), f"{part or 'generator'} differs after the kills"
+    rows = lambda run: [r["step"] for r in read_metrics(run / "gad")]  # noqa: E731
+    assert rows(out) == rows(tmp_path / "clean") == [1, 2, 3, 4, 5]

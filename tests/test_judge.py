@@ -378,3 +378,100 @@ def test_local_backend_records_garbage_as_failures(tmp_path, tiny_dir):
     assert s["failed"] == 2  # a random-init model does not write two scores
     again = J.judge(cfg, quiet=True)
     assert again["summary"]["requests"] == 0
+
+
+# ---------------------------------------------------------------- API faults and a kill
+
+
+def test_unusable_200s_are_retried_and_sigkill_restart_redoes_nothing(tmp_path):
+    """Every kind of API fault on references and verdicts, a SIGKILL in the middle, a restart:
+    every question is in the results once (scored, or an error with its reason), and no
+    request the killed run had cached is sent again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fake_openai import BODY_FAULTS
+
+    count = 24
+    qids = [f"q{i}" for i in range(count)]
+    answers = write_answers(tmp_path / "a.jsonl", {q: f"cand {q}" for q in qids})
+    kinds = [*BODY_FAULTS, "drop"]
+
+    def key(body: dict) -> str:
+        got = parts(body)
+        if got is None:
+            return "R " + body["messages"][-1]["content"].split()[-1]
+        return "V " + got[0].split()[-1]
+
+    faults = {
+        f"{side} q{i}": [Fault(kind=kinds[(i + (side == "V")) % len(kinds)])]
+        for i in range(0, count, 2)
+        for side in ("R", "V")
+    }
+    faults["R q7"] = [Fault(kind="html")] * 100  # never recovers: an error, with its reason
+
+    def respond(request: dict) -> str:
+        got = parts(request)
+        return f"REF({request['messages'][-1]['content']})" if got is None else "8 6\nok"
+
+    with FakeOpenAI(responder=respond, faults=faults, key=key, latency=0.1) as server:
+        cache = tmp_path / "cache" / J.Cache.FILE
+        command = [
+            sys.executable,
+            "-m",
+            "gad",
+            "judge",
+            answers,
+            "--output",
+            str(tmp_path / "results.json"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--model",
+            "fake-judge",
+            "--base-url",
+            server.url,
+            "--api-key-env",
+            "GAD_TEST_JUDGE_KEY",
+            "--max-retries",
+            "2",
+            "--concurrency",
+            "4",
+            "--bootstrap",
+            "50",
+        ]
+        env = {**os.environ, "GAD_TEST_JUDGE_KEY": KEY}
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not cache.exists() or cache.read_bytes().count(b"\n") < 8:
+                assert proc.poll() is None, "the judge ended before it could be killed"
+                assert time.monotonic() < deadline, "the judge made no progress"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        cached_at_kill = cache.read_bytes().count(b"\n")
+        assert cached_at_kill < 2 * (count - 1), "killed too late to test anything"
+        time.sleep(0.5)
+        mark = len(server.requests)
+        rerun = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        asked_again = [r for r in server.requests[mark:] if r.outcome == "ok"]
+
+    entries = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert len({e["id"] for e in entries}) == len(entries) == 2 * (count - 1)  # q7: neither
+    assert len(asked_again) == len(entries) - cached_at_kill, "a finished request was redone"
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["questions"]
+    assert sorted(r["id"] for r in rows) == sorted(qids)  # every question once
+    statuses = {r["id"]: r["status"] for r in rows}
+    assert statuses.pop("q7") == "error" and set(statuses.values()) == {"ok"}
+    q7 = next(r for r in rows if r["id"] == "q7")
+    assert "MalformedResponse: HTTP 200 with an HTML page" in q7["error"]
+    assert result["summary"]["scored"] == count - 1 and result["summary"]["errors"] == 1

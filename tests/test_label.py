@@ -389,3 +389,69 @@ def test_cli_tasks_then_eval_accuracy(tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads(answers.with_suffix(".eval.json").read_text())
     assert saved["metrics"]["accuracy"]["mean"] == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------- API faults and a kill
+
+LABEL_SCRIPT = """\
+import json, sys
+from gad import config as cfg, label
+label.run(cfg.build(cfg.LabelConfig, json.loads(sys.argv[1]), "test"))
+"""
+
+
+def test_api_faults_and_sigkill_restart_label_each_sample_once(tmp_path):
+    """Faulty 200s and drops on the teacher's samples, a SIGKILL in the middle of collecting,
+    a restart: every sample ends once in the teacher output or its failures file, nothing
+    finished is asked again, and the labels hold each collected sample once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fake_openai import BODY_FAULTS, Fault
+
+    ids = [f"q{i}" for i in range(10)]
+    write_prompts(tmp_path / "prompts.jsonl", ids)
+    kinds = [*BODY_FAULTS, "drop"]
+    faults = {f"Please solve task q{i}": [Fault(kind=kinds[i % len(kinds)])] for i in range(9)}
+    faults["Please solve task q9"] = [Fault(kind="truncated")] * 100  # never recovers
+    script = tmp_path / "label_run.py"
+    script.write_text(LABEL_SCRIPT)
+    with FakeOpenAI(responder=lambda r: "The answer is 4.", faults=faults, latency=0.1) as server:
+        values = cfg.to_dict(label_config(tmp_path, server, concurrency=4, max_retries=2))
+        command = [sys.executable, str(script), json.dumps(values)]
+        out = tmp_path / "label" / "teacher.jsonl"
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not out.exists() or out.read_bytes().count(b"\n") < 10:
+                assert proc.poll() is None, "the labelling ended before it could be killed"
+                assert time.monotonic() < deadline, "the labelling made no progress"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        lines = out.read_bytes().split(b"\n")[:-1]
+        done_before = {json.loads(line)["id"] for line in lines}
+        assert len(done_before) < 40, "killed too late to test anything"
+        time.sleep(0.5)
+        mark = len(server.requests)
+        rerun = subprocess.run(command, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        ok_after = sum(r.outcome == "ok" for r in server.requests[mark:])
+
+    def ids_in(path: Path) -> list[str]:
+        return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+    done = ids_in(out)
+    failed = ids_in(tmp_path / "label" / "teacher.jsonl.failures.jsonl")
+    assert len(done) == len(set(done)) and len(failed) == len(set(failed)), "duplicated"
+    assert sorted(done + failed) == sorted(f"{p}#{k}" for p in ids for k in range(4)), "lost"
+    assert sorted(failed) == [f"q9#{k}" for k in range(4)]
+    assert ok_after == len(done) - len(done_before), "a finished sample was asked again"
+    labels = read_labels(tmp_path)
+    assert sorted(r.id for r in labels) == sorted(f"{p}#t{k}" for p in ids[:9] for k in range(4))
+    summary = json.loads((tmp_path / "label" / "summary.json").read_text())
+    assert summary["missing_responses"] == 4 and summary["labelled_prompts"] == 9

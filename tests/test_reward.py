@@ -224,7 +224,7 @@ def test_labels_without_label_fields_are_refused(tmp_path):
     path = tmp_path / "plain.jsonl"
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     path.write_text(json.dumps({"id": "r1", "messages": messages}) + "\n")
-    with pytest.raises(data.DataError, match=r"record 'r1': field 'meta.prompt_id'"):
+    with pytest.raises(data.DataError, match=r"plain.jsonl:1: field 'meta.prompt_id'.*record 'r1'"):
         reward.read_labels(str(path))
 
 

@@ -127,3 +127,97 @@ def test_tensorboard_tracker_gets_the_metrics(tiny_dir, records_file, tmp_path):
     events.Reload()
     assert {"loss", "lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
     assert len(events.Scalars("loss")) == 2
+
+
+def logged_steps(run_dir) -> int:
+    path = Path(run_dir) / "metrics.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_sigkill_in_steps_and_checkpoint_writes_then_resume_is_bit_exact(
+    tiny_dir, records_file, tmp_path
+):
+    """`gad sft` SIGKILLed in the middle of a checkpoint write and at random moments, restarted
+    with resume each time, ends with the weights of an uninterrupted run, bit for bit."""
+    import random
+
+    from launch import kill_after_progress, killable
+    from transformers import AutoModelForCausalLM
+
+    from gad import checkpoint
+
+    values = dict(
+        data=str(records_file),
+        model=str(tiny_dir),
+        epochs=4,
+        lr=3e-3,
+        batch_size=2,
+        grad_accum=2,
+        mixed_precision="no",
+        save_every=1,
+        keep_checkpoints=2,
+        max_steps=8,
+    )
+    clean = killable(tmp_path, "sft", values | {"output_dir": str(tmp_path / "clean")})
+    assert clean.wait(timeout=300) == 0, clean.stderr.read()[-3000:]
+    out = tmp_path / "killed"
+    again = values | {"output_dir": str(out), "resume": True}
+
+    proc = killable(tmp_path, "sft", again, kill_in_save="step-000003")
+    assert proc.wait(timeout=300) == -9, proc.stderr.read()[-3000:]
+    # The half-written checkpoint is invisible; the one before it loads.
+    assert (out / "checkpoints" / "step-000003.tmp").is_dir()
+    assert checkpoint.latest(out) == out / "checkpoints" / "step-000002"
+    assert AutoModelForCausalLM.from_pretrained(checkpoint.latest(out)) is not None
+
+    rng, kills = random.Random(13), 1
+    for _ in range(3):
+        done = logged_steps(out)
+        proc = killable(tmp_path, "sft", again)
+        progressed = lambda done=done: logged_steps(out) > done  # noqa: E731
+        if kill_after_progress(proc, progressed, rng.uniform(0, 0.15)):
+            kills += 1
+        else:
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    proc = killable(tmp_path, "sft", again)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert kills >= 3, "the run ended before it could be killed"
+
+    clean_w, resumed = weights(tmp_path / "clean/final"), weights(out / "final")
+    assert clean_w.keys() == resumed.keys()
+    assert all(torch.equal(clean_w[k], resumed[k]) for k in clean_w)
+    losses = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d)]  # noqa: E731
+    assert losses(out) == losses(tmp_path / "clean")
+
+
+def test_unwritable_output_and_full_disk_are_named(tiny_dir, records_file, tmp_path, monkeypatch):
+    from gad import checkpoint
+
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(checkpoint.CheckpointError, match=r"a_file/run: the run folder cannot"):
+        run(tiny_dir, records_file, tmp_path / "a_file" / "run")
+
+    # Too little space for one checkpoint: refused before the first step.
+    import shutil
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    with pytest.raises(checkpoint.CheckpointError, match=r"needs about .* MB and only 0 MB"):
+        run(tiny_dir, records_file, tmp_path / "small")
+    assert not (tmp_path / "small" / "metrics.jsonl").exists()
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+
+    # The disk fills up in the middle of a checkpoint write: a named error, the last complete
+    # checkpoint kept, no half checkpoint left behind.
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "step-000006" in str(f):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match=r"No space left.*step-000003, is kept"):
+        run(tiny_dir, records_file, tmp_path / "full", max_steps=8)
+    names = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert names == ["step-000003"]

@@ -5,11 +5,16 @@ Layout of `<run>/checkpoints/step-000050/`:
   <name>/                                           further models (e.g. the discriminator)
   trainer_state.pt                                  optimizers, schedulers, step, counters
   rng_<rank>.pt                                     each process's random generator states
-A checkpoint is written to a temporary folder and renamed, so a kill never leaves a half one.
+A checkpoint is written to a temporary folder and renamed, so a kill never leaves a half one:
+`all_checkpoints` sees only complete `step-N` folders. Rewriting an existing step moves the old
+folder aside (a rename) before the new one takes its name, so a kill at any moment leaves one of
+the two. A write that fails (a full disk) removes its temporary folder and raises
+`CheckpointError`; the checkpoints already written stay as they were.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -19,8 +24,46 @@ from typing import Any
 import numpy as np
 import torch
 
+from gad.config import UserError
+
 STATE_FILE = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_DIR = re.compile(r"^step-(\d+)(\.old)?$")
+
+
+class CheckpointError(UserError, OSError):
+    """The run folder cannot be written, or a checkpoint could not be (disk full)."""
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Create `run_dir` and prove a file can be written there, before any training starts."""
+    run_dir = Path(run_dir)
+    probe = run_dir / f".gad-write-probe-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as err:
+        if run_dir.is_dir():
+            probe.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"{run_dir}: the run folder cannot be written ({err.strerror or err}); choose an "
+            f"output folder you can write to"
+        ) from err
+
+
+def check_space(run_dir: str | Path, *models: Any) -> None:
+    """Fail before training when the disk cannot hold one checkpoint of `models` (weights and
+    Adam's two moments, float32)."""
+    need = 3 * sum(p.numel() * 4 for m in models for p in m.parameters())
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise CheckpointError(
+            f"{run_dir}: a checkpoint needs about {need / 1e6:.0f} MB and only {free / 1e6:.0f} "
+            f"MB are free; free space or choose another output folder"
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,32 +104,47 @@ def save(
     # Every process takes part: FSDP/DeepSpeed gather the full state dict collectively.
     models = {"": model, **(others or {})}
     full_states = {name: accelerator.get_state_dict(m) for name, m in models.items()}
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name, m in models.items():
-            target = tmp / name if name else tmp
-            accelerator.unwrap_model(m).save_pretrained(
-                target, state_dict=full_states[name], safe_serialization=True
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for name, m in models.items():
+                target = tmp / name if name else tmp
+                accelerator.unwrap_model(m).save_pretrained(
+                    target, state_dict=full_states[name], safe_serialization=True
+                )
+            tokenizer.save_pretrained(tmp)
+            for name, other_tokenizer in (other_tokenizers or {}).items():
+                other_tokenizer.save_pretrained(tmp / name)
+            torch.save(
+                {
+                    "step": step,
+                    "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
+                    "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
+                    "state": state or {},
+                },
+                tmp / STATE_FILE,
             )
-        tokenizer.save_pretrained(tmp)
-        for name, other_tokenizer in (other_tokenizers or {}).items():
-            other_tokenizer.save_pretrained(tmp / name)
-        torch.save(
-            {
-                "step": step,
-                "optimizers": {k: o.state_dict() for k, o in (optimizers or {}).items()},
-                "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
-                "state": state or {},
-            },
-            tmp / STATE_FILE,
-        )
-    accelerator.wait_for_everyone()
-    # Each process samples with its own generator state; all of them are needed to resume.
-    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        # Each process samples with its own generator state; all of them are needed to resume.
+        torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    except (OSError, RuntimeError) as err:
+        # torch.save reports a full disk as a RuntimeError from its zip writer.
+        if not isinstance(err, OSError) and "write" not in str(err).lower():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest(run_dir)
+        raise CheckpointError(
+            f"{final}: the checkpoint could not be written ({_reason(err)}); "
+            + (f"the last complete one, {kept}, is kept" if kept else "no earlier checkpoint")
+        ) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
+        aside = final.with_name(final.name + ".old")
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            final.rename(aside)  # the step is rewritten (a resumed run): keep it until replaced
         tmp.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
         if keep > 0:
             for old in all_checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -94,17 +152,25 @@ def save(
     return final
 
 
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return " ".join(str(err).split())[:200]
+
+
 def all_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p)
-        for p in folder.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()
-    ]
-    return [p for _, p in sorted(found)]
+    found: dict[int, Path] = {}
+    for p in sorted(folder.iterdir(), key=lambda p: p.name.endswith(".old")):
+        m = _STEP_DIR.match(p.name)
+        # `step-N.old` only counts when a kill came between moving it aside and renaming its
+        # replacement into place.
+        if m and (p / STATE_FILE).exists():
+            found.setdefault(int(m.group(1)), p)
+    return [found[step] for step in sorted(found)]
 
 
 def latest(run_dir: str | Path) -> Path | None:

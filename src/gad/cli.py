@@ -5,11 +5,13 @@ config field (overriding the file). Heavy modules are imported inside the comman
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import inspect
 import os
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,6 +53,37 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {' '.join(message.split())}", err=True, fg="red")
+    return typer.Exit(code=2)
+
+
+def _os_error(err: OSError) -> str:
+    """One line for an environment error: the path, what the system said, and a hint."""
+    what = err.strerror or str(err)
+    if err.errno == errno.ENOSPC:
+        what += " (the disk is full: free space or choose another output folder)"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what += " (choose a folder you can write to)"
+    return f"{err.filename}: {what}" if err.filename else what
+
+
+@contextlib.contextmanager
+def error_boundary() -> Iterator[None]:
+    """Where every command ends: a problem with the user's input or environment (UserError, or
+    an OSError such as a missing path, no permission, a full disk) is one line on stderr and
+    exit code 2; anything else is a bug in gad and keeps its traceback."""
+    try:
+        yield
+    except cfg.UserError as err:
+        raise _fail(str(err)) from err
+    except OSError as err:
+        raise _fail(_os_error(err)) from err
+    except KeyboardInterrupt as err:
+        typer.secho("interrupted", err=True, fg="red")
+        raise typer.Exit(code=130) from err
 
 
 def stage_command(
@@ -110,16 +143,10 @@ def stage_command(
             given = overrides.pop("positional_value", None)
             if given is not None:
                 overrides[positional] = given
-            try:
+            with error_boundary():
                 config = cfg.load(config_cls, config_file, overrides)
-            except cfg.ConfigError as err:
-                raise typer.BadParameter(str(err)) from err
-            _quiet_libraries()
-            try:
+                _quiet_libraries()
                 run(config)
-            except cfg.UserError as err:
-                typer.secho(f"error: {err}", err=True, fg="red")
-                raise typer.Exit(code=2) from err
 
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
@@ -274,7 +301,8 @@ def models() -> None:
     """List the built-in offline models and whether their packages are installed."""
     from gad import models as models_module
 
-    models_module.print_builtins()
+    with error_boundary():
+        models_module.print_builtins()
 
 
 def main() -> None:

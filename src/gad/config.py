@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -207,11 +208,12 @@ def build(cls: type[C], values: dict[str, Any], where: str) -> C:
     known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     checked = {}
     for key, value in values.items():
-        if key not in hints or key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+        if not isinstance(key, str) or key not in hints or key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: unknown key '{key}' for {cls.__name__}{hint}")
+            raise ConfigError(f"{where}: unknown key {str(key)!r} for {cls.__name__}{hint}")
         checked[key] = _check_value(key, value, hints[key], where)
+        check_range(cls, key, checked[key], where)
     return cls(**checked)
 
 
@@ -223,9 +225,24 @@ def load(
     if path is not None:
         path = Path(path)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError as err:
+            raise ConfigError(f"{path}: no such config file") from err
+        except IsADirectoryError as err:
+            raise ConfigError(f"{path}: is a directory, not a config file") from err
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                f"{err.start}); re-save it as UTF-8"
+            ) from err
+        try:
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
+        except RecursionError as err:
+            raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of field: value")
         build(cls, loaded, str(path))  # errors name the file
@@ -777,3 +794,200 @@ class TasksConfig:
     """Text appended to every question (e.g. how to state the final answer)."""
     output: str = "data/tasks.jsonl"
     """Prompt records; the ground truth goes to `<output stem>.truth.jsonl` beside it."""
+
+
+# ---------------------------------------------------------------- valid ranges
+
+
+class Range:
+    """The valid values of a numeric field: `low`/`high` bounds (None = unbounded), each
+    inclusive unless `*_open`. Floats must also be finite. (Not a dataclass: every dataclass
+    here is a config class.)"""
+
+    def __init__(
+        self,
+        low: float | None = None,
+        high: float | None = None,
+        *,
+        low_open: bool = False,
+        high_open: bool = False,
+    ) -> None:
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def __contains__(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return "finite"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+UNIT = Range(0, 1)
+"""A probability or share."""
+NUCLEUS = Range(0, 1, low_open=True)
+"""top_p: 0 would keep no token."""
+SEED = Range(0, 2**32 - 1)
+"""numpy's seeds are unsigned 32-bit."""
+BETA = Range(0, 1, high_open=True)
+"""Adam's betas (1 would divide by zero in the bias correction)."""
+TEMPERATURE = NON_NEGATIVE
+"""Sampling temperature: 0 means greedy (local backends) and is valid for APIs."""
+
+_API = {
+    "concurrency": AT_LEAST_1,
+    "max_retries": NON_NEGATIVE,
+    "request_timeout": POSITIVE,
+}
+_SAMPLING = {
+    "temperature": TEMPERATURE,
+    "top_p": NUCLEUS,
+    "max_tokens": AT_LEAST_1,
+    "max_prompt_tokens": AT_LEAST_1,
+    "batch_size": AT_LEAST_1,
+    "seed": SEED,
+    "limit": AT_LEAST_1,
+}
+_TRAINING = {
+    "max_steps": AT_LEAST_1,
+    "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
+    "max_prompt_tokens": AT_LEAST_1,
+    "max_response_tokens": AT_LEAST_1,
+    "seed": SEED,
+    "save_every": NON_NEGATIVE,
+    "keep_checkpoints": NON_NEGATIVE,
+}
+
+RANGES: dict[type, dict[str, Range]] = {
+    CollectConfig: {**_API, **_SAMPLING, "n": AT_LEAST_1},
+    SFTConfig: {
+        **_TRAINING,
+        "epochs": AT_LEAST_1,
+        "warmup_steps": NON_NEGATIVE,
+        "adam_betas": BETA,
+        "batch_size": AT_LEAST_1,
+        "grad_accum": AT_LEAST_1,
+        "log_every": AT_LEAST_1,
+    },
+    DemoConfig: {
+        "num_train": AT_LEAST_1,
+        "num_held_out": AT_LEAST_1,
+        "max_tokens": AT_LEAST_1,
+        "sft_epochs": AT_LEAST_1,
+        "lr": POSITIVE,
+        "gad_lr": POSITIVE,
+        "gad_steps": AT_LEAST_1,
+        "n_samples": AT_LEAST_1,
+        "batch_prompts": AT_LEAST_1,
+        "seed": SEED,
+    },
+    GADConfig: {
+        **_TRAINING,
+        "reward_mix_alpha": UNIT,
+        "warmup_epochs": NON_NEGATIVE,
+        "warmup_d_only_steps": NON_NEGATIVE,
+        "offpolicy_d_epochs": NON_NEGATIVE,
+        "epochs": POSITIVE,
+        "batch_prompts": AT_LEAST_1,
+        "n_samples": AT_LEAST_1,
+        "micro_batch_size": AT_LEAST_1,
+        "rollout_batch_size": AT_LEAST_1,
+        # Log-probs divide the logits by the temperature: greedy (0) is not an option here.
+        "temperature": POSITIVE,
+        "top_p": NUCLEUS,
+        "d_lr": POSITIVE,
+        "clip_eps": POSITIVE,
+        "kl_coef": NON_NEGATIVE,
+        "d_steps": AT_LEAST_1,
+        "d_acc_warn": UNIT,
+        "d_acc_warn_steps": AT_LEAST_1,
+        "length_warn_ratio": POSITIVE,
+        "max_bad_steps": AT_LEAST_1,
+        "d_replay_size": NON_NEGATIVE,
+        "length_penalty": NON_NEGATIVE,
+        "score_clip": POSITIVE,
+        "eval_every": NON_NEGATIVE,
+        # A factor "either way": below 1 no length would ever be in range.
+        "eval_length_range": Range(1),
+    },
+    GenerateConfig: {**_SAMPLING, "n": AT_LEAST_1},
+    SplitConfig: {"fraction": UNIT, "seed": SEED},
+    ReportConfig: {},
+    ToyConfig: {
+        "num_categories": Range(2),
+        "teacher_std": POSITIVE,
+        "student_mean": Range(),
+        "student_std": POSITIVE,
+        "steps": AT_LEAST_1,
+        "lr": POSITIVE,
+        "d_lr": POSITIVE,
+        "d_steps": AT_LEAST_1,
+        "n_samples": AT_LEAST_1,
+        "groups": AT_LEAST_1,
+        "seed": SEED,
+        "num_seeds": AT_LEAST_1,
+    },
+    EvalConfig: {"bootstrap_reps": AT_LEAST_1, "seed": SEED},
+    JudgeConfig: {
+        **_API,
+        **{k: v for k, v in _SAMPLING.items() if k != "top_p"},
+        "verdict_max_tokens": AT_LEAST_1,
+        "attempts": AT_LEAST_1,
+        "max_prompt_tokens": AT_LEAST_1,
+        "bootstrap": AT_LEAST_1,
+        "confidence": Range(0, 1, low_open=True, high_open=True),
+    },
+    LabelConfig: {
+        **_API,
+        **_SAMPLING,
+        "min_vote_share": UNIT,
+        "good_score": Range(1, 10),
+        "k": AT_LEAST_1,
+        "student_k": NON_NEGATIVE,
+        "student_temperature": TEMPERATURE,
+    },
+    RewardConfig: {
+        **_TRAINING,
+        "min_label_gap": NON_NEGATIVE,
+        # All held out leaves nothing to train on.
+        "held_out": Range(0, 1, high_open=True),
+        "split_seed": SEED,
+        "epochs": AT_LEAST_1,
+        "batch_size": AT_LEAST_1,
+        "micro_batch_size": AT_LEAST_1,
+        "eval_every": NON_NEGATIVE,
+    },
+    TasksConfig: {"size": AT_LEAST_1, "seed": SEED},
+}
+"""Per config class, the valid range of every numeric field (`build` checks them; a test makes
+sure no numeric field is missing here)."""
+
+
+def check_range(cls: type, key: str, value: Any, where: str) -> None:
+    """Raise a ConfigError naming `key`, `value` and the range when `value` is outside it."""
+    valid = RANGES.get(cls, {}).get(key)
+    if valid is None or value is None or isinstance(value, bool | str):
+        return
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, int | float) and item not in valid:
+            raise ConfigError(f"{where}: '{key}' must be {valid}, got {value!r}")

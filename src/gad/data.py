@@ -1,7 +1,10 @@
 """Chat records: reading, validation, ids, and tokenisation with the model's chat template.
 
 A record is `{"messages": [{"role", "content"}, ...], "id"?: str, "meta"?: {...}}`. Its prompt is
-every message but a final assistant turn; that final turn, if present, is the response.
+every message but a final assistant turn; that final turn, if present, is the response. Two other
+common shapes are read into the same form: `{"prompt", "completion"?}` (strings or message lists,
+as TRL takes them) and ShareGPT `{"conversations": [{"from": "human"|"gpt"|"system", "value"}]}`.
+Files are JSONL (UTF-8, a BOM and CRLF line ends are fine), `.jsonl.gz`, or Parquet.
 
 Tokenisation keeps teacher and student sequences identical in shape (SPEC §3, discriminator): the
 prompt is the template's rendering with the generation prompt, and the response is the template's
@@ -15,9 +18,11 @@ reaches the discriminator.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +31,19 @@ from typing import Any
 from gad.config import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+ACCEPTED = (
+    'accepted formats: {"messages": [{"role", "content"}, ...]}; '
+    '{"prompt", "completion"} (strings or message lists); '
+    'ShareGPT {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}; '
+    'each with optional "id" and "meta"'
+)
 
 
 class DataError(UserError, ValueError):
@@ -39,6 +57,18 @@ class Record:
     id: str
     messages: list[dict[str, str]]
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="", compare=False, repr=False)
+    """`file:line` the record was read from ("" when made in memory), for error messages."""
+
+    @property
+    def where(self) -> str:
+        """Where an error about this record points: its `file:line`, else its id."""
+        return self.source or f"record '{self.id}'"
+
+    def error(self, field_name: str, problem: str) -> DataError:
+        """A DataError naming this record's file, line, id and `field_name`."""
+        named = f" (record '{self.id}')" if self.source else ""
+        return DataError(f"{self.where}: field '{field_name}': {problem}{named}")
 
     @property
     def prompt(self) -> list[dict[str, str]]:
@@ -75,58 +105,189 @@ def prompt_key(messages: list[dict[str, str]]) -> str:
     return "p" + hashlib.sha1(blob).hexdigest()[:12]
 
 
-def validate(obj: Any, where: str) -> Record:
-    """Check one decoded record; `where` is `file:line` for the error message."""
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
-    unknown = set(obj) - {"id", "messages", "meta"}
-    if unknown:
-        raise DataError(f"{where}: field '{sorted(unknown)[0]}': unknown field")
-    messages = obj.get("messages")
+def _check_messages(messages: Any, name: str, where: str) -> list[dict[str, str]]:
+    """A list of `{"role", "content"}` messages (field `name` in errors)."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages': must be a non-empty list")
+        raise DataError(f"{where}: field '{name}': must be a non-empty list")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: field 'messages[{i}]': must be an object")
+            raise DataError(f"{where}: field '{name}[{i}]': must be an object")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise DataError(f"{where}: field 'messages[{i}].role': must be one of {ROLES}")
+            raise DataError(f"{where}: field '{name}[{i}].role': must be one of {ROLES}")
         if not isinstance(content, str):
-            raise DataError(f"{where}: field 'messages[{i}].content': must be a string")
+            raise DataError(f"{where}: field '{name}[{i}].content': must be a string")
         extra = set(message) - {"role", "content"}
         if extra:
-            raise DataError(f"{where}: field 'messages[{i}].{sorted(extra)[0]}': unknown field")
+            raise DataError(f"{where}: field {f'{name}[{i}].{sorted(extra)[0]}'!r}: unknown field")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _turns(value: Any, name: str, role: str, where: str) -> list[dict[str, str]]:
+    """`prompt` / `completion`: a string (one `role` turn) or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return _check_messages(value, name, where)
+    raise DataError(f"{where}: field '{name}': must be a string or a list of messages")
+
+
+def _sharegpt(turns: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field 'conversations': must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        name = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: field '{name}': must be an object")
+        if not isinstance(turn.get("from"), str) or turn["from"] not in SHAREGPT_ROLES:
+            roles = sorted(SHAREGPT_ROLES)
+            raise DataError(f"{where}: field '{name}.from': must be one of {roles}")
+        if not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}: field '{name}.value': must be a string")
+        extra = set(turn) - {"from", "value"}
+        if extra:
+            raise DataError(f"{where}: field {f'{name}.{sorted(extra)[0]}'!r}: unknown field")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
+
+
+def validate(obj: Any, where: str) -> Record:
+    """Check one decoded record (any accepted format); `where` is `file:line` for errors."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        fields = {"messages"}
+    elif "conversations" in obj:
+        fields = {"conversations"}
+    elif "prompt" in obj:
+        fields = {"prompt", "completion"}
+    else:
+        other = sorted(set(obj) - {"id", "meta"})
+        problem = f"field {other[0]!r}: unknown field" if other else "field 'messages': missing"
+        raise DataError(f"{where}: {problem}; {ACCEPTED}")
+    unknown = set(obj) - {"id", "meta"} - fields
+    if unknown:
+        raise DataError(f"{where}: field {sorted(unknown)[0]!r}: unknown field; {ACCEPTED}")
+    if "messages" in fields:
+        messages = _check_messages(obj["messages"], "messages", where)
+    elif "conversations" in fields:
+        messages = _sharegpt(obj["conversations"], where)
+    else:
+        messages = _turns(obj["prompt"], "prompt", "user", where)
+        if "completion" in obj:
+            messages += _turns(obj["completion"], "completion", "assistant", where)
     if all(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: field 'messages': has no prompt (only assistant turns)")
+        name = sorted(fields)[-1]
+        raise DataError(f"{where}: field '{name}': has no prompt (only assistant turns)")
     record_id = obj.get("id")
-    if record_id is not None and (not isinstance(record_id, str | int) or record_id == ""):
+    if record_id is not None and (
+        not isinstance(record_id, str | int) or isinstance(record_id, bool) or record_id == ""
+    ):
         raise DataError(f"{where}: field 'id': must be a non-empty string")
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
         raise DataError(f"{where}: field 'meta': must be an object")
-    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return Record(id=str(record_id) if record_id is not None else "", messages=clean, meta=meta)
+    return Record(id=str(record_id) if record_id is not None else "", messages=messages, meta=meta)
+
+
+_MAGIC = {
+    b"\x1f\x8b": "gzip-compressed",
+    b"PK\x03\x04": "a zip archive",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+    b"PAR1": "a Parquet file",
+    b"\xff\xfe": "UTF-16 text",
+    b"\xfe\xff": "UTF-16 text",
+}
+
+
+def _without_nulls(row: dict[str, Any]) -> dict[str, Any]:
+    """Parquet has no "absent": a null entry (top level or in a message) was not given."""
+    out = {}
+    for key, value in row.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = [_without_nulls(v) if isinstance(v, dict) else v for v in value]
+        out[key] = value
+    return out
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise DataError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise DataError(f"{path}: not a readable Parquet file ({detail})") from err
+    for i, row in enumerate(rows, start=1):
+        yield i, _without_nulls(row)
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a JSONL file, gunzipped when named `.gz`."""
+    gz = path.suffix == ".gz"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from err
+    kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is not None and not (gz and kind == "gzip-compressed"):
+        if kind == "a Parquet file":
+            hint = "name it .parquet"
+        elif kind == "UTF-16 text":
+            hint = "re-save it as UTF-8"
+        elif kind == "gzip-compressed":
+            hint = "name it .jsonl.gz (read as is) or decompress it"
+        else:
+            hint = "decompress it (only .jsonl.gz is read as is)"
+        raise DataError(f"{path}: is {kind}, not JSONL text; {hint}")
+    try:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            yield from enumerate(f, start=1)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: cannot read ({err})") from err
 
 
 def _rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded object) of a JSONL or Parquet file; undecodable lines raise."""
+    """(line number, decoded object) of a JSONL or Parquet file; undecodable lines yield a
+    DataError in place of the object, unreadable files raise one."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a record file")
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as err:
-            raise DataError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            # Parquet has no "absent": a null id/meta column entry means the field was not given.
-            yield i, {k: v for k, v in row.items() if v is not None}
+        yield from _parquet_rows(path)
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield i, DataError(f"{path}:{i}: not valid JSON ({err.msg} at column {err.colno})")
+    for i, raw in _text_lines(path):
+        if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+        if b"\x00" in raw:
+            raise DataError(f"{path}:{i}: binary data (NUL bytes), not JSONL text")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield (
+                i,
+                DataError(
+                    f"{path}:{i}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                    f"{err.start + 1}); re-save the file as UTF-8"
+                ),
+            )
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield i, DataError(f"{path}:{i}: not valid JSON ({err.msg} at column {err.colno})")
+        except RecursionError:
+            yield i, DataError(f"{path}:{i}: not valid JSON (nested too deeply)")
 
 
 def read_records(path: str | Path, *, skip_invalid: bool = False) -> Loaded:
@@ -146,6 +307,7 @@ def read_records(path: str | Path, *, skip_invalid: bool = False) -> Loaded:
             if isinstance(obj, DataError):
                 raise obj
             record = validate(obj, where)
+            record.source = where
             if record.id:
                 if record.id in seen:
                     raise DataError(
@@ -274,6 +436,12 @@ class Encoded:
     """Responses their writer already cut (`meta.finish_reason == "length"`)."""
 
 
+def _no_response(record: Record) -> str:
+    if any(m["role"] == "assistant" for m in record.messages):
+        return f"the last turn is from '{record.messages[-1]['role']}', not an assistant answer"
+    return "no assistant turn to learn from"
+
+
 def encode_sft(
     tokenizer: Any,
     records: list[Record],
@@ -288,7 +456,7 @@ def encode_sft(
     out = Encoded(examples=[])
     for record in records:
         if record.response is None:
-            raise DataError(f"record '{record.id}': field 'messages': no assistant turn to learn")
+            raise record.error("messages", _no_response(record))
         prompt_ids = encode_prompt(tokenizer, record.prompt)
         if len(prompt_ids) > max_prompt_tokens:
             out.prompt_too_long.append(record.id)

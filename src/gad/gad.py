@@ -579,6 +579,7 @@ def _setup(
             )
     if d is not None:
         d.config.pad_token_id = _pad_id(d_tokenizer)
+    checkpoint.check_space(run_dir, generator, *([d] if d is not None else []))
     world = accelerator.num_processes
     if config.batch_prompts % world:
         raise cfg.ConfigError(
@@ -1256,7 +1257,7 @@ def _example(entry: dict[str, Any]) -> data.Example:
 def train(config: cfg.GADConfig) -> Path:
     """Run the configured stage(s); returns the final generator folder of the last stage."""
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.check_writable(out)
     config, choice = precision.apply(config)
     accelerator = sft.make_accelerator(config.mixed_precision, config.report_to, out)
     # Rollouts sample from torch's generator: seed it so a run is reproducible (a resumed run

@@ -564,7 +564,7 @@ def _answered(path: str) -> list[data.Record]:
     records = data.read_records(path).records
     for record in records:
         if record.response is None:
-            raise data.DataError(f"{path}: record '{record.id}' has no final assistant answer")
+            raise record.error("messages", "no final assistant answer to judge")
     return records
 
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gad.config import UserError
 from gad.tracking import read_metrics
 
 # (metric key in metrics.jsonl, panel title) of the GAD-stage curves.
@@ -126,6 +127,18 @@ def as_result(raw: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "metrics": metrics}
 
 
+def _read_result(path: Path) -> dict[str, Any]:
+    """A result file's JSON object; anything else is the user's file, named."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        detail = " ".join(str(err).split())
+        raise UserError(f"{path}: not a readable result JSON ({detail})") from err
+    if not isinstance(raw, dict) or not isinstance(raw.get("metrics", raw.get("summary")), dict):
+        raise UserError(f"{path}: not a result of `gad eval` or `gad judge` (no metrics)")
+    return raw
+
+
 def write_report(
     runs: list[str | Path],
     results: list[str | Path],
@@ -138,7 +151,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}", ""] + ([preface, ""] if preface else [])
-    loaded = [as_result(json.loads(Path(p).read_text())) for p in results]
+    loaded = [as_result(_read_result(Path(p))) for p in results]
     if loaded:
         parts += ["## Systems compared", "", comparison_table(loaded), ""]
         parts += ["Values are means; brackets give the 95% bootstrap confidence interval.", ""]

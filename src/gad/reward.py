@@ -55,15 +55,14 @@ def read_labels(path: str) -> list[data.Record]:
     for record in records:
         missing = [k for k in LABEL_FIELDS if k not in record.meta]
         if missing:
-            raise data.DataError(
-                f"{path}: record '{record.id}': field 'meta.{missing[0]}' is missing (expected "
-                f"the labels.jsonl of `gad label`)"
+            raise record.error(
+                f"meta.{missing[0]}", "is missing (expected the labels.jsonl of `gad label`)"
             )
         label = record.meta["label"]
         if not isinstance(label, int | float) or isinstance(label, bool) or math.isnan(label):
-            raise data.DataError(f"{path}: record '{record.id}': field 'meta.label': not a number")
+            raise record.error("meta.label", "not a number")
         if record.response is None:
-            raise data.DataError(f"{path}: record '{record.id}': field 'messages': no response")
+            raise record.error("messages", "no response")
     return records
 
 
@@ -265,7 +264,7 @@ def train(config: cfg.RewardConfig) -> Path:
     """Train the reward model as configured; returns the `final/` folder."""
     started = time.time()
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.check_writable(run_dir)
     config, choice = precision.apply(config)
     accelerator = sft.make_accelerator(config.mixed_precision, config.report_to, run_dir)
     if accelerator.is_main_process:

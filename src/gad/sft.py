@@ -141,9 +141,21 @@ def constant_with_warmup(optimizer: Any, warmup_steps: int) -> Any:
     )
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""The module each `report_to` tracker needs (an optional extra of gad)."""
+
+
 def make_accelerator(mixed_precision: str, report_to: str, run_dir: Path) -> Any:
+    import importlib.util
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    module = TRACKER_PACKAGES.get(report_to)
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise cfg.UserError(
+            f"report_to={report_to} needs the {module} package: pip install 'gad[{report_to}]'"
+        )
 
     # accelerate keeps one process-wide state; a second stage in the same process (the demo,
     # a notebook) may ask for another precision. The distributed group itself is kept.
@@ -211,7 +223,7 @@ def train(config: cfg.SFTConfig) -> Path:
     """Run SFT as configured; returns the folder of the final model (a plain HF folder)."""
     started = time.time()
     run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.check_writable(run_dir)
     config, choice = precision.apply(config)
     accelerator = make_accelerator(config.mixed_precision, config.report_to, run_dir)
     resume_from = checkpoint.latest(run_dir) if config.resume else None
@@ -232,6 +244,7 @@ def train(config: cfg.SFTConfig) -> Path:
         exclude=config.exclude,
     )
     model, tokenizer = models.load(source)
+    checkpoint.check_space(run_dir, model)
     model.config.use_cache = False
     model.train()
     world, rank = accelerator.num_processes, accelerator.process_index

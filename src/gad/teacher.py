@@ -25,7 +25,10 @@ With `retry_failed=True` (default) earlier failures are retried; with False they
 they are, not retried, and still counted as failed. The file is removed when nothing fails.
 
 Retries (openai backend) are the official client's own: `max_retries` attempts more on
-408/409/429/5xx, timeouts and dropped connections, waiting `retry-after-ms` / `Retry-After`
+408/409/429/5xx, timeouts and dropped connections, and on a 200 that is not a usable chat
+completion (a body that is not JSON or is cut off, an HTML page, no choices, no content: see
+`completion_problem`; such a response is turned into a transport error, so the client retries it
+exactly like a dropped connection), waiting `retry-after-ms` / `Retry-After`
 (seconds or HTTP date) when the server gives one of at most 120 s, else exponential backoff
 0.5 s * 2^k capped at 8 s with up to 25% jitter. What this module adds: it counts attempts (an
 httpx request hook) for the summary, records a request that still fails in the failures file
@@ -42,9 +45,11 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -300,8 +305,10 @@ _attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
 
 def _describe(err: BaseException) -> str:
     """`Type: message`, with the low-level cause of a connection error (else it says little)."""
-    text = f"{type(err).__name__}: {err}"
     cause = err.__cause__
+    if cause is not None and type(cause).__name__ == "MalformedResponse":
+        return f"MalformedResponse: {cause}"[:MAX_ERROR_CHARS]
+    text = f"{type(err).__name__}: {err}"
     if cause is not None and str(cause) not in text:
         text += f" ({type(cause).__name__}: {cause})"
     return text[:MAX_ERROR_CHARS]
@@ -318,18 +325,82 @@ def api_key(env_name: str, error: type[Exception]) -> str:
     return key
 
 
+def completion_problem(body: bytes) -> str | None:
+    """What makes a 200 body unusable as a chat completion, or None when it is one: not JSON
+    (cut off, an HTML page, garbage), not an object, no choices, or no text in the first."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        head = body[:200].decode("utf-8", "replace").strip()
+        preview = " ".join(head.split())[:80]
+        if head.startswith("<"):
+            return f"an HTML page, not JSON ({preview!r})"
+        if head.startswith("{"):
+            return f"a body that is not valid JSON, cut off or garbled ({len(body)} bytes)"
+        return f"a body that is not JSON ({len(body)} bytes: {preview!r})"
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}, not a completion object"
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices:
+        error = obj.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return f"an error object ({str(error['message'])[:200]})"
+        return "no choices"
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+        return f"no content in the first choice (finish_reason={reason})"
+    if not isinstance(obj.get("usage"), dict | None):
+        return "a malformed usage field"
+    return None
+
+
+@cache
+def _malformed_type(http_error: type[Exception]) -> type[Exception]:
+    """A subclass of the HTTP library's decoding error, which the SDK retries as it retries a
+    dropped connection (same backoff) and finally raises as APIConnectionError from it."""
+    return type("MalformedResponse", (http_error,), {"__module__": __name__})
+
+
+def _http_library(client_type: type) -> Any:
+    """The httpx-like module the SDK's HTTP client comes from (httpx, or httpx2 in newer SDKs)."""
+    for base in client_type.__mro__:
+        root = base.__module__.split(".")[0]
+        if root.startswith("httpx"):
+            return sys.modules[root]
+    import httpx
+
+    return httpx
+
+
 def api_client(config: Any, key: str, on_request: Callable[[Any], Any]) -> Any:
     """AsyncOpenAI from a config with `base_url`, `max_retries` and `request_timeout`: the
-    client's own retries and backoff, plus a hook called on every attempt (for counting)."""
+    client's own retries and backoff, plus a hook called on every attempt (for counting) and
+    one that makes an unusable 200 a retryable fault (see `completion_problem`)."""
     import openai
 
+    http = _http_library(openai.DefaultAsyncHttpxClient)
+    malformed = _malformed_type(http.DecodingError)
+
+    async def check_completion(response: Any) -> None:
+        path = response.request.url.path
+        if response.status_code != 200 or not path.endswith("/chat/completions"):
+            return
+        # A body cut short of its Content-Length raises the library's own protocol error here,
+        # which the SDK retries too.
+        problem = completion_problem(await response.aread())
+        if problem is not None:
+            raise malformed(f"HTTP 200 with {problem}", request=response.request)
+
+    hooks = {"request": [on_request], "response": [check_completion]}
     return openai.AsyncOpenAI(
         api_key=key,
         base_url=config.base_url,
         max_retries=config.max_retries,
         timeout=config.request_timeout,
-        # The SDK's default client (its connection limits, redirects) plus the counting hook.
-        http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [on_request]}),
+        # The SDK's default client (its connection limits, redirects) plus the two hooks.
+        http_client=openai.DefaultAsyncHttpxClient(event_hooks=hooks),
     )
 
 
@@ -360,6 +431,11 @@ async def run_pool(
 
     async with client:
         await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+
+
+def _count(value: Any) -> int | None:
+    """A token count as the server gave it, if it is one (servers are not all careful)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 async def _collect_openai(config: CollectConfig, jobs: list[Job], journal: _Journal) -> None:
@@ -410,8 +486,8 @@ async def _collect_openai(config: CollectConfig, jobs: list[Job], journal: _Jour
             job,
             text,
             choice.finish_reason or "stop",  # type: ignore[union-attr]
-            usage.prompt_tokens if usage else None,
-            usage.completion_tokens if usage else None,
+            _count(getattr(usage, "prompt_tokens", None)),
+            _count(getattr(usage, "completion_tokens", None)),
         )
 
     await run_pool(client, jobs, ask, config.concurrency, fatal)

@@ -1,0 +1,75 @@
+"""No optional extra can crash a core command: what core commands import is a core dependency,
+and each command that needs an extra names the `pip install` line that fixes it."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from gad import config as cfg
+from gad import data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plots_rouge_and_gguf_are_core_dependencies():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {d.split(">")[0].split("=")[0].split("[")[0].strip() for d in project["dependencies"]}
+    # gad toy / gad report (matplotlib), gad eval (rouge-score), built-in models (gguf).
+    assert {"matplotlib", "rouge-score", "gguf"} <= core
+    assert "hypothesis" in " ".join(project["optional-dependencies"]["dev"])
+
+
+def test_missing_tracker_names_the_install_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    from gad import sft
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(cfg.UserError, match=r"pip install 'gad\[wandb\]'"):
+        sft.make_accelerator("no", "wandb", tmp_path)
+
+
+def test_missing_pyarrow_names_the_install_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(data.DataError, match=r"d.parquet: reading Parquet needs `pip install"):
+        data.read_records(tmp_path / "d.parquet")
+
+
+def test_missing_reasoning_gym_names_the_install_line(monkeypatch):
+    from gad import tasks
+
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)
+    with pytest.raises(cfg.UserError, match=r"pip install 'gad\[reasoning\]'"):
+        tasks.reasoning_gym_items("basic_arithmetic", 2, 0, {})
+
+
+def test_quick_start_targets_use_the_project_venv(tmp_path):
+    """`make demo` / `make test` / `make lint` make (once) and use a virtual environment, so
+    they work where the system Python refuses pip installs (PEP 668)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "v"
+    done = subprocess.run(
+        ["make", "-n", "demo", "test", "lint", f"VENV={venv}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"python3 -m venv {venv}")
+    python = f"{venv}/bin/python"
+    for command in ('-m pip install -q "torch==2.13.0"', "-m gad demo", "-m pytest", "-m ruff"):
+        assert any(f"{python} {command}" in line for line in lines), command
+    assert not any(line.startswith(("pip ", "ruff ", "gad ")) for line in lines)
+    assert ".venv/" in (ROOT / ".gitignore").read_text().split()
