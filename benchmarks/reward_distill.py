@@ -53,7 +53,19 @@ from pathlib import Path
 from typing import Any
 
 from gad import config as cfg
-from gad import data, evalsets, evaluate, gad, label, models, reward, sft, tasks, teacher
+from gad import (
+    data,
+    evalsets,
+    evaluate,
+    gad,
+    label,
+    models,
+    precision,
+    reward,
+    sft,
+    tasks,
+    teacher,
+)
 
 SYSTEMS = ("before", "sft", "rl_rm", "gad", "combined")
 INSTRUCTION = " Answer in one short line that ends with: The answer is <number>."
@@ -95,7 +107,7 @@ def sizes(args: argparse.Namespace) -> dict[str, Any]:
         rl_lr=1e-5,
         rm_lr=2e-5,
         rm_epochs=2,
-        precision="bf16",
+        precision="auto",
     )
 
 
@@ -367,6 +379,7 @@ def main() -> None:
         },
         "seconds": {"shared": times, **{f"seed{k}": v["seconds"] for k, v in per_seed.items()}},
         "wall_seconds": round(time.time() - started, 1),
+        "machine": precision.machine() | {"precision": precision.resolve(s["precision"]).reason},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))

@@ -132,7 +132,7 @@ from transformers import (
 )
 
 from gad import config as cfg
-from gad import data, discriminator, gad, models, sft
+from gad import data, discriminator, gad, models, precision, sft
 from gad.tracking import read_metrics
 
 SYSTEMS = ("ours", "trl", "gad")
@@ -670,7 +670,8 @@ def markdown(args: argparse.Namespace, env: dict[str, Any], summary: dict[str, A
         f"temperature {args.temperature}, KL coef 0; {args.rounds} rounds × {args.steps} steps "
         f"per run (first step of each run not counted); mean ± std over rounds. "
         f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, "
-        f"{env['torch_threads']} threads; {env['date']}.",
+        f"{env['torch_threads']} threads; CPU flags {', '.join(env['machine']['cpu_flags'])}, "
+        f"torch CPU capability {env['machine']['torch_cpu_capability']}; {env['date']}.",
         "",
         "| system | s/step | generate s | score s | update s | other s | generated tok/s "
         "| trained tok/s | decode tok/s | peak RSS MiB"
@@ -733,7 +734,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape")
     source.add_argument("--tiny", action="store_true", help="tiny random-init models (smoke)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="autocast")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="autocast (auto: bf16 where the device computes it natively, else fp32)",
+    )
     parser.add_argument(
         "--peak-tflops",
         type=float,
@@ -744,6 +750,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, help="keep models, data and logs here (reused)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.dtype == "auto" and not args.worker:
+        # Resolved once in the parent so both systems run, and the JSON records, the same.
+        chosen = precision.resolve("auto").mixed_precision
+        args.dtype = "bf16" if chosen == "bf16" else "fp32"
     if args.peak_tflops is None and args.device == "cuda":
         args.peak_tflops = 989.0
     if args.steps < 2:
@@ -756,7 +766,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def environment(args: argparse.Namespace, params: int) -> dict[str, Any]:
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    machine = precision.machine()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else machine["cpu"]
     return {
         "model": "tiny" if args.tiny else args.shape or args.model,
         "params": params,
@@ -765,6 +776,8 @@ def environment(args: argparse.Namespace, params: int) -> dict[str, Any]:
         "transformers": metadata.version("transformers"),
         "trl": metadata.version("trl"),
         "torch_threads": torch.get_num_threads(),
+        "machine": machine,
+        "precision": args.dtype,
         "date": datetime.now(timezone.utc).strftime("%a %b %d %H:%M UTC %Y"),
     }
 

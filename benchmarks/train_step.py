@@ -1,8 +1,9 @@
 """Seconds per training step on this machine: SFT (SeqKD) and the GAD step by phase.
 
 SFT: SmolLM2-135M-Instruct, batch 4 x 512 tokens (256 prompt + 256 response), fp32 weights with
-bf16 autocast, AdamW. GAD: the same student and discriminator (both SmolLM2-135M), P prompts x N
-samples, rollouts of up to R new tokens, one discriminator and one policy update per step.
+autocast as `--precision` (default auto: bf16 where the CPU computes it natively), AdamW.
+GAD: the same student and discriminator (both SmolLM2-135M), P prompts x N samples, rollouts of
+up to R new tokens, one discriminator and one policy update per step.
 
     python benchmarks/train_step.py sft --steps 4
     python benchmarks/train_step.py gad --prompts 4 --n 4 --response 64 --steps 3
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from gad import config as cfg
-from gad import gad, models, sft
+from gad import gad, models, precision, sft
 from gad.tracking import read_metrics
 
 WORDS = "the model answers every question with care and a short clear example".split()
@@ -63,6 +64,7 @@ def bench_sft(args: argparse.Namespace, tmp: Path) -> dict:
         "model": args.model,
         "batch": "4 x ~512 tokens",
         "precision": args.precision,
+        "machine": precision.machine(),
         "s_per_step": statistics.mean(r["seconds"] for r in rows),
         "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rows),
         "steps_timed": len(rows),
@@ -95,6 +97,7 @@ def bench_gad(args: argparse.Namespace, tmp: Path) -> dict:
         "model": args.model,
         "batch": f"{args.prompts} prompts x {args.n} samples x <= {args.response} new tokens",
         "precision": args.precision,
+        "machine": precision.machine(),
         "s_per_step": statistics.mean(r["time/step"] for r in rows),
         "phases_s": {p[5:]: round(statistics.mean(r[p] for r in rows), 2) for p in phases},
         "response_len_mean": statistics.mean(r["response/length_mean"] for r in rows),
@@ -109,13 +112,15 @@ def main() -> None:
     parser.add_argument("bench", choices=["sft", "gad"])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (one more is run)")
-    parser.add_argument("--precision", default="bf16", choices=["no", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"])
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--response", type=int, default=64)
     parser.add_argument("--micro", type=int, default=8)
     args = parser.parse_args()
     models.resolve(args.model)  # convert once, outside the timing
+    # Resolved once here so the JSON says what ran, not "auto".
+    args.precision = precision.resolve(args.precision).mixed_precision
     with tempfile.TemporaryDirectory() as tmp:
         result = (bench_sft if args.bench == "sft" else bench_gad)(args, Path(tmp))
     print(json.dumps(result))

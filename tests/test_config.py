@@ -35,7 +35,11 @@ def test_unknown_key_names_key_and_file(tmp_path):
         ("epochs", "three", r"'epochs' must be int, got str"),
         ("epochs", 1.5, r"'epochs' must be int, got float"),
         ("resume", "yes", r"'resume' must be bool"),
-        ("mixed_precision", "fp8", r"'mixed_precision' must be one of \['no', 'bf16', 'fp16'\]"),
+        (
+            "mixed_precision",
+            "fp8",
+            r"'mixed_precision' must be one of \['auto', 'no', 'bf16', 'fp16'\]",
+        ),
         ("adam_betas", [0.9], r"'adam_betas' must be a list of 2 values"),
         ("lr", "fast", r"'lr' must be float"),
     ],

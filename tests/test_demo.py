@@ -3,6 +3,7 @@ import re
 
 from typer.testing import CliRunner
 
+from gad import precision
 from gad.cli import app
 
 
@@ -39,6 +40,13 @@ def test_demo_tiny_runs_every_stage_and_writes_the_report(tmp_path):
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
     assert {"curves-seqkd.png", "curves-gad-warmup.png", "curves-gad-gad.png"} <= set(images)
     assert all((out / "report" / name).stat().st_size > 1000 for name in images)
+
+    # The demo's precision (auto by default) reaches every training stage, resolved.
+    chosen = precision.resolve("auto").mixed_precision
+    for stage_config in ("seqkd/config.yaml", "gad/config.warmup.yaml", "gad/config.gad.yaml"):
+        text = (out / stage_config).read_text()
+        assert re.search(rf"^mixed_precision: '?{chosen}'?$", text, re.M), stage_config
+        assert "# resolved: auto:" in text, stage_config
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["report"] == str(out / "report" / "report.md")

@@ -112,8 +112,10 @@ class SFTConfig:
     """Records whose templated prompt is longer are reported and left out, never cut."""
     max_response_tokens: int = 1536
     """Responses are cut to this many tokens (the cut is counted in the summary)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    """Autocast precision; weights and optimizer state stay float32."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision (weights and optimizer state stay float32). `auto`: bf16 where the
+    hardware computes it natively (a GPU from Ampere on; a CPU where a bf16 matmul measures
+    faster than float32, probed once per machine), fp16 on older GPUs, else float32 (`no`)."""
     seed: int = 0
     """Seed for data order and initialisation."""
     save_every: int = 50
@@ -241,13 +243,17 @@ def to_dict(config: Any) -> dict[str, Any]:
     }
 
 
-def save(config: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML with each field's docstring as a comment above it."""
+def save(config: Any, path: str | Path, notes: dict[str, str] | None = None) -> None:
+    """Write the resolved config as YAML with each field's docstring as a comment above it, and
+    `notes[key]` (how a value was resolved, e.g. `auto` precision) as a second comment."""
     docs = field_docs(type(config))
+    notes = notes or {}
     lines = [f"# {type(config).__name__}: resolved configuration of this run"]
     for key, value in to_dict(config).items():
         if key in docs:
             lines.append(f"# {docs[key]}")
+        if key in notes:
+            lines.append(f"# resolved: {notes[key]}")
         lines.append(yaml.safe_dump({key: value}, sort_keys=False, width=1000).rstrip())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
@@ -292,6 +298,9 @@ class DemoConfig:
     """Seed of training and of the evaluation samples."""
     tiny: bool = False
     """Use tiny random-init models instead (a smoke test of the pipeline in about a minute)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision of every training and scoring stage (`auto`: bf16 only where the
+    hardware computes it natively, see `gad train --help`)."""
 
 
 @dataclass(frozen=True)
@@ -372,8 +381,10 @@ class GADConfig:
     """Discriminator loss: Bradley–Terry (Eq. 3) or the cross-entropy ablation (Eq. 4)."""
     d_steps: int = 1
     """Discriminator updates per GAD step (paper: 1)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    """Autocast precision; weights and optimizer state stay float32."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision (weights and optimizer state stay float32). `auto`: bf16 where the
+    hardware computes it natively (a GPU from Ampere on; a CPU where a bf16 matmul measures
+    faster than float32, probed once per machine), fp16 on older GPUs, else float32 (`no`)."""
     seed: int = 0
     """Seed for data order, sampling and the discriminator head."""
     save_every: int = 50
@@ -694,8 +705,10 @@ class RewardConfig:
     """Records whose templated prompt is longer are reported and left out, never cut."""
     max_response_tokens: int = 1536
     """Responses are cut to this many tokens (scored at their last kept token, as in RL)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    """Autocast precision; weights and optimizer state stay float32."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision (weights and optimizer state stay float32). `auto`: bf16 where the
+    hardware computes it natively (a GPU from Ampere on; a CPU where a bf16 matmul measures
+    faster than float32, probed once per machine), fp16 on older GPUs, else float32 (`no`)."""
     seed: int = 0
     """Seed of the head's initialisation and the data order."""
     eval_every: int = 0

@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gad import checkpoint, data, discriminator, losses, models, reward, sft
+from gad import checkpoint, data, discriminator, losses, models, precision, reward, sft
 from gad import config as cfg
 from gad.rollout import Completion, Sampling, TransformersRollout
 from gad.tracking import MetricsLog, PhaseTimer, tracker_config
@@ -694,6 +694,7 @@ def train(config: cfg.GADConfig) -> Path:
     """Run the configured stage(s); returns the final generator folder of the last stage."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    config, choice = precision.apply(config)
     accelerator = sft.make_accelerator(config.mixed_precision, config.report_to, out)
     # Rollouts sample from torch's generator: seed it so a run is reproducible (a resumed run
     # restores the generator state from its checkpoint instead).
@@ -701,7 +702,7 @@ def train(config: cfg.GADConfig) -> Path:
     if accelerator.is_main_process:
         # Stages run one by one may differ in settings (the demo's learning rates): keep each.
         name = "config.yaml" if config.stage == "all" else f"config.{config.stage}.yaml"
-        cfg.save(config, out / name)
+        cfg.save(config, out / name, {"mixed_precision": choice.reason})
     if config.reward_model and config.method == "offpolicy":
         raise cfg.ConfigError("reward_model and method=offpolicy exclude each other")
     if config.reward_mix_alpha is not None and (

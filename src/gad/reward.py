@@ -39,7 +39,7 @@ import torch
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from gad import checkpoint, data, discriminator, evalsets, losses, models, sft
+from gad import checkpoint, data, discriminator, evalsets, losses, models, precision, sft
 from gad import config as cfg
 from gad.tracking import MetricsLog, tracker_config
 
@@ -266,9 +266,10 @@ def train(config: cfg.RewardConfig) -> Path:
     started = time.time()
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    config, choice = precision.apply(config)
     accelerator = sft.make_accelerator(config.mixed_precision, config.report_to, run_dir)
     if accelerator.is_main_process:
-        cfg.save(config, run_dir / "config.yaml")
+        cfg.save(config, run_dir / "config.yaml", {"mixed_precision": choice.reason})
     if not 0.0 <= config.held_out < 1.0:
         raise cfg.ConfigError(f"'held_out' must lie in [0, 1), got {config.held_out}")
     resume_from = checkpoint.latest(run_dir) if config.resume else None

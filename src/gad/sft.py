@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from gad import checkpoint, data, evalsets, models
+from gad import checkpoint, data, evalsets, models, precision
 from gad import config as cfg
 from gad.discriminator import position_ids_from_mask
 from gad.tracking import MetricsLog, tracker_config
@@ -198,12 +198,13 @@ def train(config: cfg.SFTConfig) -> Path:
     started = time.time()
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    config, choice = precision.apply(config)
     accelerator = make_accelerator(config.mixed_precision, config.report_to, run_dir)
     resume_from = checkpoint.latest(run_dir) if config.resume else None
     if config.resume and resume_from is None:
         console.print(f"no checkpoint yet in {run_dir}: starting fresh")
     if accelerator.is_main_process:
-        cfg.save(config, run_dir / "config.yaml")
+        cfg.save(config, run_dir / "config.yaml", {"mixed_precision": choice.reason})
 
     torch.manual_seed(config.seed)
     source = str(resume_from) if resume_from else config.model

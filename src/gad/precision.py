@@ -1,0 +1,199 @@
+"""Which autocast precision a run uses, chosen from the hardware it runs on.
+
+bf16 autocast is a large win where the hardware has bf16 arithmetic (GPUs from Ampere on, CPUs
+with AVX-512 BF16 or AMX) and a disaster where it does not: on an AVX2-only CPU torch falls back
+to a reference GEMM and a bf16 matmul is ~100x slower than float32. Flags in /proc/cpuinfo do
+not say which kernel torch will pick, so on a CPU `auto` measures it: one small matmul under
+bf16 autocast against the same in float32, cached per machine (CPU model, torch version).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# bf16 is used on a CPU when its autocast matmul takes at most this share of float32's time;
+# AMX boxes measure ~0.2-0.4, AVX-512 BF16 without AMX ~0.7-1.0, AVX2-only boxes ~100.
+FAST_RATIO = 1.0
+# CPU flags that matter for the choice and that every benchmark records.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The precision a run uses and why."""
+
+    mixed_precision: str
+    """What accelerate is given: `no`, `bf16` or `fp16`."""
+    reason: str
+    """One sentence: what was asked and what decided it."""
+    warning: str | None = None
+    """Set when an explicit choice is honoured although it is slow on this hardware."""
+
+
+def _cpuinfo() -> dict[str, Any]:
+    info: dict[str, Any] = {"model": platform.processor() or "unknown CPU", "flags": set()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():  # the first processor's lines are enough
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name":
+            info["model"] = value
+        elif key == "flags":
+            info["flags"] = set(value.split())
+            break
+    return info
+
+
+def machine() -> dict[str, Any]:
+    """What a benchmark figure depends on: CPU model and flags, torch's CPU capability,
+    threads, the GPU if any. Recorded beside every figure."""
+    info = _cpuinfo()
+    out: dict[str, Any] = {
+        "cpu": info["model"],
+        "cpu_flags": [f for f in CPU_FLAGS if f in info["flags"]],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["gpu_capability"] = list(torch.cuda.get_device_capability(0))
+    return out
+
+
+def _time_matmul(dtype: torch.dtype | None, reps: int) -> float:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 576, generator=generator)
+    b = torch.randn(576, 1536, generator=generator)
+
+    def once() -> None:
+        if dtype is None:
+            a @ b
+        else:
+            with torch.autocast("cpu", dtype=dtype):
+                a @ b
+
+    once()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_cpu_ratio(dtype: str = "bf16", reps: int = 5) -> float:
+    """Time of a 256x576 @ 576x1536 matmul under `dtype` autocast over float32's (best of
+    `reps`). Takes ~0.1 s where bf16 is native, ~1 s where it is emulated."""
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    fp32 = _time_matmul(None, reps)
+    return _time_matmul(torch_dtype, reps) / max(fp32, 1e-9)
+
+
+def _cache_file() -> Path:
+    from gad.models import cache_dir
+
+    return cache_dir() / "precision-probe.json"
+
+
+def cached_cpu_ratio(dtype: str = "bf16") -> float:
+    """`measure_cpu_ratio`, measured once per machine and torch version and kept in the cache
+    (every process of a multi-process run then makes the same choice)."""
+    from filelock import FileLock
+
+    key = f"{_cpuinfo()['model']}|{torch.__version__}|{dtype}"
+    path = _cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if not isinstance(known, dict) or not isinstance(known.get(key), int | float):
+            known = known if isinstance(known, dict) else {}
+            known[key] = measure_cpu_ratio(dtype)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=2) + "\n")
+            tmp.replace(path)
+        return float(known[key])
+
+
+def _gpu_choice(requested: str, capability: tuple[int, int], name: str) -> Choice:
+    bf16_ok, fp16_ok = capability >= (8, 0), capability >= (7, 0)
+    where = f"{name} (compute capability {capability[0]}.{capability[1]})"
+    if requested == "auto":
+        if bf16_ok:
+            return Choice("bf16", f"auto: {where} has bf16 tensor cores")
+        if fp16_ok:
+            return Choice("fp16", f"auto: {where} has fp16 but no bf16 tensor cores")
+        return Choice("no", f"auto: {where} has neither bf16 nor fp16 tensor cores")
+    warning = None
+    if requested == "bf16" and not bf16_ok:
+        warning = f"bf16 asked for on {where}, which has no bf16 tensor cores: expect it slow"
+    return Choice(requested, f"{requested}: asked for, on {where}", warning)
+
+
+def resolve(
+    requested: str,
+    *,
+    cpu_ratio: Callable[[str], float] | None = None,
+    gpu: tuple[tuple[int, int], str] | None = None,
+) -> Choice:
+    """The precision for `requested` (`auto`, `no`, `bf16`, `fp16`) on this machine.
+
+    `gpu` is (compute capability, name) of the device a run trains on, None on a CPU (default:
+    read from torch). `cpu_ratio(dtype)` is the CPU probe (default `cached_cpu_ratio`).
+    """
+    cpu_ratio = cpu_ratio or cached_cpu_ratio
+    if gpu is None and torch.cuda.is_available():
+        gpu = (torch.cuda.get_device_capability(0), torch.cuda.get_device_name(0))
+    if gpu is not None:
+        return _gpu_choice(requested, tuple(gpu[0]), gpu[1])  # type: ignore[arg-type]
+    if requested == "no":
+        return Choice("no", "no: asked for (float32)")
+    cpu = _cpuinfo()["model"]
+    if requested == "auto":
+        ratio = cpu_ratio("bf16")
+        if ratio <= FAST_RATIO:
+            return Choice("bf16", f"auto: a bf16 matmul took {ratio:.2f}x float32's time on {cpu}")
+        return Choice(
+            "no", f"auto: a bf16 matmul took {ratio:.1f}x float32's time on {cpu}, so float32"
+        )
+    ratio = cpu_ratio(requested)
+    warning = None
+    if ratio > FAST_RATIO:
+        warning = (
+            f"{requested} asked for, but a {requested} matmul measured {ratio:.1f}x slower than "
+            f"float32 on this CPU ({cpu}); `mixed_precision: auto` would use float32"
+        )
+    return Choice(
+        requested, f"{requested}: asked for ({ratio:.2f}x float32's matmul time)", warning
+    )
+
+
+def apply(config: Any) -> tuple[Any, Choice]:
+    """`config` with its `mixed_precision` resolved, and the choice; prints the choice with its
+    reason (and any warning) once, from the first process."""
+    import dataclasses
+
+    from rich.console import Console
+
+    choice = resolve(config.mixed_precision)
+    if os.environ.get("RANK", "0") == "0":
+        console = Console(stderr=True)
+        console.print(f"mixed precision: [bold]{choice.mixed_precision}[/] ({choice.reason})")
+        if choice.warning:
+            console.print(f"[yellow]warning: {choice.warning}[/]")
+    return dataclasses.replace(config, mixed_precision=choice.mixed_precision), choice

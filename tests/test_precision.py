@@ -1,0 +1,106 @@
+import json
+
+import pytest
+
+from gad import config as cfg
+from gad import precision, sft
+
+
+def test_auto_on_cpu_follows_the_probe():
+    slow = precision.resolve("auto", cpu_ratio=lambda dtype: 98.0, gpu=None)
+    fast = precision.resolve("auto", cpu_ratio=lambda dtype: 0.3, gpu=None)
+    assert slow.mixed_precision == "no" and "98.0x" in slow.reason and slow.warning is None
+    assert fast.mixed_precision == "bf16" and "0.30x" in fast.reason
+
+
+def test_no_never_runs_the_probe():
+    def probe(dtype):
+        raise AssertionError("probed")
+
+    assert precision.resolve("no", cpu_ratio=probe).mixed_precision == "no"
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((6, 1), "no")],
+)
+def test_auto_on_gpu_follows_the_compute_capability(capability, expected):
+    def probe(dtype):
+        raise AssertionError("a GPU run must not time the CPU")
+
+    choice = precision.resolve("auto", cpu_ratio=probe, gpu=(capability, "GPU"))
+    assert choice.mixed_precision == expected
+    assert f"{capability[0]}.{capability[1]}" in choice.reason
+
+
+def test_explicit_bf16_on_an_old_gpu_is_honoured_with_a_warning():
+    choice = precision.resolve("bf16", gpu=((7, 5), "T4"))
+    assert choice.mixed_precision == "bf16" and "no bf16 tensor cores" in choice.warning
+
+
+def test_explicit_bf16_on_a_slow_cpu_runs_and_warns(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(precision, "cached_cpu_ratio", lambda dtype: 97.0)
+    records = tmp_path / "train.jsonl"
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    records.write_text(json.dumps({"messages": messages}) + "\n")
+    config = cfg.SFTConfig(
+        data=str(records),
+        model=str(tiny_dir),
+        output_dir=str(tmp_path / "run"),
+        epochs=1,
+        batch_size=1,
+        mixed_precision="bf16",
+        save_state=False,
+    )
+    assert (sft.train(config) / "model.safetensors").exists()
+    err = capsys.readouterr().err
+    assert "mixed precision: bf16" in err
+    assert "measured 97.0x slower than float32" in " ".join(err.split())
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "mixed_precision: bf16" in saved and "# resolved: bf16: asked for" in saved
+
+
+def test_auto_is_resolved_in_the_saved_config(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "cached_cpu_ratio", lambda dtype: 50.0)
+    records = tmp_path / "train.jsonl"
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    records.write_text(json.dumps({"messages": messages}) + "\n")
+    config = cfg.SFTConfig(
+        data=str(records), model=str(tiny_dir), output_dir=str(tmp_path / "run"), epochs=1
+    )
+    assert config.mixed_precision == "auto"
+    sft.train(dataclass_replace(config, save_state=False))
+    saved = cfg.load(cfg.SFTConfig, tmp_path / "run" / "config.yaml")
+    assert saved.mixed_precision == "no"
+    assert (
+        "# resolved: auto: a bf16 matmul took 50.0x"
+        in (tmp_path / "run" / "config.yaml").read_text()
+    )
+
+
+def dataclass_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_the_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAD_CACHE", str(tmp_path))
+    calls = []
+    real = precision.measure_cpu_ratio
+
+    def counting(dtype="bf16", reps=5):
+        calls.append(dtype)
+        return real(dtype, reps=2)
+
+    monkeypatch.setattr(precision, "measure_cpu_ratio", counting)
+    first = precision.cached_cpu_ratio("bf16")
+    second = precision.cached_cpu_ratio("bf16")
+    assert first == second > 0 and calls == ["bf16"]
+    assert list(json.loads((tmp_path / "precision-probe.json").read_text()).values()) == [first]
+
+
+def test_machine_names_what_a_figure_depends_on():
+    info = precision.machine()
+    assert {"cpu", "cpu_flags", "torch_cpu_capability", "threads", "torch"} <= set(info)
+    assert set(info["cpu_flags"]) <= set(precision.CPU_FLAGS)
