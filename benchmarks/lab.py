@@ -349,7 +349,10 @@ class Trained:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def sft_config(args: argparse.Namespace, data_file: Path, run: Path, seed: int, epochs: int):
+def sft_config(
+    args: argparse.Namespace, data_file: Path, run: Path, seed: int, epochs: int, every: int = 1
+) -> cfg.SFTConfig:
+    """SeqKD, with a checkpoint every `every` epochs (GAD at equal exposure starts from one)."""
     return cfg.SFTConfig(
         data=str(data_file),
         model=args.student,
@@ -359,7 +362,7 @@ def sft_config(args: argparse.Namespace, data_file: Path, run: Path, seed: int, 
         batch_size=args.batch_prompts,
         max_response_tokens=args.max_tokens,
         seed=seed,
-        save_every=args.steps_per_epoch,
+        save_every=args.steps_per_epoch * every,
         keep_checkpoints=0,
         save_state=False,
     )
@@ -490,7 +493,9 @@ def train_seed(
         # Equal wall time: SeqKD given as long as GAD's main run took, in whole epochs.
         target = systems["gad"].train_s
         epochs = max(k + 1, round(target / (seqkd_s / k)))
-        final, s = timed(sft.train, sft_config(args, data_file, run / "seqkd_long", seed, epochs))
+        # About 4 checkpoints: each is a point of the equal-time curve.
+        config = sft_config(args, data_file, run / "seqkd_long", seed, epochs, max(1, epochs // 4))
+        final, s = timed(sft.train, config)
         systems["seqkd_equal_time"] = Trained(str(final), s, {"epochs": epochs})
     return systems
 
@@ -645,6 +650,17 @@ def run_setting(
             for png in out.glob("*.png"):
                 shutil.copy(png, Path(args.out) / png.name)
             write_results(Path(args.out), results, meta, args)
+        if not args.keep_models:
+            prune(out / f"s{seed}")
+
+
+def prune(run: Path) -> None:
+    """Delete a finished seed's weights and optimizer states (GBs per run); metrics, configs
+    and answers stay."""
+    for pattern in ("*.safetensors", "trainer_state.pt", "*.bin"):
+        for path in run.rglob(pattern):
+            if not path.is_symlink() and path.is_file():
+                path.unlink()
 
 
 def add_gap_closed(by_method: dict[str, list[dict[str, Any]]], seed: int) -> None:
@@ -745,6 +761,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--lr", type=float, default=5e-5, help="SeqKD")
     add("--gad-lr", type=float, default=1e-5, help="GAD stage and white-box generator")
     add("--d-lr", type=float, default=5e-5, help="discriminator")
+    add("--keep-models", action="store_true", help="keep every run's weights (GBs per run)")
     add("--tiny", action="store_true", help="tiny random models and sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.tiny:
