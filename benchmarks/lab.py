@@ -27,13 +27,19 @@ temperature 1 and is scored:
 - `gap_closed` (context setting): (KL_seqkd - KL_method) / (KL_seqkd - KL_whitebox) on exact
   reverse KL, per seed against that seed's SeqKD and white-box runs.
 
-Methods: `before` (the untouched student), `seqkd` (SFT, `--seqkd-epochs` k), `gad` (from the
-SeqKD checkpoint: a discriminator-only warmup, then the GAD stage), `gad_equal_exposure` (from
-SeqKD's epoch k-1 checkpoint: both saw k epochs of teacher data), `whitebox` (on-policy
-distillation with the teacher's exact log-probs, from SeqKD: the ceiling), the stabilisers
-`gad_replay`, `gad_lenpen`, `gad_clip`, `gad_tokenmean` (GAD with one setting on), and
-`offpolicy` (optional). Seed 0 also runs the long GAD run (`--long-steps`, with curves) and
-SeqKD continued for as long (the equal-wall-time comparison).
+Methods: `before` (the untouched student, scored once), `seqkd` (SFT, `--seqkd-epochs` k),
+`gad` (from the SeqKD checkpoint: `warmup_generator=False`, so the warmup is the
+discriminator's only, then the GAD stage), `gad_equal_exposure` (the same from SeqKD's epoch k-1
+checkpoint: both saw k epochs of teacher data), `whitebox` (context setting: on-policy
+distillation with the teacher's exact log-probs under the hidden context, from SeqKD: the
+ceiling), the stabilisers `gad_replay`, `gad_lenpen`, `gad_clip`, `gad_tokenmean` (GAD with
+one setting on; first seed only unless `--stabiliser-seeds all`), `offpolicy` (optional).
+The first seed of the context setting also runs the long GAD run (`--long-steps`, held-out
+evaluation every `--curve-every` steps; `gad_long` is its end, `gad_selected` the product's
+model selection on the validation prompts, and its step-`--gad-steps` checkpoint is that seed's
+`gad` row), and `seqkd_equal_time`: SeqKD given as much wall time as `gad` took (whole
+epochs), with its curve beside GAD's (`lab-v2-equal-time.png`). The cross-tokenizer setting
+runs `--cross-methods` on `--cross-seeds` (the budget's choice; see `run.json`).
 
     python benchmarks/lab.py --out runs/lab-v2                 # the whole benchmark
     python benchmarks/lab.py --validate --out runs/lab-val     # choose the hidden context
@@ -161,6 +167,16 @@ def sample(
     asked = output.with_name(output.stem + ".prompts.jsonl")
     data.write_records(asked, [data.Record(r.id, context + r.prompt) for r in prompts])
     raw = output.with_name(output.stem + ".raw.jsonl") if context else output
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16_sampling):
+        _collect(model, asked, raw, args, seed, n)
+    records = [r for r in data.read_records(raw).records if r.response is not None]
+    if context:
+        records = [data.Record(r.id, r.messages[len(context) :], r.meta) for r in records]
+        data.write_records(output, records)
+    return records
+
+
+def _collect(model: str, asked: Path, raw: Path, args: argparse.Namespace, seed: int, n: int):
     teacher.collect(
         cfg.CollectConfig(
             prompts=str(asked),
@@ -175,11 +191,6 @@ def sample(
         ),
         progress=False,
     )
-    records = [r for r in data.read_records(raw).records if r.response is not None]
-    if context:
-        records = [data.Record(r.id, r.messages[len(context) :], r.meta) for r in records]
-        data.write_records(output, records)
-    return records
 
 
 # ------------------------------------------------------------------ metrics
@@ -359,7 +370,7 @@ def sft_config(
         output_dir=str(run),
         epochs=epochs,
         lr=args.lr,
-        batch_size=args.batch_prompts,
+        batch_size=args.sft_batch,
         max_response_tokens=args.max_tokens,
         seed=seed,
         save_every=args.steps_per_epoch * every,
@@ -411,6 +422,21 @@ def checkpoint_at(run: Path, step: int) -> Path:
     return folder
 
 
+def stage_stats(stage_dir: Path, upto: int | None = None) -> dict[str, float]:
+    """What explains a GAD-stage result: the discriminator's accuracy over the second half of
+    the stage (0.5 is the equilibrium; near 1, a shortcut or a student far from the teacher)
+    and the mean step time."""
+    rows = [r for r in read_metrics(stage_dir) if "time/step" in r]
+    rows = [r for r in rows if upto is None or r["step"] <= upto]
+    out: dict[str, float] = {}
+    if rows:
+        out["step_s"] = statistics.mean(r["time/step"] for r in rows)
+        late = [r["d/accuracy"] for r in rows[len(rows) // 2 :] if "d/accuracy" in r]
+        if late:
+            out["d_accuracy"] = statistics.mean(late)
+    return out
+
+
 def train_seed(
     setting: str,
     methods: list[str],
@@ -419,18 +445,25 @@ def train_seed(
     args: argparse.Namespace,
     seed: int,
     context_file: Path | None,
+    first: bool,
 ) -> dict[str, Trained]:
-    """Train every method of one seed; returns {system: Trained}."""
-    systems: dict[str, Trained] = {"before": Trained(args.student, 0.0)}
+    """Train every method of one seed; returns {system: Trained}. The first seed also runs
+    the long GAD run and SeqKD at equal wall time (context setting)."""
+    # The untouched student is one model: scored once, with the first seed's samples.
+    systems = {"before": Trained(args.student, 0.0)} if first else {}
     run = out / f"s{seed}"
     k = args.seqkd_epochs
     seqkd_final, seqkd_s = timed(sft.train, sft_config(args, data_file, run / "seqkd", seed, k))
     systems["seqkd"] = Trained(str(seqkd_final), seqkd_s)
-    long = seed == args.seeds[0] and setting == "context" and args.long_steps > args.gad_steps
+    long = first and setting == "context" and args.long_steps > args.gad_steps
 
     # One discriminator warmup from SeqKD, shared by GAD and each stabiliser (they differ in
     # the GAD stage only); each variant's run folder links to it.
-    gad_like = [m for m in methods if m == "gad" or m in STABILISERS]
+    gad_like = [
+        m
+        for m in methods
+        if m == "gad" or (m in STABILISERS and (first or args.stabiliser_seeds == "all"))
+    ]
     warm_s = 0.0
     if gad_like:
         base = gad_config(args, data_file, str(seqkd_final), run / "gad", seed)
@@ -444,20 +477,42 @@ def train_seed(
             args, data_file, str(seqkd_final), folder, seed, **STABILISERS.get(method, {})
         )
         if method == "gad" and long:
-            # The long run: its step-`gad_steps` checkpoint is seed 0's row of the main table,
-            # the later ones give the curves.
+            # The long run: its step-`gad_steps` checkpoint is the first seed's row of the main
+            # table. The product's held-out evaluation (exact reverse KL on the validation
+            # prompts, on its own random stream, so training is unchanged) gives the curve and
+            # the model selection (`gad_selected`).
             config = dataclasses.replace(
-                config, max_steps=args.long_steps, save_every=args.curve_every
+                config,
+                max_steps=args.long_steps,
+                save_every=args.gad_steps,
+                eval_every=args.curve_every,
+                eval_data=str(args.val_data),
+                teacher_model=args.teacher,
+                teacher_context=str(context_file),
             )
         final, gad_s = timed(gad.train, dataclasses.replace(config, stage="gad"))
         if method == "gad" and long:
-            per_step = gad_s / args.long_steps
+            # Step times from the run's own timers: the held-out evaluations are not training.
+            steps = [r for r in read_metrics(folder / "gad") if "time/step" in r]
+            per_step = statistics.mean(r["time/step"] for r in steps)
+            main_s = sum(r["time/step"] for r in steps if r["step"] <= args.gad_steps)
             main_at = checkpoint_at(folder / "gad", args.gad_steps)
             offsets = {"offset_s": seqkd_s + warm_s, "per_step_s": per_step}
-            systems["gad_long"] = Trained(str(final), seqkd_s + warm_s + gad_s, offsets)
-            systems["gad"] = Trained(str(main_at), seqkd_s + warm_s + per_step * args.gad_steps)
+            stats = stage_stats(folder / "gad")
+            systems["gad_long"] = Trained(str(final), seqkd_s + warm_s + gad_s, offsets | stats)
+            stats = stage_stats(folder / "gad", args.gad_steps)
+            systems["gad"] = Trained(str(main_at), seqkd_s + warm_s + main_s, stats)
+            selection = json.loads((folder / "gad" / "selection.json").read_text())
+            if selection.get("model"):
+                step = selection["chosen_step"]
+                systems["gad_selected"] = Trained(
+                    selection["model"],
+                    seqkd_s + warm_s + gad_s,
+                    {"chosen_step": step, "val_reverse_kl": selection["value"]},
+                )
         else:
-            systems[method] = Trained(str(final), seqkd_s + warm_s + gad_s)
+            stats = stage_stats(folder / "gad")
+            systems[method] = Trained(str(final), seqkd_s + warm_s + gad_s, stats)
 
     if "gad_equal_exposure" in methods:
         # SeqKD after k-1 epochs, then GAD: k epochs of teacher data in all, as SeqKD.
@@ -465,7 +520,8 @@ def train_seed(
         init = checkpoint_at(run / "seqkd", (k - 1) * spe) if k > 1 else Path(args.student)
         config = gad_config(args, data_file, str(init), run / "gad_equal_exposure", seed)
         final, s = timed(gad.train, dataclasses.replace(config, stage="all"))
-        systems["gad_equal_exposure"] = Trained(str(final), seqkd_s * (k - 1) / k + s)
+        stats = stage_stats(run / "gad_equal_exposure" / "gad")
+        systems["gad_equal_exposure"] = Trained(str(final), seqkd_s * (k - 1) / k + s, stats)
 
     if "whitebox" in methods and setting == "context":
         config = gad_config(
@@ -479,7 +535,8 @@ def train_seed(
             teacher_context=str(context_file),
         )
         final, s = timed(gad.train, dataclasses.replace(config, stage="gad"))
-        systems["whitebox"] = Trained(str(final), seqkd_s + s)
+        stats = stage_stats(run / "whitebox" / "gad")
+        systems["whitebox"] = Trained(str(final), seqkd_s + s, stats)
 
     if "offpolicy" in methods:
         config = gad_config(
@@ -573,7 +630,8 @@ def run_setting(
     context_file = Path(args.context) if exact else None
     context = load_context(context_file) if context_file else None
     # Context setting: the student is the teacher's model without the context.
-    methods = [m for m in args.methods if exact or m not in ("whitebox", *STABILISERS)]
+    methods = args.methods if exact else [m for m in args.methods if m in args.cross_methods]
+    seeds = args.seeds if exact else args.cross_seeds
     splits = prompt_splits(args.n_test, args.n_val, args.n_train)
     started = time.perf_counter()
     teacher_train = sample(
@@ -588,10 +646,16 @@ def run_setting(
         args.eval_samples,
         context,
     )
+    teacher_val = sample(
+        args.teacher, splits["val"], out / "teacher_val.jsonl", args, 1236, 1, context
+    )
+    args.val_data = out / "teacher_val.jsonl"
     meta[setting] = {
         "teacher_s": time.perf_counter() - started,
         "teacher_train_finished": finished(teacher_train),
         "teacher_test_finished": finished(teacher_test),
+        "teacher_val_finished": finished(teacher_val),
+        "seeds": seeds,
         "methods": methods,
     }
     data_file = out / "teacher_train.jsonl"
@@ -599,8 +663,9 @@ def run_setting(
     args.steps_per_epoch = math.ceil(len(teacher_train) / args.batch_prompts)
     teacher_pair = models.load(args.teacher)
     results[setting] = {}
-    for seed in args.seeds:
-        systems = train_seed(setting, methods, data_file, out, args, seed, context_file)
+    for seed in seeds:
+        first = seed == seeds[0]
+        systems = train_seed(setting, methods, data_file, out, args, seed, context_file, first)
         for system, trained in systems.items():
             answers = sample(
                 trained.folder,
@@ -618,23 +683,24 @@ def run_setting(
         add_gap_closed(results[setting], seed)
         write_results(Path(args.out), results, meta, args)
         if "gad_long" in systems and context is not None:
-            first = out / f"s{seed}"
+            first_dir = out / f"s{seed}"
             long, eq = systems["gad_long"], systems["seqkd_equal_time"]
             val_ctx = (teacher_pair[0], teacher_pair[1], context)
             eq_per_step = eq.train_s / (eq.extra["epochs"] * args.steps_per_epoch)
+            evals = [r for r in read_metrics(first_dir / "gad" / "gad") if "eval/reverse_kl" in r]
             curves = {
-                "gad (from SeqKD)": curve(
-                    first / "gad" / "gad",
-                    long.extra["offset_s"],
-                    long.extra["per_step_s"],
-                    splits["val"],
-                    val_ctx,
-                    args,
-                    out,
-                    "gad",
-                ),
+                "gad (from SeqKD)": [
+                    {
+                        "step": r["step"],
+                        "wall_s": long.extra["offset_s"] + long.extra["per_step_s"] * r["step"],
+                        "reverse_kl": r["eval/reverse_kl"],
+                        "length": r["eval/length_mean"],
+                        "finished": r["eval/finished_share"],
+                    }
+                    for r in evals
+                ],
                 "seqkd": curve(
-                    first / "seqkd_long",
+                    first_dir / "seqkd_long",
                     0.0,
                     eq_per_step,
                     splits["val"],
@@ -646,7 +712,7 @@ def run_setting(
             }
             meta[setting]["curves_seed0"] = curves
             plot_equal_time(curves, Path(args.out) / "lab-v2-equal-time.png")
-            report.plot_curves("lab-v2-context-gad", read_metrics(first / "gad" / "gad"), out)
+            report.plot_curves("lab-v2-context-gad", read_metrics(first_dir / "gad" / "gad"), out)
             for png in out.glob("*.png"):
                 shutil.copy(png, Path(args.out) / png.name)
             write_results(Path(args.out), results, meta, args)
@@ -751,7 +817,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--eval-samples", type=int, default=2, help="answers per test prompt")
     add("--max-tokens", type=int, default=64, help="every answer's budget")
     add("--gen-batch", type=int, default=48, help="answers generated together")
-    add("--batch-prompts", type=int, default=4, help="prompts per SFT / GAD step")
+    add("--batch-prompts", type=int, default=2, help="prompts per GAD step")
+    add("--sft-batch", type=int, default=4, help="answers per SeqKD step")
     add("--n-samples", type=int, default=4, help="GAD: samples per prompt (the group)")
     add("--seqkd-epochs", type=int, default=2, help="k")
     add("--d-warmup-epochs", type=float, default=0.5, help="discriminator-only warmup")
@@ -762,14 +829,32 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gad-lr", type=float, default=1e-5, help="GAD stage and white-box generator")
     add("--d-lr", type=float, default=5e-5, help="discriminator")
     add("--keep-models", action="store_true", help="keep every run's weights (GBs per run)")
+    add(
+        "--sampling-precision",
+        choices=("auto", "float32"),
+        default="auto",
+        help="auto: answers are sampled under bf16 autocast where gad would train in bf16",
+    )
+    add("--stabiliser-seeds", choices=("first", "all"), default="first")
+    add("--cross-seeds", type=int, nargs="+", default=[0], help="cross-tokenizer seeds")
+    add("--cross-methods", nargs="+", choices=ALL_METHODS, default=["seqkd", "gad"])
     add("--tiny", action="store_true", help="tiny random models and sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
-    if args.long_steps > args.gad_steps and args.gad_steps % args.curve_every:
-        parser.error("--gad-steps must be a multiple of --curve-every (a checkpoint of the run)")
+    args.bf16_sampling = args.sampling_precision == "auto" and _trains_in_bf16()
     return args
+
+
+def _trains_in_bf16() -> bool:
+    """Whether `mixed_precision=auto` picks bf16 here (gad's own probe); sampling the answers
+    likewise roughly halves the benchmark's sampling time on a CPU with native bf16."""
+    try:
+        from gad import precision
+    except ImportError:  # a gad without mixed_precision auto
+        return False
+    return not torch.cuda.is_available() and precision.resolve("auto").mixed_precision == "bf16"
 
 
 # Sizes of --tiny: every path of the benchmark in seconds.
@@ -780,6 +865,7 @@ TINY = {
     "eval_samples": 1,
     "max_tokens": 6,
     "batch_prompts": 2,
+    "sft_batch": 2,
     "n_samples": 2,
     "seqkd_epochs": 2,
     "d_warmup_epochs": 0.5,
