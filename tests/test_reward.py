@@ -290,10 +290,10 @@ def test_reward_distill_needs_a_reward_model(task, tmp_path):
 
 def test_combined_reward_mixes_online_d_with_frozen_rm(task, tmp_path, monkeypatch):
     seen: dict = {}
-    real_mix, real_adv, real_students = (
+    real_mix, real_adv, real_inputs = (
         losses.mixed_reward,
         losses.group_advantages,
-        gad.student_examples,
+        gad.discriminator_inputs,
     )
 
     def spy_mix(d_pn, r_pn, alpha):
@@ -305,13 +305,14 @@ def test_combined_reward_mixes_online_d_with_frozen_rm(task, tmp_path, monkeypat
         seen["advantage_input"] = reward_pn.clone()
         return real_adv(reward_pn, *args, **kwargs)
 
-    def spy_students(prompts, groups):
-        seen["students"] = real_students(prompts, groups)
+    def spy_inputs(*args, **kwargs):
+        # The samples' text as each scorer sees it; the reward model's are built last.
+        seen["students"] = real_inputs(*args, **kwargs)
         return seen["students"]
 
     monkeypatch.setattr(gad.losses, "mixed_reward", spy_mix)
     monkeypatch.setattr(gad.losses, "group_advantages", spy_adv)
-    monkeypatch.setattr(gad, "student_examples", spy_students)
+    monkeypatch.setattr(gad, "discriminator_inputs", spy_inputs)
     before = digest(task["rm"])
     config = rl_config(
         task,

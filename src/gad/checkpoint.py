@@ -48,12 +48,14 @@ def save(
     model: Any,
     tokenizer: Any,
     others: dict[str, Any] | None = None,
+    other_tokenizers: dict[str, Any] | None = None,
     optimizers: dict[str, Any] | None = None,
     schedulers: dict[str, Any] | None = None,
     state: dict[str, Any] | None = None,
     keep: int = 0,
 ) -> Path:
-    """Write checkpoint `step`; `others` are extra models saved in sub-folders by name."""
+    """Write checkpoint `step`; `others` are extra models saved in sub-folders by name, and
+    `other_tokenizers` their tokenizers (a discriminator may have its own)."""
     final = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     # Every process takes part: FSDP/DeepSpeed gather the full state dict collectively.
@@ -67,6 +69,8 @@ def save(
                 target, state_dict=full_states[name], safe_serialization=True
             )
         tokenizer.save_pretrained(tmp)
+        for name, other_tokenizer in (other_tokenizers or {}).items():
+            other_tokenizer.save_pretrained(tmp / name)
         torch.save(
             {
                 "step": step,

@@ -315,7 +315,8 @@ class GADConfig:
     model: str = "smollm2-135m"
     """Student (generator) to start from: built-in name or HF folder."""
     discriminator: str | None = None
-    """Causal-LM folder/name the discriminator starts from; None = the student's own weights."""
+    """Causal-LM folder/name the discriminator starts from; None = the student's own weights.
+    It may have its own tokenizer: both sides reach it as text, re-encoded with its tokenizer."""
     reward_model: str | None = None
     """A trained scalar-head model used as a frozen reward in place of the discriminator (no D
     warmup, no D updates): the reward-distillation mode."""
@@ -326,11 +327,13 @@ class GADConfig:
     """Run folder; the stages write `warmup/` and `gad/` inside it."""
     stage: Literal["warmup", "gad", "all"] = "all"
     """Which stage to run; `gad` starts from `warmup/final` when it exists."""
-    method: Literal["gad", "offpolicy", "reward-distill"] = "gad"
+    method: Literal["gad", "offpolicy", "reward-distill", "whitebox"] = "gad"
     """`gad`: the discriminator learns online. `offpolicy` (paper Fig. 6): SeqKD warmup, then
     the discriminator trains on the frozen student's samples, then RL against it frozen.
     `reward-distill` (SPEC §4): `data` is `gad label` output; SFT on the teacher responses
-    labelled good, then RL against the frozen `reward_model`."""
+    labelled good, then RL against the frozen `reward_model`. `whitebox` (not black-box: the
+    ceiling a black-box method is measured against): SFT warmup, then on-policy distillation
+    with the local `teacher_model`'s exact log-probs as per-token reward, no discriminator."""
     warmup_epochs: float = 1.0
     """Warmup length in passes over the data (paper: 1)."""
     warmup_generator: bool = True
@@ -410,6 +413,34 @@ class GADConfig:
     """Warn when mean response length exceeds this multiple of its post-warmup value."""
     max_bad_steps: int = 3
     """Consecutive non-finite steps (skipped) after which the run stops with a checkpoint."""
+    reset_optimizers: bool = False
+    """Start the GAD stage's AdamW states afresh instead of continuing the warmup's (the
+    reference continues them; a fresh Adam moves every weight by about ±lr at first)."""
+    d_replay_size: int = 0
+    """Replay pool (Persistent Negatives, SPEC §5): the discriminator's update also sees pairs
+    of teacher answers and past student samples, drawn from a pool of the last this many
+    samples per process (as many as the step's own); GRPO stays on-policy. 0 = off."""
+    length_penalty: float = 0.0
+    """λ of the length-corrected reward `score - λ·log(1 + response tokens)` (PRISM); 0 = off."""
+    score_clip: float | None = None
+    """Clip discriminator scores to [-c, c] before they become rewards (PRISM); None = off."""
+    loss_agg: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
+    """Policy-loss aggregation: per sequence then over sequences (the paper's Eq. 7), or over
+    all tokens of the batch (verl's default, which the reference scripts run)."""
+    teacher_model: str | None = None
+    """A local teacher sharing the student's tokenizer (built-in name or folder): the reward of
+    `method=whitebox`, and the exact reverse KL of the held-out evaluation."""
+    teacher_context: str | None = None
+    """JSON file of chat messages the local teacher sees before every prompt and the student
+    never does (a hidden system prompt, demonstrations): context distillation."""
+    eval_every: int = 0
+    """GAD stage: evaluate on `eval_data` every this many steps (and at step 0) and keep the
+    best step's model in `gad/best/` (`gad/selection.json` says which and why). 0 = off."""
+    eval_data: str | None = None
+    """Held-out teacher chat records for `eval_every` (prompts not in `data`)."""
+    eval_length_range: float = 1.5
+    """Model selection only considers steps whose held-out mean length stays within this
+    factor of the post-warmup length (either way): the paper's guard against length hacking."""
 
 
 @dataclass(frozen=True)

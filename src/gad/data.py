@@ -5,8 +5,12 @@ every message but a final assistant turn; that final turn, if present, is the re
 
 Tokenisation keeps teacher and student sequences identical in shape (SPEC §3, discriminator): the
 prompt is the template's rendering with the generation prompt, and the response is the template's
-assistant content followed by its end-of-turn token, whoever wrote the text. A student's sampled
-ids end the same way because generation stops on that token.
+assistant content followed by its end-of-turn token *if and only if the answer finished*. A
+teacher answer cut at its token limit (`meta.finish_reason == "length"`, or cut here) ends on a
+content token, like a student sample that hit `max_response_tokens`; otherwise "ends with
+end-of-turn" would tell the discriminator who wrote it, and an SFT target would teach the
+student to stop mid-sentence. `discriminator_input` is the one path by which both sides' text
+reaches the discriminator.
 """
 
 from __future__ import annotations
@@ -219,8 +223,11 @@ def encode_prompt(tokenizer: Any, prompt: list[dict[str, str]]) -> list[int]:
     return _template_ids(tokenizer, prompt, add_generation_prompt=True)
 
 
-def encode_response(tokenizer: Any, prompt: list[dict[str, str]], response: str) -> list[int]:
-    """Response ids as the template renders them, ending with the end-of-turn token.
+def encode_response(
+    tokenizer: Any, prompt: list[dict[str, str]], response: str, *, finished: bool = True
+) -> list[int]:
+    """Response ids as the template renders them, ending with the end-of-turn token iff
+    `finished` (a cut-off answer ends on its last content token).
 
     The template's text after the prompt is used (not the bare string) so templates that
     rewrite assistant content stay exact; anything after the end-of-turn token (a newline in
@@ -231,9 +238,16 @@ def encode_response(tokenizer: Any, prompt: list[dict[str, str]], response: str)
     eot = end_of_turn_id(tokenizer)
     if full[: len(prompt_ids)] != prompt_ids:
         # Tokens merged across the prompt/response boundary: fall back to the plain text.
-        return tokenizer(response, add_special_tokens=False)["input_ids"] + [eot]
-    rest = full[len(prompt_ids) :]
-    return rest[: rest.index(eot) + 1] if eot in rest else rest + [eot]
+        content = tokenizer(response, add_special_tokens=False)["input_ids"]
+    else:
+        rest = full[len(prompt_ids) :]
+        content = rest[: rest.index(eot)] if eot in rest else rest
+    return content + [eot] if finished else content
+
+
+def record_finished(record: Record) -> bool:
+    """Whether the record's answer ended on its own (not cut at the writer's token limit)."""
+    return record.meta.get("finish_reason") != "length"
 
 
 @dataclass
@@ -244,6 +258,8 @@ class Example:
     input_ids: list[int]
     prompt_len: int
     truncated: bool
+    """The response did not finish: cut at a token limit (here or by whoever wrote it), so it
+    does not end with the end-of-turn token."""
 
 
 @dataclass
@@ -253,6 +269,9 @@ class Encoded:
     examples: list[Example]
     prompt_too_long: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
+    """Responses cut here at `max_response_tokens`."""
+    unfinished: list[str] = field(default_factory=list)
+    """Responses their writer already cut (`meta.finish_reason == "length"`)."""
 
 
 def encode_sft(
@@ -262,7 +281,10 @@ def encode_sft(
     max_prompt_tokens: int,
     max_response_tokens: int,
 ) -> Encoded:
-    """Tokenise records that have a response. Over-long prompts are set aside, never cut."""
+    """Tokenise records that have a response. Over-long prompts are set aside, never cut.
+
+    A response longer than `max_response_tokens` is cut and, like an answer its writer cut,
+    does not end with end-of-turn."""
     out = Encoded(examples=[])
     for record in records:
         if record.response is None:
@@ -271,12 +293,37 @@ def encode_sft(
         if len(prompt_ids) > max_prompt_tokens:
             out.prompt_too_long.append(record.id)
             continue
-        response_ids = encode_response(tokenizer, record.prompt, record.response)
-        truncated = len(response_ids) > max_response_tokens
-        if truncated:
+        finished = record_finished(record)
+        if not finished:
+            out.unfinished.append(record.id)
+        response_ids = encode_response(tokenizer, record.prompt, record.response, finished=finished)
+        if len(response_ids) > max_response_tokens:
             response_ids = response_ids[:max_response_tokens]
             out.truncated.append(record.id)
+            finished = False
         out.examples.append(
-            Example(record.id, prompt_ids + response_ids, len(prompt_ids), truncated)
+            Example(record.id, prompt_ids + response_ids, len(prompt_ids), not finished)
         )
     return out
+
+
+def discriminator_input(
+    tokenizer: Any,
+    prompt: list[dict[str, str]],
+    text: str,
+    *,
+    finished: bool,
+    max_response_tokens: int,
+    id: str = "",
+) -> Example:
+    """What the discriminator sees of one answer, whoever wrote it: the prompt under the
+    discriminator's template, the answer's *text* encoded by the discriminator's tokenizer (a
+    student's sampled ids may be a non-canonical tokenisation that teacher text never is), cut
+    at `max_response_tokens`, and the end-of-turn token iff the answer finished uncut."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    response_ids = encode_response(tokenizer, prompt, text, finished=False)
+    cut = len(response_ids) >= max_response_tokens
+    response_ids = response_ids[:max_response_tokens]
+    if finished and not cut:
+        response_ids = response_ids + [end_of_turn_id(tokenizer)]
+    return Example(id, prompt_ids + response_ids, len(prompt_ids), not (finished and not cut))

@@ -231,12 +231,14 @@ def _response_logprobs(
     prompts: list[list[dict[str, str]]],
     responses: list[str],
     batch_size: int = 8,
+    finished: list[bool] | None = None,
 ) -> list[torch.Tensor]:
     """Per-token log-probs (float32, CPU) of each response's tokens given its prompt.
 
     Each pair is tokenised with `tokenizer`'s chat template (`encode_prompt` + `encode_response`,
-    so the response includes the end-of-turn token), batched with right padding. Positions come
-    from the attention mask, so padding never shifts the real tokens' positions.
+    so the response includes the end-of-turn token unless `finished[i]` is False: an answer cut
+    at its length limit is not charged for an end-of-turn it never wrote), batched with right
+    padding. Positions come from the mask, so padding never shifts the real tokens' positions.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -245,9 +247,10 @@ def _response_logprobs(
     from gad.gad import response_logprobs
     from gad.sft import collate
 
+    finished = [True] * len(responses) if finished is None else finished
     pairs = [
-        (encode_prompt(tokenizer, p), encode_response(tokenizer, p, r))
-        for p, r in zip(prompts, responses, strict=True)
+        (encode_prompt(tokenizer, p), encode_response(tokenizer, p, r, finished=f))
+        for p, r, f in zip(prompts, responses, finished, strict=True)
     ]
     examples = [Example(str(i), p + r, len(p), False) for i, (p, r) in enumerate(pairs)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -275,6 +278,7 @@ def teacher_logprob(
     responses: list[str],
     *,
     batch_size: int = 8,
+    finished: list[bool] | None = None,
 ) -> list[float]:
     """The teacher's mean per-token log-likelihood of each response given its prompt.
 
@@ -285,7 +289,7 @@ def teacher_logprob(
     return [
         float(lp.mean())
         for lp in _response_logprobs(
-            teacher_model, teacher_tokenizer, prompts, responses, batch_size
+            teacher_model, teacher_tokenizer, prompts, responses, batch_size, finished
         )
     ]
 
@@ -315,6 +319,7 @@ def reverse_kl_estimate(
     student_responses: list[str],
     *,
     batch_size: int = 8,
+    finished: list[bool] | None = None,
 ) -> dict[str, float | int]:
     """Monte-Carlo estimate of sequence-level KL(student || teacher) from student samples.
 
@@ -336,10 +341,10 @@ def reverse_kl_estimate(
     if not student_responses:
         raise ValueError("reverse_kl_estimate needs at least one response")
     logp_s = _response_logprobs(
-        student_model, student_tokenizer, prompts, student_responses, batch_size
+        student_model, student_tokenizer, prompts, student_responses, batch_size, finished
     )
     logp_t = _response_logprobs(
-        teacher_model, teacher_tokenizer, prompts, student_responses, batch_size
+        teacher_model, teacher_tokenizer, prompts, student_responses, batch_size, finished
     )
     diffs = np.array(
         [
@@ -415,12 +420,19 @@ def run_eval(config: Any) -> dict[str, Any]:
         scored = [a for a in answers if a.response is not None]
         prompts = [a.prompt for a in scored]
         responses = [a.response for a in scored]
-        values = teacher_logprob(teacher_model, teacher_tok, prompts, responses)
+        finished = [data.record_finished(a) for a in scored]
+        values = teacher_logprob(teacher_model, teacher_tok, prompts, responses, finished=finished)
         metrics["teacher_logprob"] = _with_ci(values, config.bootstrap_reps, config.seed)
         if config.student_model:
             student_model, student_tok = models.load(config.student_model)
             kl = reverse_kl_estimate(
-                student_model, student_tok, teacher_model, teacher_tok, prompts, responses
+                student_model,
+                student_tok,
+                teacher_model,
+                teacher_tok,
+                prompts,
+                responses,
+                finished=finished,
             )
             metrics["reverse_kl"] = {
                 "mean": kl["mean"],

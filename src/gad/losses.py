@@ -52,6 +52,9 @@ def masked_mean(
     return torch.where(count > 0, total / safe_count, torch.zeros_like(total))
 
 
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
+
+
 def seq_mean_token_mean(x_bt: torch.Tensor, mask_bt: torch.Tensor) -> torch.Tensor:
     """verl's "seq-mean-token-mean": mean over each row's masked tokens, then mean over rows.
 
@@ -198,6 +201,70 @@ def mixed_reward(
     return alpha * group_advantages(d_reward_pn) + (1.0 - alpha) * group_advantages(rm_reward_pn)
 
 
+def shaped_reward(
+    score_b: torch.Tensor,
+    length_b: torch.Tensor,
+    *,
+    length_penalty: float = 0.0,
+    score_clip: float | None = None,
+) -> torch.Tensor:
+    """PRISM's reward shaping (SPEC §5): ``clip(s, -c, c) - λ·log(1 + |y|)``.
+
+    The clip bounds how far one sample can pull its group's advantages; the length term
+    removes the discriminator's incentive to reward ever longer answers.
+
+    Args:
+        score_b: [B] discriminator scores.
+        length_b: [B] response lengths in tokens.
+        length_penalty: λ >= 0; 0 leaves the scores as they are.
+        score_clip: c > 0, or None for no clip.
+
+    Returns:
+        [B] rewards (float32 at least).
+    """
+    reward_b = _upcast(score_b.detach())
+    if score_clip is not None:
+        reward_b = reward_b.clamp(-score_clip, score_clip)
+    if length_penalty:
+        reward_b = reward_b - length_penalty * torch.log1p(length_b.to(reward_b.dtype))
+    return reward_b
+
+
+def whitebox_advantages(teacher_logp_bt: torch.Tensor, logp_bt: torch.Tensor) -> torch.Tensor:
+    """Per-token advantages of on-policy distillation with the teacher's log-probs (the
+    white-box ceiling; GKD, Tinker): ``log p_teacher(y_t) - log π(y_t)`` on the student's own
+    samples, so a policy-gradient step descends the per-token reverse KL(π || p_teacher).
+
+    Args:
+        teacher_logp_bt: [B, T] teacher log-probs of the sampled tokens.
+        logp_bt: [B, T] the policy's log-probs of the same tokens (treated as a constant).
+
+    Returns:
+        [B, T] detached advantages (float32 at least).
+    """
+    return _upcast(teacher_logp_bt.detach()) - _upcast(logp_bt.detach())
+
+
+def token_kl_from_logits(
+    logits_btv: torch.Tensor, ref_logits_btv: torch.Tensor, mask_bt: torch.Tensor
+) -> torch.Tensor:
+    """Exact KL(p || q) per token over the full vocabulary, p = softmax(logits), q =
+    softmax(ref_logits), summed over masked positions: ``Σ_t Σ_v p_tv (log p_tv - log q_tv)``.
+
+    Args:
+        logits_btv: [B, T, V] logits of p (the student).
+        ref_logits_btv: [B, T, V] logits of q (the teacher), same vocabulary.
+        mask_bt: [B, T] positions to count.
+
+    Returns:
+        scalar: the sum of per-token KLs over masked positions (divide by the token count).
+    """
+    logp_btv = F.log_softmax(_upcast(logits_btv), dim=-1)
+    logq_btv = F.log_softmax(_upcast(ref_logits_btv), dim=-1)
+    kl_bt = (logp_btv.exp() * (logp_btv - logq_btv)).sum(-1)
+    return torch.where(mask_bt != 0, kl_bt, torch.zeros_like(kl_bt)).sum()
+
+
 def pointwise_bce_loss(score_b: torch.Tensor, target_b: torch.Tensor) -> torch.Tensor:
     """Pointwise reward-model loss: binary cross-entropy of ``σ(score)`` against 0/1 labels.
 
@@ -248,13 +315,17 @@ def policy_loss(
     clip_eps: float = 0.2,
     kl_coef: float = 0.001,
     ref_logp_bt: torch.Tensor | None = None,
+    agg: str = "seq-mean-token-mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO clipped surrogate with k3 KL penalty (Eq. 7), as a loss to minimise.
 
     Per token: ``-min(ρ·A, clip(ρ, 1-ε, 1+ε)·A) + β·k3`` with ``ρ = exp(logp - old_logp)``,
-    aggregated "seq-mean-token-mean" (see :func:`seq_mean_token_mean`), so a long response
-    does not outweigh a short one. The KL is part of the loss (verl's ``use_kl_loss``), not
-    folded into the reward; it is skipped when ``ref_logp_bt`` is None or ``kl_coef == 0``.
+    aggregated by ``agg``: "seq-mean-token-mean" (the paper's Eq. 7, see
+    :func:`seq_mean_token_mean`: a long response does not outweigh a short one) or
+    "token-mean" (verl's default, which the reference scripts run: every token weighs the
+    same, :func:`masked_mean` over the batch). The KL is part of the loss (verl's
+    ``use_kl_loss``), not folded into the reward; it is skipped when ``ref_logp_bt`` is None
+    or ``kl_coef == 0``.
     ``logp - old_logp`` is clamped to [-20, 20] before exp(), as in verl.
 
     Args:
@@ -284,10 +355,13 @@ def policy_loss(
     clipped_bt = -advantage_bt * ratio_bt.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     # Pessimistic bound: as a loss, the max of the two negated surrogates.
     pg_bt = torch.maximum(unclipped_bt, clipped_bt)
-    pg_loss = seq_mean_token_mean(pg_bt, mask_bt)
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    aggregate = seq_mean_token_mean if agg == "seq-mean-token-mean" else masked_mean
+    pg_loss = aggregate(pg_bt, mask_bt)
 
     if ref_logp_bt is not None:
-        kl = seq_mean_token_mean(k3_kl(logp_bt, ref_logp_bt.detach()), mask_bt)
+        kl = aggregate(k3_kl(logp_bt, ref_logp_bt.detach()), mask_bt)
     else:
         kl = pg_loss.new_zeros(())
     loss = pg_loss + kl_coef * kl if (ref_logp_bt is not None and kl_coef != 0) else pg_loss

@@ -9,6 +9,7 @@ computes the same update as one process with the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -169,6 +170,11 @@ class Prepared:
     skipped_invalid: list[str]
     prompt_too_long: list[str]
     truncated: list[str]
+    """Responses cut here at `max_response_tokens`."""
+    unfinished: list[str] = dataclasses.field(default_factory=list)
+    """Responses their writer already cut (`meta.finish_reason == "length"`)."""
+    records: dict[str, data.Record] = dataclasses.field(default_factory=dict)
+    """The records behind `examples`, by id (the discriminator re-encodes their text)."""
 
 
 def prepare_data(
@@ -190,7 +196,15 @@ def prepare_data(
     )
     if not encoded.examples:
         raise data.DataError(f"{path}: no usable training record")
-    return Prepared(encoded.examples, loaded.skipped, encoded.prompt_too_long, encoded.truncated)
+    used = {e.id for e in encoded.examples}
+    return Prepared(
+        encoded.examples,
+        loaded.skipped,
+        encoded.prompt_too_long,
+        encoded.truncated,
+        encoded.unfinished,
+        {r.id: r for r in loaded.records if r.id in used},
+    )
 
 
 def train(config: cfg.SFTConfig) -> Path:
@@ -336,6 +350,11 @@ def train(config: cfg.SFTConfig) -> Path:
     return final_dir
 
 
+# Above this share of cut-off answers the setup warns: few finished answers teach the student
+# to stop mid-sentence, and "cut or not" becomes a length cue for the discriminator.
+UNFINISHED_WARN_SHARE = 0.1
+
+
 def print_data_summary(prepared: Prepared, steps: int, global_batch: int) -> None:
     console.print(
         f"data: {len(prepared.examples)} examples, {steps} optimizer steps of {global_batch}"
@@ -352,4 +371,13 @@ def print_data_summary(prepared: Prepared, steps: int, global_batch: int) -> Non
     if prepared.truncated:
         console.print(
             f"[yellow]{len(prepared.truncated)} response(s) cut at max_response_tokens[/]"
+        )
+    cut = len(set(prepared.truncated) | set(prepared.unfinished))
+    if cut > UNFINISHED_WARN_SHARE * len(prepared.examples):
+        console.print(
+            f"[yellow]warning: {cut} of {len(prepared.examples)} answers "
+            f"({cut / len(prepared.examples):.0%}) are cut off ({len(prepared.unfinished)} by "
+            f"their writer, {len(prepared.truncated)} at max_response_tokens): they are learnt and "
+            "shown to a discriminator without an end-of-turn token. Raise max_response_tokens, "
+            "or the teacher's max_tokens in `gad collect`, so that most answers finish.[/]"
         )
