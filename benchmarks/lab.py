@@ -199,12 +199,9 @@ def _collect(model: str, asked: Path, raw: Path, args: argparse.Namespace, seed:
 def response_ids(tokenizer: Any, prompt: list[dict[str, str]], record: data.Record) -> list[int]:
     """The response as the template renders it, with the end-of-turn token iff it finished: a
     cut answer's last position predicts a content token, not the end of the turn."""
-    ids = data.encode_response(tokenizer, prompt, record.response or "")
-    if record.meta.get("finish_reason") == "length" and ids[-1:] == [
-        data.end_of_turn_id(tokenizer)
-    ]:
-        ids = ids[:-1]
-    return ids
+    return data.encode_response(
+        tokenizer, prompt, record.response or "", finished=data.record_finished(record)
+    )
 
 
 def exact_token_kl(
@@ -260,7 +257,8 @@ def text_kl(
     model scoring the text with its own tokenizer and chat template (a Monte-Carlo estimate)."""
     prompts = [r.prompt for r in records]
     responses = [r.response or "" for r in records]
-    est = evaluate.reverse_kl_estimate(q[0], q[1], p[0], p[1], prompts, responses)
+    done = [data.record_finished(r) for r in records]
+    est = evaluate.reverse_kl_estimate(q[0], q[1], p[0], p[1], prompts, responses, finished=done)
     tokens = sum(len(response_ids(q[1], r.prompt, r)) for r in records)
     return est["per_token"], tokens / len(records)
 
@@ -293,6 +291,7 @@ def score(
             teacher_pair[1],
             [r.prompt for r in answers],
             [r.response or "" for r in answers],
+            finished=[data.record_finished(r) for r in answers],
         )
         out = {"reverse_kl": reverse, "forward_kl": forward, "teacher_logp": statistics.mean(logp)}
         out["length"] = length
@@ -811,9 +810,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--context", default=str(CONTEXT_FILE), help="the hidden context (JSON messages)")
     add("--validate", action="store_true", help="measure candidate contexts on validation")
     add("--contexts", nargs="+", help="--validate: candidate names (default: all)")
-    add("--n-test", type=int, default=24, help="held-out prompts (the table)")
+    add("--n-test", type=int, default=16, help="held-out prompts (the table)")
     add("--n-val", type=int, default=16, help="validation prompts (choices, curves)")
-    add("--n-train", type=int, default=64, help="prompts the teacher answers for training")
+    add("--n-train", type=int, default=32, help="prompts the teacher answers for training")
     add("--eval-samples", type=int, default=2, help="answers per test prompt")
     add("--max-tokens", type=int, default=64, help="every answer's budget")
     add("--gen-batch", type=int, default=48, help="answers generated together")
@@ -821,10 +820,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--sft-batch", type=int, default=4, help="answers per SeqKD step")
     add("--n-samples", type=int, default=4, help="GAD: samples per prompt (the group)")
     add("--seqkd-epochs", type=int, default=2, help="k")
-    add("--d-warmup-epochs", type=float, default=0.5, help="discriminator-only warmup")
-    add("--gad-steps", type=int, default=24, help="GAD-stage steps of the main table")
+    add("--d-warmup-epochs", type=float, default=0.25, help="discriminator-only warmup")
+    add("--gad-steps", type=int, default=16, help="GAD-stage steps of the main table")
     add("--long-steps", type=int, default=100, help="seed 0's long GAD run (context)")
-    add("--curve-every", type=int, default=24, help="long run: checkpoint (curve) period")
+    add("--curve-every", type=int, default=10, help="long run: held-out evaluation period")
     add("--lr", type=float, default=5e-5, help="SeqKD")
     add("--gad-lr", type=float, default=1e-5, help="GAD stage and white-box generator")
     add("--d-lr", type=float, default=5e-5, help="discriminator")
