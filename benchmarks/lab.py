@@ -401,8 +401,10 @@ def gad_config(
         lr=args.gad_lr,
         d_lr=args.d_lr,
         seed=seed,
+        # No checkpoints but the ones the lab reads (GBs each); the warmup's optimizer states,
+        # which the GAD stage continues, are written whatever this says.
         save_every=0,
-        save_state=True,
+        save_state=False,
         keep_checkpoints=0,
         **({"warmup_generator": False} | extra),
     )
@@ -480,16 +482,22 @@ def train_seed(
             # table. The product's held-out evaluation (exact reverse KL on the validation
             # prompts, on its own random stream, so training is unchanged) gives the curve and
             # the model selection (`gad_selected`).
+            # It stops at `gad_steps` with a full checkpoint, then resumes to `long_steps`
+            # (bit for bit the uninterrupted run): one checkpoint on disk, not one per period.
             config = dataclasses.replace(
                 config,
-                max_steps=args.long_steps,
-                save_every=args.gad_steps,
+                stage="gad",
                 eval_every=args.curve_every,
                 eval_data=str(args.val_data),
                 teacher_model=args.teacher,
                 teacher_context=str(context_file),
             )
-        final, gad_s = timed(gad.train, dataclasses.replace(config, stage="gad"))
+            _, first_s = timed(gad.train, dataclasses.replace(config, save_state=True))
+            config = dataclasses.replace(config, max_steps=args.long_steps, resume=True)
+            final, gad_s = timed(gad.train, config)
+            gad_s += first_s
+        else:
+            final, gad_s = timed(gad.train, dataclasses.replace(config, stage="gad"))
         if method == "gad" and long:
             # Step times from the run's own timers: the held-out evaluations are not training.
             steps = [r for r in read_metrics(folder / "gad") if "time/step" in r]
