@@ -77,6 +77,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault(KEY_ENV, "sk-benchmark-not-a-key")
 
+    # The client is CPU-bound past concurrency 8: the machine decides the ceiling.
+    from gad import precision
+
+    machine = precision.machine()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, flags {machine['cpu_flags']}\n")
     print("| server latency | concurrency | prompts | seconds (median) | requests/s | records/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     ctx = mp.get_context("spawn")

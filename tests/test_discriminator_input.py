@@ -2,6 +2,7 @@
 stage's additions (optimizer carry-over, replay pool, reward shaping, white-box, selection)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,15 @@ from gad import config as cfg
 from gad import data, discriminator, gad, losses, models, sft
 from gad.rollout import Completion
 from gad.tracking import read_metrics
-from tests.test_gad import gad_config, near_student, one_word_share, teacher_file  # noqa: F401
+from tests.test_gad import (  # noqa: F401
+    gad_config,
+    near_student,
+    one_word_share,
+    same,
+    teacher_file,
+    trait_config,
+    weights,
+)
 
 # (the fixtures above are test_gad's, shared)
 
@@ -197,28 +206,7 @@ def test_a_discriminator_with_its_own_tokenizer_moves_the_student_toward_the_tra
     student_tok, d_tok = models.load_tokenizer(str(base)), models.load_tokenizer(str(other))
     assert student_tok.get_vocab() != d_tok.get_vocab()
     start = one_word_share(base, questions)
-    config = cfg.GADConfig(
-        data=str(teacher),
-        model=str(base),
-        discriminator=str(other),
-        output_dir=str(tmp_path / "run"),
-        batch_prompts=8,
-        n_samples=8,
-        max_response_tokens=16,
-        micro_batch_size=16,
-        warmup_generator=False,
-        warmup_d_only_steps=0,
-        warmup_epochs=0.5,
-        epochs=100.0,
-        max_steps=16,
-        lr=1e-3,
-        d_lr=3e-3,
-        kl_coef=0.05,
-        max_grad_norm=1.0,
-        mixed_precision="no",
-        save_every=0,
-    )
-    gad.train(config)
+    gad.train(trait_config(base, teacher, tmp_path / "run", discriminator=str(other)))
     final_d = tmp_path / "run/gad/final/discriminator"
     assert models.load_tokenizer(str(final_d)).get_vocab() == d_tok.get_vocab()
     end = one_word_share(tmp_path / "run/gad/final", questions)
@@ -281,3 +269,20 @@ def test_whitebox_descends_the_teacher_kl_and_selection_picks_a_step(
     best = min(selection["evals"], key=lambda e: e["eval/reverse_kl"])
     assert selection["chosen_step"] == best["step"]
     assert (tmp_path / "run/gad/best/model.safetensors").exists()
+
+
+def test_stabilisers_run_in_the_loop_and_resume_bit_for_bit(tiny_dir, teacher_file, tmp_path):
+    stabilisers = dict(d_replay_size=24, length_penalty=0.1, score_clip=2.0, loss_agg="token-mean")
+    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "a", max_steps=4, **stabilisers))
+    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=2, **stabilisers))
+    gad.train(
+        gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=4, resume=True, **stabilisers)
+    )
+    for part in ("", "discriminator"):
+        a, b = (weights(tmp_path / run / "gad/final" / part) for run in ("a", "b"))
+        assert same(a, b), f"{part or 'generator'} differs after resume"
+    rows = read_metrics(tmp_path / "a/gad")
+    # The pool fills with 16 samples a step: none replayed at step 1, then 16 of at most 24.
+    assert [r.get("d/replay_pairs", 0.0) for r in rows] == [0.0, 16.0, 16.0, 16.0]
+    # Scores clipped to [-2, 2], minus 0.1 * log(1 + length) with length <= 10 tokens.
+    assert all(-2.0 - 0.1 * math.log(11) - 1e-6 <= r["reward/mean"] <= 2.0 for r in rows)

@@ -334,14 +334,12 @@ def one_word_share(folder, questions):
     return sum(len(c.text.split()) == 1 for g in groups for c in g) / 128
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gad_moves_the_student_toward_the_teacher_trait(near_student, tmp_path, seed):
-    base, teacher, questions = near_student
-    start = one_word_share(base, questions)
-    config = cfg.GADConfig(
+def trait_config(base, teacher, out, **overrides):
+    """16 GAD steps of the trait experiment (no generator warmup)."""
+    values = dict(
         data=str(teacher),
         model=str(base),
-        output_dir=str(tmp_path / "run"),
+        output_dir=str(out),
         batch_prompts=8,
         n_samples=8,
         max_response_tokens=16,
@@ -357,9 +355,15 @@ def test_gad_moves_the_student_toward_the_teacher_trait(near_student, tmp_path, 
         max_grad_norm=1.0,
         mixed_precision="no",
         save_every=0,
-        seed=seed,
     )
-    gad.train(config)
+    return cfg.GADConfig(**(values | overrides))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gad_moves_the_student_toward_the_teacher_trait(near_student, tmp_path, seed):
+    base, teacher, questions = near_student
+    start = one_word_share(base, questions)
+    gad.train(trait_config(base, teacher, tmp_path / "run", seed=seed))
     end = one_word_share(tmp_path / "run/gad/final", questions)
     assert start < 0.35
     assert end > start + 0.3, (start, end)

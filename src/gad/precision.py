@@ -45,13 +45,19 @@ def _cpuinfo() -> dict[str, Any]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return info
+    ids: dict[str, str] = {}
     for line in text.splitlines():  # the first processor's lines are enough
         key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "model name":
+        if key in ("cpu family", "model", "stepping"):
+            ids[key] = value
+        elif key == "model name":
+            # Virtual machines often report a generic name; family/model/stepping identify it.
             info["model"] = value
         elif key == "flags":
             info["flags"] = set(value.split())
             break
+    if ids:
+        info["model"] += " (" + ", ".join(f"{k} {v}" for k, v in ids.items()) + ")"
     return info
 
 
