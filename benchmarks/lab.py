@@ -167,8 +167,7 @@ def sample(
     asked = output.with_name(output.stem + ".prompts.jsonl")
     data.write_records(asked, [data.Record(r.id, context + r.prompt) for r in prompts])
     raw = output.with_name(output.stem + ".raw.jsonl") if context else output
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16_sampling):
-        _collect(model, asked, raw, args, seed, n)
+    _collect(model, asked, raw, args, seed, n)
     records = [r for r in data.read_records(raw).records if r.response is not None]
     if context:
         records = [data.Record(r.id, r.messages[len(context) :], r.meta) for r in records]
@@ -839,12 +838,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gad-lr", type=float, default=1e-5, help="GAD stage and white-box generator")
     add("--d-lr", type=float, default=5e-5, help="discriminator")
     add("--keep-models", action="store_true", help="keep every run's weights (GBs per run)")
-    add(
-        "--sampling-precision",
-        choices=("auto", "float32"),
-        default="auto",
-        help="auto: answers are sampled under bf16 autocast where gad would train in bf16",
-    )
     add("--stabiliser-seeds", choices=("first", "all"), default="first")
     add("--cross-seeds", type=int, nargs="+", default=[0], help="cross-tokenizer seeds")
     add("--cross-methods", nargs="+", choices=ALL_METHODS, default=["seqkd", "gad"])
@@ -853,18 +846,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
-    args.bf16_sampling = args.sampling_precision == "auto" and _trains_in_bf16()
     return args
-
-
-def _trains_in_bf16() -> bool:
-    """Whether `mixed_precision=auto` picks bf16 here (gad's own probe); sampling the answers
-    likewise roughly halves the benchmark's sampling time on a CPU with native bf16."""
-    try:
-        from gad import precision
-    except ImportError:  # a gad without mixed_precision auto
-        return False
-    return not torch.cuda.is_available() and precision.resolve("auto").mixed_precision == "bf16"
 
 
 # Sizes of --tiny: every path of the benchmark in seconds.
