@@ -67,7 +67,7 @@ from typing import Any
 import torch
 
 from gad import config as cfg
-from gad import data, evalsets, evaluate, gad, models, report, sft, teacher
+from gad import data, evalsets, evaluate, gad, models, precision, report, sft, teacher
 from gad.tracking import read_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -800,6 +800,9 @@ def write_results(out: Path, results: dict, meta: dict, args: argparse.Namespace
         "args": {k: v for k, v in vars(args).items() if k not in skip},
         "code": code_version(),
         "threads": torch.get_num_threads(),
+        # Speed figures (train_s, equal wall time) hold for this CPU and precision only.
+        "machine": precision.machine(),
+        "precision": precision.resolve("auto").reason,
         "context": load_context(args.context),
         "settings": meta,
     }

@@ -241,6 +241,23 @@ def complete_ids(path: Path) -> list[str]:
     return [json.loads(line)["id"] for line in lines]
 
 
+def start_then_kill(command: list[str], env: dict, out: Path, at_least: int) -> set[str]:
+    """Run `command`, SIGKILL it once `out` holds `at_least` complete records; the ids that
+    were complete when it died."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(complete_ids(out)) < at_least:
+            assert proc.poll() is None, "the collection ended before it could be killed"
+            assert time.monotonic() < deadline, "the collection made no progress"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    return set(complete_ids(out))
+
+
 def test_sigkill_midway_then_restart_is_exactly_once(tmp_path):
     count = 48
     write_prompts(tmp_path / "prompts.jsonl", count)
@@ -248,23 +265,7 @@ def test_sigkill_midway_then_restart_is_exactly_once(tmp_path):
         config = make_config(tmp_path, server, concurrency=4)
         out = Path(config.output)
         env = {**os.environ, KEY_ENV: KEY}
-        proc = subprocess.Popen(
-            gad_collect_command(config),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while len(complete_ids(out)) < 8:
-                assert proc.poll() is None, "the collection ended before it could be killed"
-                assert time.monotonic() < deadline, "the collection made no progress"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-        done_before = set(complete_ids(out))
+        done_before = start_then_kill(gad_collect_command(config), env, out, at_least=8)
         assert 8 <= len(done_before) < count, "killed too late to test anything"
         # Let the server finish logging what the killed process had sent (some of it cut off
         # mid-request), so that everything after `mark` comes from the restart.
@@ -318,20 +319,7 @@ def test_sigkill_amid_api_faults_then_restart_is_exactly_once(tmp_path):
         out, fail_file = Path(config.output), teacher.failures_path(config.output)
         command = gad_collect_command(config) + ["--max-retries", "2"]
         env = {**os.environ, KEY_ENV: KEY}
-        proc = subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while len(complete_ids(out)) < 10:
-                assert proc.poll() is None, "the collection ended before it could be killed"
-                assert time.monotonic() < deadline, "the collection made no progress"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-        done_before = set(complete_ids(out))
+        done_before = start_then_kill(command, env, out, at_least=10)
         assert 10 <= len(done_before) < count, "killed too late to test anything"
         time.sleep(0.5)
         mark = len(server.requests)
