@@ -1,6 +1,7 @@
 """No optional extra can crash a core command: what core commands import is a core dependency,
 and each command that needs an extra names the `pip install` line that fixes it."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -59,11 +60,15 @@ def test_quick_start_targets_use_the_project_venv(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     venv = tmp_path / "v"
+    # Under `make test` (CI) this runs as a sub-make: drop the parent's flags, and its
+    # "Entering directory" lines, so the dry run prints the recipe alone.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     done = subprocess.run(
-        ["make", "-n", "demo", "test", "lint", f"VENV={venv}"],
+        ["make", "--no-print-directory", "-n", "demo", "test", "lint", f"VENV={venv}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
