@@ -107,6 +107,24 @@ def discriminator_inputs(
     ]
 
 
+def teacher_discriminator_inputs(
+    tokenizer: Any, records: list[data.Record], max_response_tokens: int
+) -> list[data.Example]:
+    """The teacher answers as the discriminator sees them, by the same rule as the samples
+    (`discriminator_inputs`); finished unless the record says its writer cut it."""
+    return [
+        data.discriminator_input(
+            tokenizer,
+            r.prompt,
+            r.response or "",
+            finished=data.record_finished(r),
+            max_response_tokens=max_response_tokens,
+            id=r.id,
+        )
+        for r in records
+    ]
+
+
 def noncanonical_share(
     tokenizer: Any, prompts: list[list[dict[str, str]]], groups: list[list[Completion]]
 ) -> float:
@@ -632,17 +650,11 @@ def _setup(
         selection=Selection(**state.get("selection", {})),
     )
     if d is not None:
-        stage.d_teacher = [
-            data.discriminator_input(
-                d_tokenizer,
-                prepared.records[e.id].prompt,
-                prepared.records[e.id].response or "",
-                finished=data.record_finished(prepared.records[e.id]),
-                max_response_tokens=config.max_response_tokens,
-                id=e.id,
-            )
-            for e in prepared.examples
-        ]
+        stage.d_teacher = teacher_discriminator_inputs(
+            d_tokenizer,
+            [prepared.records[e.id] for e in prepared.examples],
+            config.max_response_tokens,
+        )
     if config.method == "whitebox" and name == "gad":
         m.teacher = _load_teacher(config, tokenizer, accelerator)
         context = _teacher_context(config.teacher_context)
@@ -1070,17 +1082,9 @@ class HeldOut:
                 data.encode_prompt(m.tokenizer, context + r.prompt) for r in records
             ]
         elif m.discriminator is not None:
-            held.d_teacher = [
-                data.discriminator_input(
-                    m.d_tokenizer,
-                    r.prompt,
-                    r.response or "",
-                    finished=data.record_finished(r),
-                    max_response_tokens=config.max_response_tokens,
-                    id=r.id,
-                )
-                for r in records
-            ]
+            held.d_teacher = teacher_discriminator_inputs(
+                m.d_tokenizer, records, config.max_response_tokens
+            )
         return held
 
     @property
