@@ -67,7 +67,7 @@ from typing import Any
 import torch
 
 from gad import config as cfg
-from gad import data, evalsets, evaluate, gad, models, precision, report, sft, teacher
+from gad import data, engine, evalsets, evaluate, gad_stage, models, precision, report, sft, teacher
 from gad.tracking import read_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -229,11 +229,11 @@ def exact_token_kl(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
         # Chunked by the q side's lengths; both sides hold the same rows in the same order.
-        for idx in sft.length_sorted_chunks(q_examples, batch_size):
-            q_batch = sft.collate([q_examples[i] for i in idx], pad)
-            p_batch = sft.collate([p_examples[i] for i in idx], pad)
-            logits_q, _, mask_q = sft.response_logits(q_model, q_batch)
-            logits_p, targets_p, mask_p = sft.response_logits(p_model, p_batch)
+        for idx in engine.length_sorted_chunks(q_examples, batch_size):
+            q_batch = engine.collate([q_examples[i] for i in idx], pad)
+            p_batch = engine.collate([p_examples[i] for i in idx], pad)
+            logits_q, _, mask_q = engine.response_logits(q_model, q_batch)
+            logits_p, targets_p, mask_p = engine.response_logits(p_model, p_batch)
             for row in range(len(idx)):
                 keep_q, keep_p = mask_q[row].bool(), mask_p[row].bool()
                 lq = torch.log_softmax(logits_q[row][keep_q].float(), -1)
@@ -467,7 +467,7 @@ def train_seed(
     warm_s = 0.0
     if gad_like:
         base = gad_config(args, data_file, str(seqkd_final), run / "gad", seed)
-        _, warm_s = timed(gad.train, dataclasses.replace(base, stage="warmup"))
+        _, warm_s = timed(gad_stage.train, dataclasses.replace(base, stage="warmup"))
     for method in gad_like:
         folder = run / method
         if method != "gad":
@@ -491,12 +491,12 @@ def train_seed(
                 teacher_model=args.teacher,
                 teacher_context=str(context_file),
             )
-            _, first_s = timed(gad.train, dataclasses.replace(config, save_state=True))
+            _, first_s = timed(gad_stage.train, dataclasses.replace(config, save_state=True))
             config = dataclasses.replace(config, max_steps=args.long_steps, resume=True)
-            final, gad_s = timed(gad.train, config)
+            final, gad_s = timed(gad_stage.train, config)
             gad_s += first_s
         else:
-            final, gad_s = timed(gad.train, dataclasses.replace(config, stage="gad"))
+            final, gad_s = timed(gad_stage.train, dataclasses.replace(config, stage="gad"))
         if method == "gad" and long:
             # Step times from the run's own timers: the held-out evaluations are not training.
             steps = [r for r in read_metrics(folder / "gad") if "time/step" in r]
@@ -525,7 +525,7 @@ def train_seed(
         spe = args.steps_per_epoch
         init = checkpoint_at(run / "seqkd", (k - 1) * spe) if k > 1 else Path(args.student)
         config = gad_config(args, data_file, str(init), run / "gad_equal_exposure", seed)
-        final, s = timed(gad.train, dataclasses.replace(config, stage="all"))
+        final, s = timed(gad_stage.train, dataclasses.replace(config, stage="all"))
         stats = stage_stats(run / "gad_equal_exposure" / "gad")
         systems["gad_equal_exposure"] = Trained(str(final), seqkd_s * (k - 1) / k + s, stats)
 
@@ -540,7 +540,7 @@ def train_seed(
             teacher_model=args.teacher,
             teacher_context=str(context_file),
         )
-        final, s = timed(gad.train, dataclasses.replace(config, stage="gad"))
+        final, s = timed(gad_stage.train, dataclasses.replace(config, stage="gad"))
         stats = stage_stats(run / "whitebox" / "gad")
         systems["whitebox"] = Trained(str(final), seqkd_s + s, stats)
 
@@ -549,7 +549,7 @@ def train_seed(
             args, data_file, str(seqkd_final), run / "offpolicy", seed, method="offpolicy"
         )
         config = dataclasses.replace(config, offpolicy_d_epochs=args.d_warmup_epochs)
-        final, s = timed(gad.train, dataclasses.replace(config, stage="all"))
+        final, s = timed(gad_stage.train, dataclasses.replace(config, stage="all"))
         systems["offpolicy"] = Trained(str(final), seqkd_s + s)
 
     if long and "gad_long" in systems:

@@ -57,7 +57,7 @@ from gad import (
     data,
     evalsets,
     evaluate,
-    gad,
+    gad_stage,
     label,
     models,
     precision,
@@ -214,10 +214,10 @@ def run_seed(
     )
     if not (rd / "warmup/final/config.json").exists():
         warm_lr = dataclasses.replace(base, stage="warmup", lr=s["sft_lr"])
-        timed(times, "sft", gad.train, warm_lr)
+        timed(times, "sft", gad_stage.train, warm_lr)
     sft_model = str(rd / "warmup/final")
     if not (rd / "gad/final/config.json").exists():
-        timed(times, "rl_rm", gad.train, dataclasses.replace(base, stage="gad"))
+        timed(times, "rl_rm", gad_stage.train, dataclasses.replace(base, stage="gad"))
     teacher_answers = str(rd / "data/prompts.jsonl")  # one correct teacher answer per prompt
     for name, extra in (("gad", {}), ("combined", {"reward_mix_alpha": args.alpha})):
         run = out / f"seed{seed}" / name
@@ -234,7 +234,7 @@ def run_seed(
                 reward_model=str(shared["rm"]) if extra else None,
                 **extra,
             )
-            timed(times, name, gad.train, config)
+            timed(times, name, gad_stage.train, config)
     systems = {
         "sft": sft_model,
         "rl_rm": str(rd / "gad/final"),

@@ -3,7 +3,7 @@
 Three systems, each run in a fresh subprocess (so peak memory is per run), alternated over
 `--rounds` rounds (round r runs them in the order rotated by r):
 
-* `ours`  — `gad.train(stage="gad", reward_model=FOLDER)`: our GRPO loop with a frozen reward
+* `ours`  — `gad_stage.train(stage="gad", reward_model=FOLDER)`: our GRPO loop with a frozen reward
   model that only scores (no discriminator update).
 * `trl`   — `trl.GRPOTrainer` with the very same reward model as `reward_funcs`.
 * `gad`   — our full GAD step: the discriminator starts as that same model and is trained online
@@ -132,7 +132,7 @@ from transformers import (
 )
 
 from gad import config as cfg
-from gad import data, discriminator, gad, models, precision, sft
+from gad import data, dataset, discriminator, engine, gad_stage, models, precision
 from gad.tracking import read_metrics
 
 SYSTEMS = ("ours", "trl", "gad")
@@ -213,10 +213,8 @@ def _peak_memory(device: str) -> dict[str, float | None]:
 
 def run_ours(s: Settings, frozen: bool) -> list[dict[str, Any]]:
     """Our GAD stage, frozen reward model or trained discriminator; per-step records."""
-    # After the timed steps the stage writes its final folders (save_state=False already skips
-    # the optimizer-state checkpoint). TRL runs with save_strategy="no", so both skip saving
-    # here; no step changes.
-    gad._finish = lambda stage: stage.run_dir
+    # TRL runs with save_strategy="no": ours skips its final folders and the optimizer-state
+    # checkpoint alike (save_final, save_state); no step changes.
     config = cfg.GADConfig(
         data=s.data,
         model=s.policy,
@@ -242,8 +240,9 @@ def run_ours(s: Settings, frozen: bool) -> list[dict[str, Any]]:
         seed=s.seed,
         save_every=0,
         save_state=False,
+        save_final=False,
     )
-    gad.train(config)
+    gad_stage.train(config)
     rows = read_metrics(Path(s.run_dir) / "gad")
     records = []
     for row, prompt_tokens in zip(rows, s.prompt_tokens, strict=True):
@@ -529,7 +528,7 @@ def prepare_assets(args: argparse.Namespace, assets: Path) -> Assets:
             for r in records
         ],
     )
-    prepared = sft.prepare_data(
+    prepared = dataset.prepare(
         str(data_file),
         models.load_tokenizer(policy),
         max_prompt_tokens=cfg.GADConfig.max_prompt_tokens,
@@ -538,11 +537,11 @@ def prepare_assets(args: argparse.Namespace, assets: Path) -> Assets:
     )
     if len(prepared.examples) != len(records):
         raise SystemExit("some bundled prompts were left out (too long?); the plans would differ")
-    # Our trainer's batch plan (gad._stage_plan with whole epochs is sft.batch_plan): enough
+    # Our trainer's batch plan (engine.batch_plan with whole epochs is engine.batch_plan): enough
     # epochs for the steps, then the first `steps` batches.
     p = args.prompts_per_step
     epochs = math.ceil(args.steps / math.ceil(len(records) / p))
-    plan = sft.batch_plan(len(records), epochs, p, args.seed)[: args.steps]
+    plan = engine.batch_plan(len(records), epochs, p, args.seed)[: args.steps]
     trl_prompts = assets / "trl_prompts.jsonl"
     trl_prompts.write_text(
         "".join(json.dumps(records[i].prompt) + "\n" for step in plan for i in step)

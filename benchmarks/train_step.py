@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from gad import config as cfg
-from gad import gad, models, precision, sft
+from gad import gad_stage, models, precision, sft
 from gad.tracking import read_metrics
 
 WORDS = "the model answers every question with care and a short clear example".split()
@@ -89,7 +89,7 @@ def bench_gad(args: argparse.Namespace, tmp: Path) -> dict:
         save_every=0,
     )
     started = time.perf_counter()
-    gad.train(config)
+    gad_stage.train(config)
     rows = read_metrics(tmp / "gad" / "gad")[1:]
     phases = sorted({k for r in rows for k in r if k.startswith("time/")})
     return {

@@ -8,12 +8,12 @@ from pathlib import Path
 
 SCRIPT = """\
 import json, sys
-from gad import config as cfg, gad, sft
+from gad import config as cfg, gad_stage, sft
 kind, values = sys.argv[1], json.loads(sys.argv[2])
 if kind == "sft":
     sft.train(cfg.build(cfg.SFTConfig, values, "test"))
 else:
-    gad.train(cfg.build(cfg.GADConfig, values, "test"))
+    gad_stage.train(cfg.build(cfg.GADConfig, values, "test"))
 """
 
 
@@ -40,7 +40,7 @@ def train_in_processes(folder: Path, kind: str, values: dict, nproc: int, port: 
 KILLABLE = """\
 import json, os, signal, sys
 import torch
-from gad import checkpoint, config as cfg, gad, sft
+from gad import checkpoint, config as cfg, gad_stage, sft
 kind, values = sys.argv[1], json.loads(sys.argv[2])
 kill_in_save = os.environ.get("GAD_TEST_KILL_IN_SAVE")
 if kill_in_save:
@@ -57,7 +57,7 @@ if kill_in_save:
 if kind == "sft":
     sft.train(cfg.build(cfg.SFTConfig, values, "test"))
 else:
-    gad.train(cfg.build(cfg.GADConfig, values, "test"))
+    gad_stage.train(cfg.build(cfg.GADConfig, values, "test"))
 """
 
 

@@ -86,7 +86,7 @@ def _check_mask(tokenizer, record):
     assert tokenizer.decode(response_ids[:-1]) == record.response
     # ...and the prompt is exactly what generation would be conditioned on.
     assert encoded.input_ids[: encoded.prompt_len] == data.encode_prompt(tokenizer, record.prompt)
-    from gad.sft import collate
+    from gad.engine import collate
 
     batch = collate([encoded], pad_id=tokenizer.pad_token_id)
     labelled = batch["labels"][0] != -100

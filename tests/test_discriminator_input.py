@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gad import config as cfg
-from gad import data, discriminator, gad, losses, models, sft
+from gad import data, discriminator, engine, gad_stage, losses, models, samples, sft
 from gad.rollout import Completion
 from gad.tracking import read_metrics
 from tests.test_gad import (  # noqa: F401
@@ -42,7 +42,7 @@ def tok_and_d(tiny_dir):
 
 
 def score(d, tokenizer, examples):
-    batch = sft.collate(examples, tokenizer.pad_token_id)
+    batch = engine.collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         return discriminator.scores(d, batch["input_ids"], batch["attention_mask"])
 
@@ -64,7 +64,7 @@ def test_teacher_and_student_of_the_same_text_and_finish_get_the_same_input(tok_
     canonical = data.encode_response(tokenizer, PROMPT, TEXT, finished=finish == "stop")
     assert sampled != canonical  # the student's ids are not what teacher text encodes to
     completion = Completion(sampled, tokenizer.decode(sampled, skip_special_tokens=True), finish)
-    (student,) = gad.discriminator_inputs(tokenizer, [PROMPT], [[completion]], 64)
+    (student,) = samples.discriminator_inputs(tokenizer, [PROMPT], [[completion]], 64)
     assert student.input_ids == teacher.input_ids
     assert (student.input_ids[-1] == eot) == (finish == "stop")
     assert student.truncated == teacher.truncated == (finish == "length")
@@ -122,9 +122,9 @@ def test_a_pad_id_inside_a_sample_does_not_move_the_pooled_position(tok_and_d):
 
 def test_the_gad_stage_continues_the_warmup_optimizer_state(tiny_dir, teacher_file, tmp_path):
     def adam_steps(run):
-        gad.train(gad_config(tiny_dir, teacher_file, run, stage="warmup"))
-        warm = torch.load(run / "warmup" / gad.OPTIMIZERS_FILE, weights_only=False)
-        gad.train(gad_config(tiny_dir, teacher_file, run, stage="gad", max_steps=1))
+        gad_stage.train(gad_config(tiny_dir, teacher_file, run, stage="warmup"))
+        warm = torch.load(run / "warmup" / gad_stage.OPTIMIZERS_FILE, weights_only=False)
+        gad_stage.train(gad_config(tiny_dir, teacher_file, run, stage="gad", max_steps=1))
         state = torch.load(run / "gad/checkpoints/step-000001/trainer_state.pt", weights_only=False)
         return {
             key: (float(warm[key]["state"][0]["step"]), float(opt["state"][0]["step"]))
@@ -135,8 +135,8 @@ def test_the_gad_stage_continues_the_warmup_optimizer_state(tiny_dir, teacher_fi
     # 2 warmup steps: the first trains only D (warmup_d_only_steps=1), so G took 1 step and D 2.
     assert kept == {"generator": (1.0, 2.0), "discriminator": (2.0, 3.0)}
     reset_run = tmp_path / "reset"
-    gad.train(gad_config(tiny_dir, teacher_file, reset_run, stage="warmup"))
-    gad.train(
+    gad_stage.train(gad_config(tiny_dir, teacher_file, reset_run, stage="warmup"))
+    gad_stage.train(
         gad_config(
             tiny_dir, teacher_file, reset_run, stage="gad", max_steps=1, reset_optimizers=True
         )
@@ -151,14 +151,14 @@ def test_the_gad_stage_continues_the_warmup_optimizer_state(tiny_dir, teacher_fi
 
 
 def test_replay_pool_is_first_in_first_out_and_draws_reproducibly():
-    pool = gad.replay_push([], ["a", "b", "c"], capacity=4)
-    pool = gad.replay_push(pool, ["d", "e"], capacity=4)
+    pool = samples.replay_push([], ["a", "b", "c"], capacity=4)
+    pool = samples.replay_push(pool, ["d", "e"], capacity=4)
     assert pool == ["b", "c", "d", "e"]
-    assert gad.replay_push(pool, ["x"], capacity=0) == []
-    drawn = gad.replay_draw(pool, 3, seed=0, step=5)
+    assert samples.replay_push(pool, ["x"], capacity=0) == []
+    drawn = samples.replay_draw(pool, 3, seed=0, step=5)
     assert len(set(drawn)) == 3 and set(drawn) <= set(pool)
-    assert drawn == gad.replay_draw(pool, 3, seed=0, step=5)
-    assert sorted(gad.replay_draw(pool, 10, seed=0, step=5)) == pool
+    assert drawn == samples.replay_draw(pool, 3, seed=0, step=5)
+    assert sorted(samples.replay_draw(pool, 10, seed=0, step=5)) == pool
 
 
 def test_length_correction_and_clip_by_hand():
@@ -206,7 +206,7 @@ def test_a_discriminator_with_its_own_tokenizer_moves_the_student_toward_the_tra
     student_tok, d_tok = models.load_tokenizer(str(base)), models.load_tokenizer(str(other))
     assert student_tok.get_vocab() != d_tok.get_vocab()
     start = one_word_share(base, questions)
-    gad.train(trait_config(base, teacher, tmp_path / "run", discriminator=str(other)))
+    gad_stage.train(trait_config(base, teacher, tmp_path / "run", discriminator=str(other)))
     final_d = tmp_path / "run/gad/final/discriminator"
     assert models.load_tokenizer(str(final_d)).get_vocab() == d_tok.get_vocab()
     end = one_word_share(tmp_path / "run/gad/final", questions)
@@ -258,7 +258,7 @@ def test_whitebox_descends_the_teacher_kl_and_selection_picks_a_step(
         eval_data=str(tmp_path / "held.jsonl"),
         eval_length_range=10.0,
     )
-    gad.train(config)
+    gad_stage.train(config)
     rows = read_metrics(tmp_path / "run/gad")
     kls = [r["g/teacher_kl"] for r in rows if "g/teacher_kl" in r]
     assert len(kls) == 12 and sum(kls[-3:]) / 3 < sum(kls[:3]) / 3, kls
@@ -273,9 +273,9 @@ def test_whitebox_descends_the_teacher_kl_and_selection_picks_a_step(
 
 def test_stabilisers_run_in_the_loop_and_resume_bit_for_bit(tiny_dir, teacher_file, tmp_path):
     stabilisers = dict(d_replay_size=24, length_penalty=0.1, score_clip=2.0, loss_agg="token-mean")
-    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "a", max_steps=4, **stabilisers))
-    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=2, **stabilisers))
-    gad.train(
+    gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "a", max_steps=4, **stabilisers))
+    gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=2, **stabilisers))
+    gad_stage.train(
         gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=4, resume=True, **stabilisers)
     )
     for part in ("", "discriminator"):

@@ -25,14 +25,14 @@ def test_plots_rouge_and_gguf_are_core_dependencies():
 def test_missing_tracker_names_the_install_line(tmp_path, monkeypatch):
     import importlib.util
 
-    from gad import sft
+    from gad import engine
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
     )
     with pytest.raises(cfg.UserError, match=r"pip install 'gad\[wandb\]'"):
-        sft.make_accelerator("no", "wandb", tmp_path)
+        engine.make_accelerator("no", "wandb", tmp_path)
 
 
 def test_missing_pyarrow_names_the_install_line(tmp_path, monkeypatch):

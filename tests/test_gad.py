@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from gad import config as cfg
-from gad import data, discriminator, gad, models
+from gad import data, discriminator, engine, gad, gad_stage, gad_state, models, samples
 from gad.rollout import Completion
 from gad.tracking import read_metrics
 
@@ -81,7 +81,7 @@ def test_identical_text_scores_identically_whatever_padding_and_source(tiny_dir)
     prompt_example = data.Example("p", data.encode_prompt(tokenizer, prompt), 0, False)
     prompt_example.prompt_len = len(prompt_example.input_ids)
     completion = Completion(token_ids=sampled, text=text, finish_reason="stop")
-    student_ids = gad.student_examples([prompt_example], [[completion]])[0].input_ids
+    student_ids = samples.student_examples([prompt_example], [[completion]])[0].input_ids
     assert student_ids == teacher_ids
 
     other = data.encode_prompt(tokenizer, [{"role": "user", "content": "x " * 30}])
@@ -135,7 +135,7 @@ def test_rewards_are_the_discriminator_scores_before_its_update(
     tiny_dir, teacher_file, tmp_path, monkeypatch
 ):
     seen = {}
-    real_advantages, real_inputs = gad.losses.group_advantages, gad.discriminator_inputs
+    real_advantages, real_inputs = gad.losses.group_advantages, samples.discriminator_inputs
 
     def spy_advantages(reward_pn, *args, **kwargs):
         seen["rewards"] = reward_pn.detach().clone()
@@ -147,13 +147,13 @@ def test_rewards_are_the_discriminator_scores_before_its_update(
         return seen["students"]
 
     config = gad_config(tiny_dir, teacher_file, tmp_path / "run", stage="warmup")
-    gad.train(config)
+    gad_stage.train(config)
     monkeypatch.setattr(gad.losses, "group_advantages", spy_advantages)
-    monkeypatch.setattr(gad, "discriminator_inputs", spy_students)
-    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "run", stage="gad", max_steps=1))
+    monkeypatch.setattr(samples, "discriminator_inputs", spy_students)
+    gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "run", stage="gad", max_steps=1))
 
     tokenizer = models.load_tokenizer(str(tiny_dir))
-    from gad.sft import collate
+    from gad.engine import collate
 
     batch = collate(seen["students"], tokenizer.pad_token_id)
 
@@ -170,9 +170,9 @@ def test_rewards_are_the_discriminator_scores_before_its_update(
 
 
 def test_gad_stage_resume_is_bit_exact(tiny_dir, teacher_file, tmp_path):
-    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "a", max_steps=4))
-    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=2))
-    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=4, resume=True))
+    gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "a", max_steps=4))
+    gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=2))
+    gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "b", max_steps=4, resume=True))
     for part in ("", "discriminator"):
         a = weights(tmp_path / "a/gad/final" / part)
         b = weights(tmp_path / "b/gad/final" / part)
@@ -192,7 +192,7 @@ def test_gad_stage_resume_is_bit_exact(tiny_dir, teacher_file, tmp_path):
 def test_offpolicy_and_reward_model_modes_keep_the_discriminator_frozen(
     tiny_dir, teacher_file, tmp_path
 ):
-    gad.train(
+    gad_stage.train(
         gad_config(
             tiny_dir,
             teacher_file,
@@ -211,7 +211,7 @@ def test_offpolicy_and_reward_model_modes_keep_the_discriminator_frozen(
     assert [r["phase/train_d"] for r in rows] == [0, 0, 1, 1]
 
     reward_model = warm / "discriminator"
-    gad.train(
+    gad_stage.train(
         gad_config(
             tiny_dir, teacher_file, tmp_path / "rm", reward_model=str(reward_model), max_steps=2
         )
@@ -223,7 +223,7 @@ def test_offpolicy_and_reward_model_modes_keep_the_discriminator_frozen(
 def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(
     tiny_dir, teacher_file, tmp_path, monkeypatch
 ):
-    gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "nan", stage="warmup"))
+    gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "nan", stage="warmup"))
     real = gad.losses.policy_loss
 
     def broken(*args, **kwargs):
@@ -232,8 +232,10 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(
 
     monkeypatch.setattr(gad.losses, "policy_loss", broken)
     before = weights(tmp_path / "nan/warmup/final")
-    with pytest.raises(gad.TrainingStopped, match="3 consecutive non-finite steps"):
-        gad.train(gad_config(tiny_dir, teacher_file, tmp_path / "nan", stage="gad", max_steps=6))
+    with pytest.raises(gad_stage.TrainingStopped, match="3 consecutive non-finite steps"):
+        gad_stage.train(
+            gad_config(tiny_dir, teacher_file, tmp_path / "nan", stage="gad", max_steps=6)
+        )
     rows = read_metrics(tmp_path / "nan/gad")
     assert len(rows) == 2 and all(r["warnings"] for r in rows)  # the 3rd stops before logging
     ckpt = tmp_path / "nan/gad/checkpoints/step-000003"
@@ -241,7 +243,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_checkpoint(
 
 
 def test_accuracy_warning_fires(tiny_dir, teacher_file, tmp_path):
-    gad.train(
+    gad_stage.train(
         gad_config(
             tiny_dir, teacher_file, tmp_path / "w", d_acc_warn=0.0, d_acc_warn_steps=2, max_steps=3
         )
@@ -363,7 +365,7 @@ def trait_config(base, teacher, out, **overrides):
 def test_gad_moves_the_student_toward_the_teacher_trait(near_student, tmp_path, seed):
     base, teacher, questions = near_student
     start = one_word_share(base, questions)
-    gad.train(trait_config(base, teacher, tmp_path / "run", seed=seed))
+    gad_stage.train(trait_config(base, teacher, tmp_path / "run", seed=seed))
     end = one_word_share(tmp_path / "run/gad/final", questions)
     assert start < 0.35
     assert end > start + 0.3, (start, end)
@@ -374,7 +376,7 @@ def test_gad_moves_the_student_toward_the_teacher_trait(near_student, tmp_path, 
 def test_smaller_discriminator_and_ce_loss(tiny_dir, teacher_file, tmp_path):
     """A discriminator of another size (same tokenizer) and the Eq. 4 loss run the same loop."""
     small = models.build_tiny(tmp_path / "small", seed=5, hidden_size=32, num_layers=1)
-    gad.train(
+    gad_stage.train(
         gad_config(
             tiny_dir,
             teacher_file,
@@ -413,7 +415,7 @@ def test_fused_old_logprobs_and_length_sorted_batches_give_the_separate_pass_los
     """The reference implementation spends a forward pass on the old log-probs and batches
     sequences in prompt order; `update_g` takes them from its own forward, in length-sorted
     micro-batches. Same loss, same gradients."""
-    from gad import losses, sft
+    from gad import losses
 
     torch.manual_seed(0)
     generator, tokenizer = models.load(str(tiny_dir))
@@ -427,9 +429,9 @@ def test_fused_old_logprobs_and_length_sorted_batches_give_the_separate_pass_los
     ]
     advantage_b = torch.randn(len(students))
     config = cfg.GADConfig(micro_batch_size=3, temperature=0.7, kl_coef=0.1, max_grad_norm=0.0)
-    accelerator = sft.make_accelerator("no", "none", tmp_path)
+    accelerator = engine.make_accelerator("no", "none", tmp_path)
     snapshot = GradSnapshot(generator)
-    m = gad.Models(generator, None, tokenizer, snapshot, None, reference)
+    m = gad_state.Models(generator, None, tokenizer, snapshot, None, reference)
 
     ref_logp = gad.ref_logprobs(config, accelerator, m, students)
     stats = gad.update_g(config, accelerator, m, students, advantage_b, ref_logp, len(students))
@@ -440,11 +442,11 @@ def test_fused_old_logprobs_and_length_sorted_batches_give_the_separate_pass_los
     prompt_order = list(range(len(students)))
     for start in range(0, len(students), config.micro_batch_size):
         idx = prompt_order[start : start + config.micro_batch_size]
-        batch = sft.collate([students[i] for i in idx], tokenizer.pad_token_id)
+        batch = engine.collate([students[i] for i in idx], tokenizer.pad_token_id)
         with torch.no_grad():
-            old_bt, _, _ = gad.response_logprobs(generator, batch, config.temperature)
-            ref_bt, _, _ = gad.response_logprobs(reference, batch, config.temperature)
-        logp_bt, mask_bt, _ = gad.response_logprobs(generator, batch, config.temperature)
+            old_bt, _, _ = engine.response_logprobs(generator, batch, config.temperature)
+            ref_bt, _, _ = engine.response_logprobs(reference, batch, config.temperature)
+        logp_bt, mask_bt, _ = engine.response_logprobs(generator, batch, config.temperature)
         loss, _ = losses.policy_loss(
             logp_bt,
             old_bt,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gad import config as cfg
-from gad import data, discriminator, gad, losses, models, reward, sft
+from gad import data, discriminator, engine, gad, gad_stage, losses, models, reward, samples, sft
 from gad.tracking import read_metrics
 
 # ---------------------------------------------------------------- losses (hand-computed)
@@ -203,7 +203,7 @@ def test_bt_step_is_the_mean_over_all_pairs_however_split(task, tiny_dir, tmp_pa
     )
     items = [0, 1, 2]
     pairs = [pair for g in items for pair in train_split.pair_groups[g]]
-    accelerator = sft.make_accelerator("no", "none", tmp_path)
+    accelerator = engine.make_accelerator("no", "none", tmp_path)
     results = []
     for micro in (2, 64):  # one prompt per pass vs all in one pass
         model = discriminator.build(str(tiny_dir), pad_token_id=pad, seed=0)
@@ -212,7 +212,7 @@ def test_bt_step_is_the_mean_over_all_pairs_however_split(task, tiny_dir, tmp_pa
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((loss_sum / n, n, grad))
     model = discriminator.build(str(tiny_dir), pad_token_id=pad, seed=0)
-    s = reward.score(model, train_split.examples, pad, 64)
+    s = engine.scores(model, train_split.examples, pad, 64)
     direct = losses.bt_discriminator_loss(s[[a for a, _ in pairs]], s[[b for _, b in pairs]]).item()
     assert results[0][1] == results[1][1] == len(pairs) == 18  # 3 prompts x 3 good x 2 bad
     assert results[0][0] == pytest.approx(direct, rel=1e-5)
@@ -257,7 +257,7 @@ def rl_config(task, out: Path, **overrides) -> cfg.GADConfig:
 
 def test_rl_raises_the_frozen_reward_and_leaves_it_unchanged(task, tmp_path):
     before = digest(task["rm"])
-    gad.train(rl_config(task, tmp_path / "run", stage="gad"))
+    gad_stage.train(rl_config(task, tmp_path / "run", stage="gad"))
     rewards = [r["reward/mean"] for r in read_metrics(tmp_path / "run/gad")]
     assert len(rewards) == 12
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.5, rewards
@@ -267,7 +267,7 @@ def test_rl_raises_the_frozen_reward_and_leaves_it_unchanged(task, tmp_path):
 
 
 def test_reward_distill_one_command(task, tmp_path):
-    gad.train(rl_config(task, tmp_path / "run", max_steps=2))
+    gad_stage.train(rl_config(task, tmp_path / "run", max_steps=2))
     sft_records = data.read_records(tmp_path / "run/data/sft.jsonl").records
     assert len(sft_records) == 96  # every teacher response labelled good, no student one
     assert all(r.meta["source"] == "teacher" and r.meta["good"] for r in sft_records)
@@ -283,9 +283,9 @@ def test_reward_distill_one_command(task, tmp_path):
 
 def test_reward_distill_needs_a_reward_model(task, tmp_path):
     with pytest.raises(cfg.ConfigError, match="needs reward_model"):
-        gad.train(rl_config(task, tmp_path / "x", reward_model=None))
+        gad_stage.train(rl_config(task, tmp_path / "x", reward_model=None))
     with pytest.raises(cfg.ConfigError, match="reward_mix_alpha"):
-        gad.train(rl_config(task, tmp_path / "y", reward_mix_alpha=0.5))
+        gad_stage.train(rl_config(task, tmp_path / "y", reward_mix_alpha=0.5))
 
 
 def test_combined_reward_mixes_online_d_with_frozen_rm(task, tmp_path, monkeypatch):
@@ -293,7 +293,7 @@ def test_combined_reward_mixes_online_d_with_frozen_rm(task, tmp_path, monkeypat
     real_mix, real_adv, real_inputs = (
         losses.mixed_reward,
         losses.group_advantages,
-        gad.discriminator_inputs,
+        samples.discriminator_inputs,
     )
 
     def spy_mix(d_pn, r_pn, alpha):
@@ -312,7 +312,7 @@ def test_combined_reward_mixes_online_d_with_frozen_rm(task, tmp_path, monkeypat
 
     monkeypatch.setattr(gad.losses, "mixed_reward", spy_mix)
     monkeypatch.setattr(gad.losses, "group_advantages", spy_adv)
-    monkeypatch.setattr(gad, "discriminator_inputs", spy_inputs)
+    monkeypatch.setattr(samples, "discriminator_inputs", spy_inputs)
     before = digest(task["rm"])
     config = rl_config(
         task,
@@ -323,12 +323,12 @@ def test_combined_reward_mixes_online_d_with_frozen_rm(task, tmp_path, monkeypat
         reward_mix_alpha=0.5,
         max_steps=1,
     )
-    gad.train(config)
+    gad_stage.train(config)
     assert seen["alpha"] == 0.5
     pad = models.load_tokenizer(str(task["base"])).pad_token_id
     rm = discriminator.load(str(task["rm"]))
     rm.config.pad_token_id = pad
-    expected_r = reward.score(rm, seen["students"], pad, 8).view(-1, 8)
+    expected_r = engine.scores(rm, seen["students"], pad, 8).view(-1, 8)
     assert torch.allclose(seen["r"], expected_r, atol=1e-5)
     assert torch.equal(seen["advantage_input"], seen["mixed"])
     row = read_metrics(tmp_path / "mix/gad")[0]

@@ -178,9 +178,9 @@ def sft(config: cfg.SFTConfig) -> None:
 @stage_command("train", cfg.GADConfig, positional="data")
 def train(config: cfg.GADConfig) -> None:
     """GAD: warmup, then on-policy GRPO against a discriminator that keeps learning."""
-    from gad import gad as gad_module
+    from gad import gad_stage
 
-    gad_module.train(config)
+    gad_stage.train(config)
 
 
 @stage_command("label", cfg.LabelConfig, positional="prompts")

@@ -412,6 +412,9 @@ class GADConfig:
     save_state: bool = True
     """Write the resumable state (optimizer, RNG) at the end of the run, not only the model
     folder; off saves GBs of disk and some seconds where nobody will resume (demo, benchmarks)."""
+    save_final: bool = True
+    """Write each stage's `final/` model folders; off only where nothing reads them (speed
+    benchmarks, which time the steps alone)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept per stage (0 keeps all)."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"

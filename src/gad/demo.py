@@ -106,9 +106,94 @@ def budget_text(config: cfg.DemoConfig, seconds: dict[str, float], teacher: str)
     )
 
 
+def _training_configs(
+    config: cfg.DemoConfig, train_data: Path, held_out: Path, student_model: str, out: Path
+) -> tuple[cfg.SFTConfig, cfg.GADConfig]:
+    """The SeqKD baseline's and GAD's configs: the same data, student, budget and seed."""
+    sft_config = cfg.SFTConfig(
+        data=str(train_data),
+        model=student_model,
+        output_dir=str(out / "seqkd"),
+        epochs=config.sft_epochs,
+        lr=config.lr,
+        batch_size=config.batch_prompts,
+        max_response_tokens=config.max_tokens,
+        seed=config.seed,
+        mixed_precision=config.mixed_precision,
+        save_every=0,
+        save_state=False,
+        exclude=str(held_out),
+    )
+    gad_config = cfg.GADConfig(
+        data=str(train_data),
+        model=student_model,
+        output_dir=str(out / "gad"),
+        warmup_epochs=1.0,
+        warmup_d_only_steps=1,
+        batch_prompts=config.batch_prompts,
+        n_samples=config.n_samples,
+        micro_batch_size=8,
+        max_response_tokens=config.max_tokens,
+        lr=config.lr,
+        d_lr=config.gad_lr,
+        seed=config.seed,
+        mixed_precision=config.mixed_precision,
+        save_every=0,
+        save_state=False,
+        exclude=str(held_out),
+    )
+    return sft_config, gad_config
+
+
+def _generate_and_evaluate(
+    config: cfg.DemoConfig,
+    clock: StageClock,
+    systems: dict[str, str],
+    held_out: Path,
+    references: Path,
+    teacher_model: str,
+) -> list[dict[str, Any]]:
+    """Each system answers the held-out prompts; each is scored against the teacher."""
+    from gad import evalsets, evaluate, teacher
+
+    out = Path(config.output_dir)
+    answers: dict[str, Path] = {}
+    with clock("generate", f"each system answers the {config.num_held_out} held-out prompts"):
+        for name, model in systems.items():
+            answers[name] = out / "answers" / f"{name}.jsonl"
+            job = evalsets.generation_job(
+                cfg.GenerateConfig(
+                    model=model,
+                    prompts=str(held_out),
+                    output=str(answers[name]),
+                    max_tokens=config.max_tokens,
+                    seed=config.seed,
+                )
+            )
+            teacher.collect(job, progress=False)
+
+    results = []
+    with clock("eval", "judge-free metrics vs the teacher, and the lab metrics"):
+        for name, model in systems.items():
+            results.append(
+                evaluate.run_eval(
+                    cfg.EvalConfig(
+                        answers=str(answers[name]),
+                        name=name,
+                        reference=str(references),
+                        teacher_model=teacher_model,
+                        student_model=model,
+                        seed=config.seed,
+                    )
+                )
+            )
+
+    return results
+
+
 def run(config: cfg.DemoConfig) -> dict[str, Any]:
     """Run every stage; returns the stage times, the result files and the report's path."""
-    from gad import evalsets, evaluate, gad, models, report, sft, teacher
+    from gad import gad_stage, models, report, sft, teacher
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,81 +226,19 @@ def run(config: cfg.DemoConfig) -> dict[str, Any]:
         )
         train_data, references = _split_answers(teacher_file, held_out, out)
 
+    sft_config, gad_config = _training_configs(config, train_data, held_out, student_model, out)
     with clock("seqkd", f"{student_model} fine-tuned on the teacher's answers"):
-        seqkd_final = sft.train(
-            cfg.SFTConfig(
-                data=str(train_data),
-                model=student_model,
-                output_dir=str(out / "seqkd"),
-                epochs=config.sft_epochs,
-                lr=config.lr,
-                batch_size=config.batch_prompts,
-                max_response_tokens=config.max_tokens,
-                seed=config.seed,
-                mixed_precision=config.mixed_precision,
-                save_every=0,
-                save_state=False,
-                exclude=str(held_out),
-            )
-        )
-
-    gad_config = cfg.GADConfig(
-        data=str(train_data),
-        model=student_model,
-        output_dir=str(out / "gad"),
-        warmup_epochs=1.0,
-        warmup_d_only_steps=1,
-        batch_prompts=config.batch_prompts,
-        n_samples=config.n_samples,
-        micro_batch_size=8,
-        max_response_tokens=config.max_tokens,
-        lr=config.lr,
-        d_lr=config.gad_lr,
-        seed=config.seed,
-        mixed_precision=config.mixed_precision,
-        save_every=0,
-        save_state=False,
-        exclude=str(held_out),
-    )
+        seqkd_final = sft.train(sft_config)
     with clock("gad", f"warmup, then {config.gad_steps} GRPO steps against the discriminator"):
-        gad.train(dataclasses.replace(gad_config, stage="warmup"))
-        gad_final = gad.train(
+        gad_stage.train(dataclasses.replace(gad_config, stage="warmup"))
+        gad_final = gad_stage.train(
             dataclasses.replace(
                 gad_config, stage="gad", lr=config.gad_lr, max_steps=config.gad_steps
             )
         )
 
     systems = {"student": student_model, "seqkd": str(seqkd_final), "gad": str(gad_final)}
-    answers: dict[str, Path] = {}
-    with clock("generate", f"each system answers the {config.num_held_out} held-out prompts"):
-        for name, model in systems.items():
-            answers[name] = out / "answers" / f"{name}.jsonl"
-            job = evalsets.generation_job(
-                cfg.GenerateConfig(
-                    model=model,
-                    prompts=str(held_out),
-                    output=str(answers[name]),
-                    max_tokens=config.max_tokens,
-                    seed=config.seed,
-                )
-            )
-            teacher.collect(job, progress=False)
-
-    results = []
-    with clock("eval", "judge-free metrics vs the teacher, and the lab metrics"):
-        for name, model in systems.items():
-            results.append(
-                evaluate.run_eval(
-                    cfg.EvalConfig(
-                        answers=str(answers[name]),
-                        name=name,
-                        reference=str(references),
-                        teacher_model=teacher_model,
-                        student_model=model,
-                        seed=config.seed,
-                    )
-                )
-            )
+    results = _generate_and_evaluate(config, clock, systems, held_out, references, teacher_model)
 
     with clock("report", "Markdown report and plots"):
         report_path = report.write_report(

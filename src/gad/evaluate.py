@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gad import engine
 from gad.data import Example, Record, encode_prompt, encode_response
 
 # ---------------------------------------------------------------- text metrics
@@ -244,31 +245,21 @@ def _response_logprobs(
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from gad.gad import response_logprobs
-    from gad.sft import collate
-
     finished = [True] * len(responses) if finished is None else finished
     pairs = [
         (encode_prompt(tokenizer, p), encode_response(tokenizer, p, r, finished=f))
         for p, r, f in zip(prompts, responses, finished, strict=True)
     ]
     examples = [Example(str(i), p + r, len(p), False) for i, (p, r) in enumerate(pairs)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    parts = engine.chunks(list(range(len(examples))), batch_size)
     was_training = model.training
     model.eval()
-    out: list[torch.Tensor] = []
     try:
-        for start in range(0, len(examples), batch_size):
-            part = examples[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
-            # The trainer's own path: right padding, positions from the mask, float32 log-probs.
-            logp_bt, mask_bt, _ = response_logprobs(model, batch, temperature=1.0)
-            for row in range(len(part)):
-                out.append(logp_bt[row][mask_bt[row].bool()].cpu())
+        # The trainer's own path: right padding, positions from the mask, float32 log-probs.
+        rows = engine.logprobs(model, examples, engine.pad_id_of(tokenizer), parts)
     finally:
         model.train(was_training)
-    return out
+    return [row.cpu() for row in rows]
 
 
 def teacher_logprob(

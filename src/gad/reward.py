@@ -21,49 +21,25 @@ training, every `eval_every` steps and at the end. Also reported: the same on st
 pairs (what RL needs: ranking the student's own samples), and pointwise accuracy (score > 0 on
 good responses, < 0 on the others; meaningful for `bce`).
 
-`distill_data` prepares `gad train --method reward-distill`: the SFT warmup's records (teacher
-responses labelled good) and the RL stage's prompts.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from tqdm.auto import tqdm
 
-from gad import checkpoint, data, discriminator, evalsets, losses, models, precision, sft
+from gad import checkpoint, data, discriminator, engine, evalsets, losses, models, precision
 from gad import config as cfg
+from gad.labels import read_labels
 from gad.tracking import MetricsLog, tracker_config
 
 console = Console(stderr=True)
-
-LABEL_FIELDS = ("prompt_id", "source", "label", "good")
-"""`meta` fields every labelled record must carry (`gad label` writes them)."""
-
-
-def read_labels(path: str) -> list[data.Record]:
-    """Labelled records of `path`; a record without the label fields stops with its id."""
-    records = data.read_records(path).records
-    for record in records:
-        missing = [k for k in LABEL_FIELDS if k not in record.meta]
-        if missing:
-            raise record.error(
-                f"meta.{missing[0]}", "is missing (expected the labels.jsonl of `gad label`)"
-            )
-        label = record.meta["label"]
-        if not isinstance(label, int | float) or isinstance(label, bool) or math.isnan(label):
-            raise record.error("meta.label", "not a number")
-        if record.response is None:
-            raise record.error("messages", "no response")
-    return records
 
 
 def make_pairs(
@@ -84,24 +60,6 @@ def make_pairs(
                 elif labels[j] - labels[i] > min_gap:
                     pairs.append((j, i))
     return pairs
-
-
-@torch.no_grad()
-def score(model: Any, examples: list[data.Example], pad_id: int, batch_size: int) -> torch.Tensor:
-    """Scores of `examples` under a scalar-head model, no gradient. Shape: [B] float32, on the
-    model's device, in the examples' order (scored in length-sorted batches: less padding)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = torch.zeros(len(examples), device=device)
-    with torch.no_grad():
-        for idx in sft.length_sorted_chunks(examples, batch_size):
-            batch = sft.collate([examples[i] for i in idx], pad_id)
-            out[idx] = discriminator.scores(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            )
-    model.train(was_training)
-    return out
 
 
 @dataclass
@@ -169,7 +127,7 @@ def evaluate(model: Any, split: Split, pad_id: int, batch_size: int) -> dict[str
     """Held-out accuracies of `model` on `split` (None where there is nothing to measure)."""
     if not split.examples:
         return {"eval/pairwise_accuracy": None}
-    s = score(model, split.examples, pad_id, batch_size).cpu()
+    s = engine.scores(model, split.examples, pad_id, batch_size).cpu()
     out: dict[str, float | None] = {"eval/pairwise_accuracy": None}
     if split.pairs:
         hi = torch.tensor([i for i, _ in split.pairs])
@@ -208,56 +166,61 @@ def _pack(items: list[int], sizes: list[int], limit: int) -> list[list[int]]:
 
 
 def _step(
-    config: cfg.RewardConfig, accelerator: Any, model: Any, split: Split, items: list[int], pad: int
-) -> tuple[float, float, int]:
-    """Forward/backward of this process's share of one step.
+    config: cfg.RewardConfig,
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    split: Split,
+    items: list[int],
+    pad: int,
+) -> tuple[float, float, int, engine.StepResult]:
+    """One optimizer step over this process's share of the step's items.
 
     BT: `items` are prompts (`split.pair_groups`); each response of a prompt is scored once and
     enters all of its pairs. BCE: `items` are responses. The loss is the mean over the global
     step's pairs (responses), however it is split into micro-batches and processes. Returns
-    (loss sum, correct sum) over this process's pairs (responses) and the global count.
+    (loss sum, correct sum) over this process's pairs (responses), the global count, and what
+    the optimizer step did.
     """
-    world, rank = accelerator.num_processes, accelerator.process_index
-    bt = config.loss == "bt"
-    mine = [i for chunk in sft.micro_batches(items, rank, world, 1) for i in chunk]
+    world, bt = accelerator.num_processes, config.loss == "bt"
+    mine, _ = engine.local_slice(items, accelerator.process_index, world)
     if bt:
         n_global = sum(len(split.pair_groups[g]) for g in items)
         sizes = [len({i for pair in split.pair_groups[g] for i in pair}) for g in mine]
         parts = _pack(mine, sizes, config.micro_batch_size)
     else:
         n_global = len(items)
-        parts = [
-            mine[i : i + config.micro_batch_size]
-            for i in range(0, len(mine), config.micro_batch_size)
-        ]
-    loss_sum = correct = 0.0
-    for j, part in enumerate(parts):
+        parts = engine.chunks(mine, config.micro_batch_size)
+    totals = {"loss": 0.0, "correct": 0.0}
+
+    def loss_of(part: list[int]) -> torch.Tensor:
         if bt:
             pairs = [pair for g in part for pair in split.pair_groups[g]]
             seq_ids = sorted({i for pair in pairs for i in pair})
         else:
             seq_ids = part
-        batch = sft.collate([split.examples[i] for i in seq_ids], pad)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.no_sync(model) if j < len(parts) - 1 else nullcontext():
-            with accelerator.autocast():
-                s = discriminator.scores(model, batch["input_ids"], batch["attention_mask"])
-            if bt:
-                at = {i: k for k, i in enumerate(seq_ids)}
-                hi = s[[at[a] for a, _ in pairs]]
-                lo = s[[at[b] for _, b in pairs]]
-                loss, count = losses.bt_discriminator_loss(hi, lo), len(pairs)
-                hits = losses.discriminator_accuracy(hi, lo).item() * count
-            else:
-                target = torch.tensor([float(split.good[i]) for i in part], device=s.device)
-                loss, count = losses.pointwise_bce_loss(s, target), len(part)
-                hits = ((s.detach() > 0).float() == target).float().sum().item()
-            # Sum over this part, divided by the global count: the global mean. DDP averages
-            # gradients over processes, hence the factor `world`.
-            accelerator.backward(loss * count * world / n_global)
-        loss_sum += loss.item() * count
-        correct += hits
-    return loss_sum, correct, n_global
+        batch = engine.on_device([split.examples[i] for i in seq_ids], pad, accelerator.device)
+        with accelerator.autocast():
+            s = discriminator.scores(model, batch["input_ids"], batch["attention_mask"])
+        if bt:
+            at = {i: k for k, i in enumerate(seq_ids)}
+            hi = s[[at[a] for a, _ in pairs]]
+            lo = s[[at[b] for _, b in pairs]]
+            loss, count = losses.bt_discriminator_loss(hi, lo), len(pairs)
+            hits = losses.discriminator_accuracy(hi, lo).item() * count
+        else:
+            target = torch.tensor([float(split.good[i]) for i in part], device=s.device)
+            loss, count = losses.pointwise_bce_loss(s, target), len(part)
+            hits = ((s.detach() > 0).float() == target).float().sum().item()
+        totals["loss"] += loss.item() * count
+        totals["correct"] += hits
+        # Sum over this part, divided by the global count: the global mean.
+        return loss * count * world / n_global
+
+    result = engine.optimizer_step(
+        accelerator, model, optimizer, parts, loss_of, config.max_grad_norm
+    )
+    return totals["loss"], totals["correct"], n_global, result
 
 
 def train(config: cfg.RewardConfig) -> Path:
@@ -266,7 +229,7 @@ def train(config: cfg.RewardConfig) -> Path:
     run_dir = Path(config.output_dir)
     checkpoint.check_writable(run_dir)
     config, choice = precision.apply(config)
-    accelerator = sft.make_accelerator(config.mixed_precision, config.report_to, run_dir)
+    accelerator = engine.make_accelerator(config.mixed_precision, config.report_to, run_dir)
     if accelerator.is_main_process:
         cfg.save(config, run_dir / "config.yaml", {"mixed_precision": choice.reason})
     if not 0.0 <= config.held_out < 1.0:
@@ -276,25 +239,13 @@ def train(config: cfg.RewardConfig) -> Path:
     tokenizer = models.load_tokenizer(source)
     # Data first: a bad record should fail in a second, not after loading the model.
     train_split, held, counts = prepare(config, tokenizer)
-    n_items = len(train_split.pair_groups) if config.loss == "bt" else len(train_split.examples)
-    if n_items == 0:
-        raise data.DataError(
-            f"{config.data}: no training {'pair' if config.loss == 'bt' else 'response'}: "
-            "every training prompt's responses share one label (or the split left none)"
-        )
+    n_items = _count_items(config, train_split)
     torch.manual_seed(config.seed)
-    if resume_from is not None:
-        model = discriminator.load(str(resume_from))
-    else:
-        model = discriminator.build(
-            config.model, pad_token_id=tokenizer.pad_token_id, seed=config.seed
-        )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.train()
+    model = _load_model(config, resume_from, tokenizer)
     pad = tokenizer.pad_token_id
-    plan = sft.batch_plan(n_items, config.epochs, config.batch_size, config.seed)
+    plan = engine.batch_plan(n_items, config.epochs, config.batch_size, config.seed)
     total = min(len(plan), config.max_steps) if config.max_steps else len(plan)
-    optimizer = sft.make_optimizer(model, config.lr, config.weight_decay, (0.9, 0.999))
+    optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, (0.9, 0.999))
     model, optimizer = accelerator.prepare(model, optimizer)
     start_step = 0
     if resume_from is not None:
@@ -306,16 +257,7 @@ def train(config: cfg.RewardConfig) -> Path:
         accelerator.init_trackers("gad-reward", config=tracker_config(cfg.to_dict(config)))
     metrics = MetricsLog(run_dir, accelerator, resume_step=start_step if resume_from else None)
     if accelerator.is_main_process:
-        console.print(
-            f"data: {counts['train_responses']} training responses of "
-            f"{counts['train_prompts']} prompts ({counts['train_pairs']} pairs; "
-            f"{counts['train_prompts_without_pair']} prompts without a pair), held out "
-            f"{counts['held_out_responses']} responses of {counts['held_out_prompts']} prompts "
-            f"({counts['held_out_pairs']} pairs); {total} steps of {config.batch_size} "
-            f"{'prompts' if config.loss == 'bt' else 'responses'}"
-        )
-        if counts["prompt_too_long"]:
-            console.print(f"[yellow]left out {counts['prompt_too_long']} over-long prompt(s)[/]")
+        _print_data(counts, total, config)
 
     def held_out_metrics() -> dict[str, float | None]:
         with accelerator.autocast():
@@ -324,44 +266,92 @@ def train(config: cfg.RewardConfig) -> Path:
     before = held_out_metrics() if resume_from is None else None
     if before is not None:
         metrics.log(0, before)
-    bar = tqdm(
-        total=total,
-        initial=start_step,
-        desc="reward-model",
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
     row: dict[str, Any] = {}
-    for step in range(start_step, total):
-        t0 = time.perf_counter()
-        items = plan[step]
-        loss_sum, correct, n_global = _step(config, accelerator, model, train_split, items, pad)
-        clip = config.max_grad_norm or math.inf
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-        if math.isfinite(float(grad_norm)):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums = torch.tensor([loss_sum, correct], device=accelerator.device)
-        sums = accelerator.reduce(sums, "sum") if accelerator.num_processes > 1 else sums
-        done = step + 1
-        row = {
-            "loss": sums[0].item() / n_global,
-            "accuracy": sums[1].item() / n_global,
-            "grad_norm": float(grad_norm),
-            "seconds": time.perf_counter() - t0,
-            "epoch": step * config.batch_size / n_items,
-        }
-        if (config.eval_every and done % config.eval_every == 0) or done == total:
-            row.update(held_out_metrics())
-        metrics.log(done, row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}")
-        if config.save_every and done % config.save_every == 0 and done < total:
-            _save(config, accelerator, run_dir, model, tokenizer, optimizer, done)
-    bar.close()
+    show = ("loss", "accuracy")
+    with engine.ProgressBar(
+        "reward-model", total, start_step, accelerator.is_main_process, show
+    ) as bar:
+        for step in range(start_step, total):
+            t0 = time.perf_counter()
+            loss_sum, correct, n_global, result = _step(
+                config, accelerator, model, optimizer, train_split, plan[step], pad
+            )
+            loss_sum, correct = engine.reduce_sum(accelerator, [loss_sum, correct])
+            done = step + 1
+            row = {
+                "loss": loss_sum / n_global,
+                "accuracy": correct / n_global,
+                "grad_norm": result.grad_norm,
+                "skipped": result.skipped,
+                "seconds": time.perf_counter() - t0,
+                "epoch": step * config.batch_size / n_items,
+            }
+            if (config.eval_every and done % config.eval_every == 0) or done == total:
+                row.update(held_out_metrics())
+            metrics.log(done, row)
+            bar.update(done, row)
+            if config.save_every and done % config.save_every == 0 and done < total:
+                _save(config, accelerator, run_dir, model, tokenizer, optimizer, done)
     if total > start_step and config.save_state:
         _save(config, accelerator, run_dir, model, tokenizer, optimizer, total)
     after = {k: v for k, v in row.items() if k.startswith("eval/")} or held_out_metrics()
+    extra = {"held_out_before": before, "held_out_after": after}
+    final = _finish(config, accelerator, model, tokenizer, counts | extra, total, started)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def _count_items(config: cfg.RewardConfig, split: Split) -> int:
+    """The units a step samples (BT: prompts with a pair; BCE: responses); none stops."""
+    n_items = len(split.pair_groups) if config.loss == "bt" else len(split.examples)
+    if n_items == 0:
+        raise data.DataError(
+            f"{config.data}: no training {'pair' if config.loss == 'bt' else 'response'}: "
+            "every training prompt's responses share one label (or the split left none)"
+        )
+    return n_items
+
+
+def _load_model(config: cfg.RewardConfig, resume_from: Path | None, tokenizer: Any) -> Any:
+    """The scalar-head model: the checkpoint's on resume, else a fresh head on `model`."""
+    if resume_from is not None:
+        model = discriminator.load(str(resume_from))
+    else:
+        model = discriminator.build(
+            config.model, pad_token_id=tokenizer.pad_token_id, seed=config.seed
+        )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.train()
+    return model
+
+
+def _print_data(counts: dict[str, Any], total: int, config: cfg.RewardConfig) -> None:
+    """What the reward model trains and is evaluated on."""
+    console.print(
+        f"data: {counts['train_responses']} training responses of "
+        f"{counts['train_prompts']} prompts ({counts['train_pairs']} pairs; "
+        f"{counts['train_prompts_without_pair']} prompts without a pair), held out "
+        f"{counts['held_out_responses']} responses of {counts['held_out_prompts']} prompts "
+        f"({counts['held_out_pairs']} pairs); {total} steps of {config.batch_size} "
+        f"{'prompts' if config.loss == 'bt' else 'responses'}"
+    )
+    if counts["prompt_too_long"]:
+        console.print(f"[yellow]left out {counts['prompt_too_long']} over-long prompt(s)[/]")
+
+
+def _finish(
+    config: cfg.RewardConfig,
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    counts: dict[str, Any],
+    total: int,
+    started: float,
+) -> Path:
+    """`final/` (the scalar-head model, loadable with `discriminator.load`) and its summary."""
+    run_dir = Path(config.output_dir)
+    before, after = counts.pop("held_out_before"), counts.pop("held_out_after")
     final = run_dir / "final"
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -382,8 +372,6 @@ def train(config: cfg.RewardConfig) -> Path:
             f"reward model done: {total} steps, held-out pairwise accuracy "
             f"{'n/a' if acc is None else f'{acc:.3f}'}; model in [bold]{final}[/]"
         )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return final
 
 
@@ -405,34 +393,3 @@ def _save(
         optimizers={"reward_model": optimizer},
         keep=config.keep_checkpoints,
     )
-
-
-# ---------------------------------------------------------------- reward-distill pipeline
-
-
-def distill_data(labels_path: str, out: Path) -> tuple[Path, Path]:
-    """The two data files of `gad train --method reward-distill`, written into `out`:
-
-    `sft.jsonl`      every teacher response labelled good (the SFT warmup's data);
-    `prompts.jsonl`  every labelled prompt once, with one teacher response (a good one when
-                     there is one): the RL stage's prompts. Its response is only scored by the
-                     frozen reward model, as a diagnostic (`d/teacher_score`).
-    """
-    records = read_labels(labels_path)
-    good = [r for r in records if r.meta["source"] == "teacher" and r.meta["good"]]
-    if not good:
-        raise data.DataError(
-            f"{labels_path}: no teacher response is labelled good: nothing for the SFT warmup"
-        )
-    chosen: dict[str, data.Record] = {}
-    for record in records:
-        pid = str(record.meta["prompt_id"])
-        held = chosen.get(pid)
-        rank = (record.meta["source"] == "teacher", bool(record.meta["good"]))
-        if held is None or rank > (held.meta["source"] == "teacher", bool(held.meta["good"])):
-            chosen[pid] = record
-    out.mkdir(parents=True, exist_ok=True)
-    sft_path, prompts_path = out / "sft.jsonl", out / "prompts.jsonl"
-    data.write_records(sft_path, good)
-    data.write_records(prompts_path, chosen.values())
-    return sft_path, prompts_path

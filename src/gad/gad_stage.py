@@ -1,0 +1,461 @@
+"""The GAD training stages' runner: setup, resume, health checks, checkpoints (SPEC §3).
+
+`train` runs the warmup and the GAD stage (`stage`), each a loop of the method's steps
+(`gad.warmup_step`, `gad.gad_step`) over a fixed batch plan. What a stage loads is a typed
+`StageInit`; its live state a `Stage`. Every checkpoint holds the models, both optimizers and
+what the health checks, the replay pool and the model selection need, so a resumed stage
+matches an uninterrupted one bit for bit. After the warmup, `final_optimizers.pt` keeps both
+AdamW states, which the GAD stage continues (`reset_optimizers` starts it fresh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from gad import (
+    checkpoint,
+    data,
+    dataset,
+    discriminator,
+    engine,
+    gad,
+    health,
+    labels,
+    models,
+    precision,
+)
+from gad import config as cfg
+from gad.gad_state import Models, Selection, Stage, StageInit, frozen_reward
+from gad.rollout import TransformersRollout
+from gad.samples import teacher_discriminator_inputs
+from gad.selection import HeldOut
+from gad.tracking import MetricsLog, PhaseTimer, tracker_config
+
+console = Console(stderr=True)
+OPTIMIZERS_FILE = "final_optimizers.pt"
+
+
+class TrainingStopped(cfg.UserError, RuntimeError):
+    """Too many consecutive non-finite steps; a checkpoint was written before stopping."""
+
+
+def tokenizer_of(folder: str, fallback: Any) -> Any:
+    """The tokenizer saved with a model folder; `fallback` (the student's) for folders saved
+    without one (reward models and discriminators written before gad saved theirs)."""
+    path = Path(folder)
+    if path.is_dir() and not (path / "tokenizer_config.json").exists():
+        console.print(f"[yellow]{folder} has no tokenizer: using the student's[/]")
+        return fallback
+    return models.load_tokenizer(folder)
+
+
+def teacher_context(path: str | None) -> list[dict[str, str]]:
+    """The hidden messages the white-box teacher sees before every prompt (a JSON list)."""
+    if not path:
+        return []
+    try:
+        messages = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise cfg.ConfigError(f"teacher_context: cannot read {path}: {err}") from err
+    if not isinstance(messages, list) or not all(
+        isinstance(x, dict) and {"role", "content"} <= set(x) for x in messages
+    ):
+        raise cfg.ConfigError(
+            f"teacher_context: {path} must hold a JSON list of {{'role', 'content'}} messages"
+        )
+    return [{"role": x["role"], "content": x["content"]} for x in messages]
+
+
+def load_teacher(config: cfg.GADConfig, tokenizer: Any, accelerator: Any) -> Any:
+    """The frozen local teacher of `method=whitebox` (it must share the student's tokenizer)."""
+    if not config.teacher_model:
+        raise cfg.ConfigError("method=whitebox needs teacher_model (a local model)")
+    teacher_tok = models.load_tokenizer(config.teacher_model)
+    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+        raise cfg.ConfigError(
+            f"teacher_model {config.teacher_model}: method=whitebox needs the student's "
+            "tokenizer (its per-token log-probs score the student's sampled ids)"
+        )
+    teacher, _ = models.load(config.teacher_model)
+    return teacher.to(accelerator.device).eval().requires_grad_(False)
+
+
+def _load_discriminator(
+    config: cfg.GADConfig, init: StageInit, resume_from: Path | None, tokenizer: Any
+) -> tuple[Any, Any]:
+    """The discriminator (or frozen scorer) and its tokenizer, or (None, None)."""
+    d_folder = init.discriminator_folder
+    if resume_from is not None and (resume_from / "discriminator").exists():
+        d_folder = str(resume_from / "discriminator")
+    if d_folder:
+        d, d_tokenizer = discriminator.load(d_folder), tokenizer_of(d_folder, tokenizer)
+    elif init.discriminator:
+        d_tokenizer = models.load_tokenizer(init.discriminator)
+        pad = engine.pad_id_of(d_tokenizer)
+        d = discriminator.build(init.discriminator, pad_token_id=pad, seed=config.seed)
+    else:
+        return None, None
+    d.config.pad_token_id = engine.pad_id_of(d_tokenizer)
+    return d, d_tokenizer
+
+
+def _load_models(
+    config: cfg.GADConfig,
+    init: StageInit,
+    accelerator: Any,
+    resume_from: Path | None,
+    run_dir: Path,
+) -> Models:
+    """Generator, discriminator, reference and their optimizers, wrapped by accelerate."""
+    generator, tokenizer = models.load(str(resume_from) if resume_from else init.generator)
+    generator.config.use_cache = False
+    d, d_tokenizer = _load_discriminator(config, init, resume_from, tokenizer)
+    checkpoint.check_space(run_dir, generator, *([d] if d is not None else []))
+    g_opt = engine.make_optimizer(generator, config.lr, config.weight_decay, (0.9, 0.999))
+    d_opt = None
+    if d is not None and init.d_trainable:
+        d_opt = engine.make_optimizer(d, config.d_lr, config.weight_decay, (0.9, 0.999))
+        generator, d, g_opt, d_opt = accelerator.prepare(generator, d, g_opt, d_opt)
+    else:
+        generator, g_opt = accelerator.prepare(generator, g_opt)
+        if d is not None:
+            d = d.to(accelerator.device).eval().requires_grad_(False)
+    reference = None
+    if init.reference:
+        reference, _ = models.load(init.reference)
+        reference = reference.to(accelerator.device).eval().requires_grad_(False)
+    m = Models(generator, d, tokenizer, g_opt, d_opt, reference, d_tokenizer=d_tokenizer)
+    unwrapped = accelerator.unwrap_model(generator)
+    m.rollout = TransformersRollout(unwrapped, tokenizer, batch_size=config.rollout_batch_size)
+    return m
+
+
+def setup(
+    config: cfg.GADConfig, name: str, accelerator: Any, *, epochs: float, init: StageInit
+) -> Stage:
+    """Load models (from the latest checkpoint on resume), data, optimizers, and the plan."""
+    run_dir = Path(config.output_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = checkpoint.latest(run_dir) if config.resume else None
+    g_source = str(resume_from) if resume_from else init.generator
+    # Data first: a bad record should fail in a second, not after loading two models.
+    prepared = dataset.prepare(
+        config.data,
+        models.load_tokenizer(g_source),
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_response_tokens=config.max_response_tokens,
+        skip_invalid=config.skip_invalid,
+        exclude=config.exclude,
+    )
+    world = accelerator.num_processes
+    if config.batch_prompts % world:
+        raise cfg.ConfigError(
+            f"batch_prompts={config.batch_prompts} must be divisible by the {world} processes"
+        )
+    m = _load_models(config, init, accelerator, resume_from, run_dir)
+    state: dict[str, Any] = {"step": 0}
+    if resume_from is not None:
+        optimizers = {"generator": m.g_opt} | ({"discriminator": m.d_opt} if m.d_opt else {})
+        state = checkpoint.load_state(resume_from, optimizers=optimizers)
+        console.print(f"{name}: resuming from {resume_from} at step {state['step']}")
+    elif init.optimizers and not config.reset_optimizers:
+        _continue_optimizers(init.optimizers, config, m.g_opt, m.d_opt)
+    plan = engine.batch_plan(len(prepared.examples), epochs, config.batch_prompts, config.seed)
+    stage = Stage(
+        name,
+        config,
+        run_dir,
+        accelerator,
+        prepared.examples,
+        plan,
+        m,
+        state["step"],
+        MetricsLog(run_dir, accelerator, resume_step=state["step"] if resume_from else None),
+        health.Health(**state.get("health", {})),
+        records=prepared.records,
+        replay=state.get("replay", []),
+        selection=Selection(**state.get("selection", {})),
+    )
+    if m.discriminator is not None:
+        stage.d_teacher = teacher_discriminator_inputs(
+            m.d_tokenizer,
+            [prepared.records[e.id] for e in prepared.examples],
+            config.max_response_tokens,
+        )
+    if config.method == "whitebox" and name == "gad":
+        m.teacher = load_teacher(config, m.tokenizer, accelerator)
+        context = teacher_context(config.teacher_context)
+        stage.teacher_prompts = [
+            data.encode_prompt(m.tokenizer, context + prepared.records[e.id].prompt)
+            for e in prepared.examples
+        ]
+    if config.report_to != "none":
+        accelerator.init_trackers(f"gad-{name}", config=tracker_config(cfg.to_dict(config)))
+    if accelerator.is_main_process:
+        dataset.print_summary(prepared, len(plan), config.batch_prompts)
+    return stage
+
+
+def _continue_optimizers(path: Path, config: cfg.GADConfig, g_opt: Any, d_opt: Any) -> None:
+    """Continue the warmup's AdamW states (as the reference does, restoring the warmup
+    checkpoint with its optimizer): a fresh Adam moves every weight by about ±lr in its first
+    bias-corrected steps, and a short GAD stage would live inside that transient. The
+    learning rates are this stage's."""
+    saved = torch.load(path, weights_only=False)
+    pairs = [("generator", g_opt, config.lr), ("discriminator", d_opt, config.d_lr)]
+    for key, opt, lr in pairs:
+        if opt is None or key not in saved:
+            continue
+        opt.load_state_dict(saved[key])
+        for group in opt.param_groups:
+            group["lr"] = lr
+    console.print(f"gad: continuing the warmup's optimizer states ({', '.join(saved)})")
+
+
+def save(stage: Stage, step: int, final: bool = False) -> Path:
+    """A resumable checkpoint: models, optimizers, RNG, and the stage's counters."""
+    m, acc = stage.models, stage.accelerator
+    optimizers = {"generator": m.g_opt} | ({"discriminator": m.d_opt} if m.d_opt else {})
+    others = {"discriminator": m.discriminator} if m.discriminator is not None else {}
+    return checkpoint.save(
+        stage.run_dir,
+        step,
+        acc,
+        model=m.generator,
+        tokenizer=m.tokenizer,
+        others=others,
+        other_tokenizers={"discriminator": m.d_tokenizer} if others else {},
+        optimizers=optimizers,
+        state={
+            "health": stage.health.__dict__,
+            "replay": stage.replay,
+            "selection": stage.selection.__dict__,
+        },
+        keep=0 if final else stage.config.keep_checkpoints,
+    )
+
+
+def save_generator(stage: Stage, folder: Path) -> None:
+    """The generator as a plain HF folder (and the discriminator with its tokenizer inside)."""
+    m, acc = stage.models, stage.accelerator
+    states = {"g": acc.get_state_dict(m.generator)}
+    if m.discriminator is not None:
+        states["d"] = acc.get_state_dict(m.discriminator)
+    if acc.is_main_process:
+        acc.unwrap_model(m.generator).save_pretrained(folder, state_dict=states["g"])
+        m.tokenizer.save_pretrained(folder)
+        if m.discriminator is not None:
+            acc.unwrap_model(m.discriminator).save_pretrained(
+                folder / "discriminator", state_dict=states["d"]
+            )
+            m.d_tokenizer.save_pretrained(folder / "discriminator")
+    acc.wait_for_everyone()
+
+
+def finish(stage: Stage) -> Path:
+    """Write `<stage>/final`: the generator (HF folder) with `discriminator/` inside; after the
+    warmup also both optimizers' states, which the GAD stage continues."""
+    m, acc = stage.models, stage.accelerator
+    final = stage.run_dir / "final"
+    if stage.config.save_final:
+        save_generator(stage, final)
+    if stage.name == "warmup" and acc.is_main_process:
+        states = {"generator": m.g_opt.state_dict()}
+        if m.d_opt is not None:
+            states["discriminator"] = m.d_opt.state_dict()
+        tmp = stage.run_dir / (OPTIMIZERS_FILE + ".tmp")
+        torch.save(states, tmp)
+        tmp.replace(stage.run_dir / OPTIMIZERS_FILE)
+    acc.wait_for_everyone()
+    return final
+
+
+def run_loop(stage: Stage, total: int, step_fn: Any, show: tuple[str, ...]) -> None:
+    """The stage's steps from `start_step` to `total`: timed, health-checked, logged, saved."""
+    enabled = stage.accelerator.is_main_process
+    with engine.ProgressBar(stage.name, total, stage.start_step, enabled, show) as bar:
+        for step in range(stage.start_step, total):
+            t0 = time.perf_counter()
+            timer = PhaseTimer()
+            row = step_fn(stage, step, timer)
+            row.update(timer.as_metrics())
+            row["time/step"] = time.perf_counter() - t0
+            done = step + 1
+            row["warnings"] = health.check(
+                stage.health, stage.config, stage.name, stage.models.d_opt is not None, done, row
+            )
+            if stage.health.bad_steps >= stage.config.max_bad_steps:
+                path = save(stage, done)
+                raise TrainingStopped(
+                    f"{stage.health.bad_steps} consecutive non-finite steps (last at step "
+                    f"{done}); stopped. Checkpoint: {path}. Lower the learning rate or check "
+                    "the data."
+                )
+            stage.metrics.log(done, row)
+            bar.update(done, row)
+            if stage.config.save_every and done % stage.config.save_every == 0 and done < total:
+                save(stage, done)
+    if total > stage.start_step and stage.config.save_state:
+        save(stage, total, final=True)
+
+
+def warmup(config: cfg.GADConfig, accelerator: Any) -> Path:
+    """Stage 1: generator SFT on teacher answers + discriminator BT on fresh student samples.
+
+    `method="offpolicy"` runs it sequentially instead (paper Fig. 6): SFT for `warmup_epochs`,
+    then the discriminator alone for `offpolicy_d_epochs` on the frozen student's samples.
+    `method="whitebox"` has no discriminator: its warmup is the generator's SFT alone.
+    """
+    offpolicy = config.method == "offpolicy"
+    epochs = config.warmup_epochs + (config.offpolicy_d_epochs if offpolicy else 0.0)
+    init = StageInit(config.model)
+    if frozen_reward(config):
+        # Nothing to warm up on the reward side: load it frozen rather than build a spare D.
+        init = StageInit(config.model, discriminator_folder=config.reward_model, d_trainable=False)
+    elif config.method != "whitebox":
+        init = StageInit(config.model, discriminator=config.discriminator or config.model)
+    stage = setup(config, "warmup", accelerator, epochs=epochs, init=init)
+    n = len(stage.examples)
+    stage.sft_steps = len(
+        engine.batch_plan(n, config.warmup_epochs, config.batch_prompts, config.seed)
+    )
+    run_loop(stage, len(stage.plan), gad.warmup_step, ("d/loss", "d/accuracy", "g/sft_loss"))
+    return finish(stage)
+
+
+def _gad_init(config: cfg.GADConfig, accelerator: Any) -> StageInit:
+    """The GAD stage's models: the warmup's generator and discriminator (and optimizers)."""
+    out = Path(config.output_dir)
+    warm = out / "warmup" / "final"
+    generator = str(warm) if warm.exists() else config.model
+    d_kwargs: dict[str, Any] = {}
+    if config.method == "whitebox":
+        pass
+    elif frozen_reward(config):
+        d_kwargs["discriminator_folder"] = config.reward_model
+    elif (warm / "discriminator").exists():
+        d_kwargs["discriminator_folder"] = str(warm / "discriminator")
+    else:
+        d_kwargs["discriminator"] = config.discriminator or config.model
+    optimizers = out / "warmup" / OPTIMIZERS_FILE
+    reference = None
+    if config.kl_coef > 0:
+        # The reference is the student as it enters this stage, frozen; kept on disk so a
+        # resumed run compares against the same policy.
+        reference = out / "gad" / "reference"
+        if accelerator.is_main_process and not (reference / "config.json").exists():
+            model, tokenizer = models.load(generator)
+            model.save_pretrained(reference)
+            tokenizer.save_pretrained(reference)
+        accelerator.wait_for_everyone()
+    return StageInit(
+        generator,
+        d_trainable=config.method == "gad" and not frozen_reward(config),
+        reference=str(reference) if reference else None,
+        optimizers=optimizers if warm.exists() and optimizers.exists() else None,
+        **d_kwargs,
+    )
+
+
+def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
+    """Stage 2: on-policy GRPO against the discriminator, which keeps learning (Algorithm 1).
+
+    With `method="offpolicy"` or a `reward_model`, the discriminator is frozen: only scores.
+    With `reward_mix_alpha`, the discriminator learns and the frozen reward model is mixed into
+    its reward (`losses.mixed_reward`). With `method="whitebox"` there is no discriminator: the
+    teacher's exact log-probs give per-token advantages (the white-box ceiling).
+    """
+    stage = setup(
+        config, "gad", accelerator, epochs=config.epochs, init=_gad_init(config, accelerator)
+    )
+    total = min(len(stage.plan), config.max_steps) if config.max_steps else len(stage.plan)
+    m = stage.models
+    if config.reward_mix_alpha is not None:
+        rm = discriminator.load(config.reward_model)  # type: ignore[arg-type]
+        m.rm_tokenizer = tokenizer_of(config.reward_model, m.tokenizer)  # type: ignore[arg-type]
+        rm.config.pad_token_id = engine.pad_id_of(m.rm_tokenizer)
+        m.reward_model = rm.to(accelerator.device).eval().requires_grad_(False)
+    held_out = None
+    if config.eval_every:
+        teacher, context = None, teacher_context(config.teacher_context)
+        if config.teacher_model:
+            teacher = m.teacher or load_teacher(config, m.tokenizer, accelerator)
+        held_out = HeldOut.load(stage, teacher, context, lambda f: save_generator(stage, f))
+
+    def step_fn(stage: Stage, step: int, timer: PhaseTimer) -> dict[str, Any]:
+        row = gad.gad_step(stage, step, timer)
+        if held_out is not None and (step + 1) % config.eval_every == 0:
+            with timer("eval"):
+                row.update(held_out.evaluate(step + 1))
+        return row
+
+    if held_out is not None and stage.start_step == 0:
+        # Step 0: the post-warmup student, the reference for the length range.
+        stage.metrics.log(0, held_out.evaluate(0))
+    show = ("reward/mean", "d/loss", "d/accuracy", "g/kl", "response/length_mean")
+    whitebox = config.method == "whitebox"
+    run_loop(stage, total, step_fn, ("g/teacher_kl",) + show if whitebox else show)
+    if held_out is not None:
+        held_out.write_summary()
+    return finish(stage)
+
+
+def _check(config: cfg.GADConfig) -> None:
+    if config.reward_model and config.method == "offpolicy":
+        raise cfg.ConfigError("reward_model and method=offpolicy exclude each other")
+    if config.reward_mix_alpha is not None and (
+        config.method != "gad" or not config.reward_model or not 0 <= config.reward_mix_alpha <= 1
+    ):
+        raise cfg.ConfigError(
+            "reward_mix_alpha needs method=gad, a reward_model, and a value in [0, 1]"
+        )
+    if config.method == "reward-distill" and not config.reward_model:
+        raise cfg.ConfigError(
+            "method=reward-distill needs reward_model: train one with `gad reward-model "
+            "LABELS --output-dir runs/rm` and pass --reward-model runs/rm/final"
+        )
+
+
+def train(config: cfg.GADConfig) -> Path:
+    """Run the configured stage(s); returns the final generator folder of the last stage."""
+    out = Path(config.output_dir)
+    checkpoint.check_writable(out)
+    config, choice = precision.apply(config)
+    accelerator = engine.make_accelerator(config.mixed_precision, config.report_to, out)
+    # Rollouts sample from torch's generator: seed it so a run is reproducible (a resumed run
+    # restores the generator state from its checkpoint instead).
+    torch.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
+    if accelerator.is_main_process:
+        # Stages run one by one may differ in settings (the demo's learning rates): keep each.
+        name = "config.yaml" if config.stage == "all" else f"config.{config.stage}.yaml"
+        cfg.save(config, out / name, {"mixed_precision": choice.reason})
+    _check(config)
+    stage_configs = {"warmup": config, "gad": config}
+    if config.method == "reward-distill":
+        # `data` is `gad label` output: the warmup learns the teacher responses labelled good,
+        # the RL stage visits every labelled prompt once per epoch.
+        files = out / "data"
+        if accelerator.is_main_process:
+            labels.distill_data(config.data, files)
+        accelerator.wait_for_everyone()
+        stage_configs = {
+            "warmup": dataclasses.replace(config, data=str(files / "sft.jsonl")),
+            "gad": dataclasses.replace(config, data=str(files / "prompts.jsonl")),
+        }
+    started = time.time()
+    final = None
+    if config.stage in ("warmup", "all"):
+        final = warmup(stage_configs["warmup"], accelerator)
+        console.print(f"warmup done in {time.time() - started:.0f}s: {final}")
+    if config.stage in ("gad", "all"):
+        final = adversarial(stage_configs["gad"], accelerator)
+        console.print(f"GAD stage done in {time.time() - started:.0f}s: {final}")
+    accelerator.end_training()
+    return final  # type: ignore[return-value]

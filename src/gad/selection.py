@@ -1,0 +1,169 @@
+"""An answer to "when has it converged?": the GAD stage's held-out evaluation and the paper's
+model selection.
+
+Every `eval_every` steps the student answers the held-out prompts (`eval_data`) once at
+temperature 1 and is scored: by exact reverse KL(student || teacher) per token when the
+teacher is a local model (`teacher_model`), else by the discriminator's accuracy on the
+held-out teacher answers against these fresh samples. The best step whose mean length stays
+within `eval_length_range` of the post-warmup length is kept in `gad/best`, and
+`gad/selection.json` says which step was chosen and why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gad import config as cfg
+from gad import data, engine, evalsets, losses
+from gad.gad_state import Stage
+from gad.rollout import Completion, Sampling
+from gad.samples import discriminator_inputs, teacher_discriminator_inputs
+
+
+@dataclass
+class HeldOut:
+    """Held-out evaluation every `eval_every` steps and the paper's model selection: the best
+    step whose mean length stays within `eval_length_range` of the post-warmup length."""
+
+    stage: Stage
+    records: list[data.Record]
+    prompt_ids: list[list[int]]
+    save_best: Callable[[Path], None]
+    """Writes the current generator (and discriminator) as HF folders into a folder."""
+    teacher: Any | None = None
+    teacher_prompt_ids: list[list[int]] = field(default_factory=list)
+    d_teacher: list[data.Example] = field(default_factory=list)
+
+    @classmethod
+    def load(
+        cls,
+        stage: Stage,
+        teacher: Any | None,
+        context: list[dict[str, str]],
+        save_best: Callable[[Path], None],
+    ) -> HeldOut:
+        """The held-out records of `eval_data`, scored by `teacher` (a local model under the
+        hidden `context`) when given, else by the stage's discriminator."""
+        config, m = stage.config, stage.models
+        if not config.eval_data:
+            raise cfg.ConfigError(
+                "eval_every needs eval_data: held-out teacher chat records (`gad split` the "
+                "prompts, `gad collect` the held-out part)"
+            )
+        records = [r for r in data.read_records(config.eval_data).records if r.response is not None]
+        if not records:
+            raise cfg.ConfigError(f"eval_data: {config.eval_data} has no teacher answer")
+        evalsets.refuse_overlap(list(stage.records.values()), config.eval_data, config.data)
+        prompt_ids = [data.encode_prompt(m.tokenizer, r.prompt) for r in records]
+        held = cls(stage, records, prompt_ids, save_best, teacher)
+        if teacher is not None:
+            held.teacher_prompt_ids = [
+                data.encode_prompt(m.tokenizer, context + r.prompt) for r in records
+            ]
+        elif m.discriminator is not None:
+            held.d_teacher = teacher_discriminator_inputs(
+                m.d_tokenizer, records, config.max_response_tokens
+            )
+        return held
+
+    @property
+    def metric(self) -> str:
+        return "eval/reverse_kl" if self.teacher is not None else "eval/d_accuracy"
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """One sample per held-out prompt at temperature 1 (own seed; the training's random
+        stream is left as it was), scored; updates the selection and `best/`."""
+        stage, config, m = self.stage, self.stage.config, self.stage.models
+        rng = torch.get_rng_state()
+        torch.manual_seed(config.seed * 7_919 + step)
+        groups = m.rollout.generate(  # type: ignore[union-attr]
+            self.prompt_ids, 1, Sampling(1.0, 1.0, config.max_response_tokens)
+        )
+        torch.set_rng_state(rng)
+        samples = [g[0] for g in groups]
+        row = {
+            "eval/length_mean": sum(len(c.token_ids) for c in samples) / len(samples),
+            "eval/finished_share": sum(c.finish_reason == "stop" for c in samples) / len(samples),
+        }
+        if self.teacher is not None:
+            row["eval/reverse_kl"] = self._exact_reverse_kl(samples)
+        elif self.d_teacher:
+            prompts = [r.prompt for r in self.records]
+            d_samples = discriminator_inputs(
+                m.d_tokenizer, prompts, [[c] for c in samples], config.max_response_tokens
+            )
+            pad = engine.pad_id_of(m.d_tokenizer)
+            with stage.accelerator.autocast():
+                t_b = engine.scores(m.discriminator, self.d_teacher, pad, config.micro_batch_size)
+                s_b = engine.scores(m.discriminator, d_samples, pad, config.micro_batch_size)
+            row["eval/d_accuracy"] = (t_b > s_b).float().mean().item()
+        self._select(step, row)
+        return row
+
+    @torch.no_grad()
+    def _exact_reverse_kl(self, samples: list[Completion]) -> float:
+        """KL(student || teacher) per sampled token, exact over the full vocabulary."""
+        m, acc = self.stage.models, self.stage.accelerator
+        total, tokens = 0.0, 0
+        for prompt, teacher_prompt, c in zip(
+            self.prompt_ids, self.teacher_prompt_ids, samples, strict=True
+        ):
+            rows = []
+            for model, ids in ((m.generator, prompt), (self.teacher, teacher_prompt)):
+                example = data.Example("", ids + c.token_ids, len(ids), False)
+                batch = engine.on_device([example], engine.pad_id_of(m.tokenizer), acc.device)
+                with acc.autocast():
+                    logits_btv, _, mask_bt = engine.response_logits(model, batch)
+                rows.append(logits_btv[0][mask_bt[0] != 0])
+            ones = torch.ones(rows[0].shape[:1], device=rows[0].device)
+            total += float(losses.token_kl_from_logits(rows[0][None], rows[1][None], ones[None]))
+            tokens += len(c.token_ids)
+        return total / max(1, tokens)
+
+    def _select(self, step: int, row: dict[str, float]) -> None:
+        sel, config = self.stage.selection, self.stage.config
+        length = row["eval/length_mean"]
+        if sel.base_length is None:
+            sel.base_length = length
+        low = sel.base_length / config.eval_length_range
+        high = sel.base_length * config.eval_length_range
+        in_range = low <= length <= high
+        row["eval/in_range"] = float(in_range)
+        sel.evals.append({"step": step, **row})
+        value = row.get(self.metric)
+        if value is None or not in_range:
+            return
+        if sel.best_value is None or value < sel.best_value:
+            sel.best_step, sel.best_value = step, value
+            self.save_best(self.stage.run_dir / "best")
+
+    def write_summary(self) -> None:
+        sel, config = self.stage.selection, self.stage.config
+        base = sel.base_length or 0.0
+        summary = {
+            "chosen_step": sel.best_step,
+            "metric": self.metric,
+            "value": sel.best_value,
+            "length_range": [base / config.eval_length_range, base * config.eval_length_range],
+            "reason": (
+                f"lowest {self.metric} among the evaluations whose mean length stayed within "
+                f"{config.eval_length_range}x of the post-warmup {base:.1f} tokens"
+                if sel.best_step is not None
+                else "no evaluation stayed within the length range"
+            ),
+            "model": str(self.stage.run_dir / "best") if sel.best_step is not None else None,
+            "evals": sel.evals,
+        }
+        if self.stage.accelerator.is_main_process:
+            path = self.stage.run_dir / "selection.json"
+            path.write_text(json.dumps(summary, indent=2) + "\n")
+            engine.console.print(
+                f"model selection: step {sel.best_step} ({self.metric} {sel.best_value}); "
+                f"{summary['reason']}; {path}"
+            )
