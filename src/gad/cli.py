@@ -137,6 +137,17 @@ def stage_command(
                 )
             )
 
+        for old, new in cfg.RENAMED.get(config_cls.__name__, {}).items():
+            # The old spelling of a renamed field, for one release (`cfg.renamed` warns).
+            params.append(
+                inspect.Parameter(
+                    old,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=typer.Option(None, "--" + old.replace("_", "-"), hidden=True),
+                    annotation=Optional[_option_type(hints[new])],  # noqa: UP045
+                )
+            )
+
         def command(**kwargs: Any) -> None:
             config_file = kwargs.pop("config_file")
             overrides = {k: v for k, v in kwargs.items() if v is not None}

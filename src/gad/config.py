@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import sys
 import textwrap
 import types
 import typing
@@ -110,12 +111,56 @@ def _check_value(key: str, value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: '{key}' must be {name}, got {type(value).__name__} {value!r}")
 
 
+# Fields renamed so that one concept has one name (`max_response_tokens`: a response's token
+# budget; `micro_batch_size`: sequences per forward/backward pass of one process;
+# `generation_batch_size`: sequences generated together). The old spellings are accepted, with
+# a warning, for one release (until gad 0.3), in YAML files and on the command line.
+RENAMED: dict[str, dict[str, str]] = {
+    "CollectConfig": {"max_tokens": "max_response_tokens", "batch_size": "generation_batch_size"},
+    "GenerateConfig": {"max_tokens": "max_response_tokens", "batch_size": "generation_batch_size"},
+    "JudgeConfig": {"max_tokens": "max_response_tokens", "batch_size": "generation_batch_size"},
+    "LabelConfig": {"max_tokens": "max_response_tokens", "batch_size": "generation_batch_size"},
+    "DemoConfig": {"max_tokens": "max_response_tokens"},
+    "SFTConfig": {"batch_size": "micro_batch_size"},
+    "GADConfig": {"rollout_batch_size": "generation_batch_size"},
+    "RewardConfig": {"batch_size": "global_batch_size"},
+}
+
+
+def renamed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` with old field names (`RENAMED`) replaced by the new ones, warning once each;
+    both names given at once is an error."""
+    names = RENAMED.get(cls.__name__, {})
+    out = dict(values)
+    for old, new in names.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{where}: '{old}' is the old name of '{new}'; give only '{new}'")
+        out[new] = out.pop(old)
+        _warn_renamed(where, cls.__name__, old, new)
+    return out
+
+
+@cache
+def _warn_renamed(where: str, cls_name: str, old: str, new: str) -> None:
+    # Once per (source, name): a config loaded by several stages warns once.
+    print(
+        f"warning: {where}: '{old}' is now '{new}' ({cls_name}); the old name is accepted "
+        "until gad 0.3",
+        file=sys.stderr,
+    )
+
+
 def build(cls: type[C], values: dict[str, Any], where: str) -> C:
     """Make a `cls` from `values`, naming `where` and the key in any error."""
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     checked = {}
     for key, value in values.items():
+        if key in RENAMED.get(cls.__name__, {}):
+            new = RENAMED[cls.__name__][key]
+            raise ConfigError(f"{where}: '{key}' is now '{new}' ({cls.__name__})")
         if not isinstance(key, str) or key not in hints or key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -153,9 +198,10 @@ def load(
             raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of field: value")
+        loaded = renamed(cls, loaded, str(path))
         build(cls, loaded, str(path))  # errors name the file
         values.update(loaded)
-    overrides = overrides or {}
+    overrides = renamed(cls, overrides or {}, "command line")
     build(cls, overrides, "command line")
     values.update(overrides)
     return build(cls, values, str(path) if path else "config")
