@@ -46,7 +46,6 @@ from typing import Any
 
 from gad import chat, data, evalsets, journal
 from gad import config as cfg
-from gad.chat import MAX_ERROR_CHARS  # noqa: F401  (kept importable from here)
 from gad.config import CollectConfig
 
 log = logging.getLogger(__name__)
