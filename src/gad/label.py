@@ -349,6 +349,19 @@ def _truth_report(
             setattr(summary, f"{name}_truth_accuracy", value)
 
 
+def _count_labels(summary: LabelSummary, labelled: list[data.Record]) -> None:
+    """Fill the label counts of `summary` (`prompts` already set)."""
+    labelled_ids = {r.meta["prompt_id"] for r in labelled}
+    summary.labelled_prompts = len(labelled_ids)
+    summary.set_aside_prompts = summary.prompts - len(labelled_ids)
+    summary.teacher_responses = sum(r.meta["source"] == "teacher" for r in labelled)
+    summary.student_responses = len(labelled) - summary.teacher_responses
+    summary.good_teacher = sum(r.meta["good"] and r.meta["source"] == "teacher" for r in labelled)
+    summary.good_student = sum(r.meta["good"] and r.meta["source"] == "student" for r in labelled)
+    if labelled:
+        summary.mean_label = sum(r.meta["label"] for r in labelled) / len(labelled)
+
+
 def run(config: LabelConfig, *, judge_backend: Any = None) -> LabelSummary:
     """Collect, label, write `labels.jsonl`, `set_aside.jsonl` and `summary.json` into
     `config.output_dir`; returns (and prints) the summary. `judge_backend` replaces the judge
@@ -404,15 +417,7 @@ def run(config: LabelConfig, *, judge_backend: Any = None) -> LabelSummary:
             config, prompts, teacher_groups, student_groups, judge_backend
         )
         summary.judge_failed = len(set_aside)
-    labelled_ids = {r.meta["prompt_id"] for r in labelled}
-    summary.labelled_prompts = len(labelled_ids)
-    summary.set_aside_prompts = len(prompts) - len(labelled_ids)
-    summary.teacher_responses = sum(r.meta["source"] == "teacher" for r in labelled)
-    summary.student_responses = len(labelled) - summary.teacher_responses
-    summary.good_teacher = sum(r.meta["good"] and r.meta["source"] == "teacher" for r in labelled)
-    summary.good_student = sum(r.meta["good"] and r.meta["source"] == "student" for r in labelled)
-    if labelled:
-        summary.mean_label = sum(r.meta["label"] for r in labelled) / len(labelled)
+    _count_labels(summary, labelled)
     if config.ground_truth and config.task == "verifiable":
         _truth_report(
             summary,
