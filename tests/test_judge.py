@@ -10,6 +10,7 @@ import pytest
 from fake_openai import FakeOpenAI, Fault
 
 from gad import judge as J
+from gad import rating as R
 
 KEY = "sk-test-judge-SECRET"
 
@@ -34,7 +35,7 @@ def write_answers(path, answers: dict[str, str], *, with_meta: bool = False) -> 
 def parts(request: dict) -> tuple[str, str, str] | None:
     """(question, answer_1, answer_2) of a rating request, None for a reference request."""
     messages = request["messages"]
-    if messages[0]["role"] != "system" or messages[0]["content"] != J.RATING_SYSTEM:
+    if messages[0]["role"] != "system" or messages[0]["content"] != R.RATING_SYSTEM:
         return None
     text = messages[1]["content"]
     m = re.search(
@@ -91,7 +92,7 @@ def api_key(monkeypatch):
     ],
 )
 def test_parse_scores_accepts(text, expected):
-    assert J.parse_scores(text) == expected
+    assert R.parse_scores(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -110,7 +111,7 @@ def test_parse_scores_accepts(text, expected):
     ],
 )
 def test_parse_scores_rejects(text):
-    assert J.parse_scores(text) is None
+    assert R.parse_scores(text) is None
 
 
 def test_pairwise_outcome_rule():
@@ -371,9 +372,9 @@ def test_local_backend_records_garbage_as_failures(tmp_path, tiny_dir):
         assert row["status"] in ("ok", "failed")
         if row["status"] == "failed":
             assert len(row["raw"]) == 2 and "candidate_score" not in row
-            assert all(J.parse_scores(t) is None for t in row["raw"])
+            assert all(R.parse_scores(t) is None for t in row["raw"])
         else:
-            assert J.parse_scores(row["verdict"]) is not None
+            assert R.parse_scores(row["verdict"]) is not None
     assert s["failed"] + s["scored"] == 2
     assert s["failed"] == 2  # a random-init model does not write two scores
     again = J.judge(cfg, quiet=True)
@@ -418,7 +419,7 @@ def test_unusable_200s_are_retried_and_sigkill_restart_redoes_nothing(tmp_path):
         return f"REF({request['messages'][-1]['content']})" if got is None else "8 6\nok"
 
     with FakeOpenAI(responder=respond, faults=faults, key=key, latency=0.1) as server:
-        cache = tmp_path / "cache" / J.Cache.FILE
+        cache = tmp_path / "cache" / R.Cache.FILE
         command = [
             sys.executable,
             "-m",

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from fake_openai import FakeOpenAI, last_user_content
 
+from gad import answers as A
 from gad import config as cfg
-from gad import data, evaluate, judge, tasks
+from gad import data, evaluate, rating, tasks
 from gad import label as L
 
 KEY_ENV = "GAD_TEST_LABEL_KEY"
@@ -52,7 +53,7 @@ def api_key(monkeypatch):
     ],
 )
 def test_extract_number(text, expected):
-    assert L.extract_number(text) == expected
+    assert A.extract_number(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ def test_extract_number(text, expected):
     ],
 )
 def test_extract_choice(text, expected):
-    assert L.extract_choice(text) == expected
+    assert A.extract_choice(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -87,47 +88,47 @@ def test_extract_choice(text, expected):
     ],
 )
 def test_extract_boxed(text, expected):
-    assert L.extract_boxed(text) == expected
+    assert A.extract_boxed(text) == expected
 
 
 def test_truth_keys_use_the_extractor_form():
-    assert L.truth_key(L.extract_number, "1,000") == "1000"
-    assert L.truth_key(L.extract_choice, "B") == "B"
-    assert L.truth_key(L.extract_boxed, "x^{2} + 1") == "x^{2}+1"
+    assert A.truth_key(A.extract_number, "1,000") == "1000"
+    assert A.truth_key(A.extract_choice, "B") == "B"
+    assert A.truth_key(A.extract_boxed, "x^{2} + 1") == "x^{2}+1"
 
 
 # ---------------------------------------------------------------- majority vote
 
 
 def test_vote_majority_and_share_counts_abstentions():
-    vote = L.majority_vote(["42", "42", "41", None], min_share=0.5)
+    vote = A.majority_vote(["42", "42", "41", None], min_share=0.5)
     assert vote.status == "ok" and vote.label == "42"
     assert vote.share == 0.5 and vote.votes == {"42": 2, "41": 1}
     assert vote.samples == 4 and vote.abstained == 1
     # One answer out of four samples: share 0.25 because abstentions count against it.
-    assert L.majority_vote(["3", None, None, None], 0.25).label == "3"
-    assert L.majority_vote(["3", None, None, None], 0.3).status == "low_share"
-    assert L.majority_vote(["7"], 0.9).share == 1.0
+    assert A.majority_vote(["3", None, None, None], 0.25).label == "3"
+    assert A.majority_vote(["3", None, None, None], 0.3).status == "low_share"
+    assert A.majority_vote(["7"], 0.9).share == 1.0
 
 
 def test_vote_ties_are_set_aside_whatever_the_share():
-    vote = L.majority_vote(["1", "2", "1", "2"], min_share=0.0)
+    vote = A.majority_vote(["1", "2", "1", "2"], min_share=0.0)
     assert vote.status == "tie" and vote.label is None and vote.share == 0.5
     # Equal counts keep the order they were first seen in; the outcome never depends on it.
     assert list(vote.votes) == ["1", "2"]
-    assert list(L.majority_vote(["2", "1", "2", "1"], 0.0).votes) == ["2", "1"]
-    assert L.majority_vote(["5", "6", "7"], 0.0).status == "tie"
+    assert list(A.majority_vote(["2", "1", "2", "1"], 0.0).votes) == ["2", "1"]
+    assert A.majority_vote(["5", "6", "7"], 0.0).status == "tie"
     # A tie below the leader does not matter.
-    assert L.majority_vote(["5", "5", "6", "7"], 0.5).label == "5"
+    assert A.majority_vote(["5", "5", "6", "7"], 0.5).label == "5"
 
 
 def test_vote_without_answers_and_threshold():
-    vote = L.majority_vote([None, None], min_share=0.5)
+    vote = A.majority_vote([None, None], min_share=0.5)
     assert vote.status == "no_answer" and vote.share == 0.0 and vote.abstained == 2
-    assert L.majority_vote([], 0.5).status == "no_answer"
-    vote = L.majority_vote(["3", "3", "4", "5"], min_share=0.6)
+    assert A.majority_vote([], 0.5).status == "no_answer"
+    vote = A.majority_vote(["3", "3", "4", "5"], min_share=0.6)
     assert vote.status == "low_share" and vote.share == 0.5 and vote.label is None
-    assert L.majority_vote(["3", "3", "4", "5"], min_share=0.5).status == "ok"
+    assert A.majority_vote(["3", "3", "4", "5"], min_share=0.5).status == "ok"
 
 
 # ---------------------------------------------------------------- labels from a teacher server
@@ -220,7 +221,7 @@ def test_labels_from_scripted_teacher(tmp_path, tiny_dir):
     students = [r for r in records if r.meta["source"] == "student"]
     assert sorted(r.id for r in students) == ["q0#s0", "q0#s1", "q1#s0", "q1#s1"]
     for r in students:
-        right = L.extract_number(r.response or "") == r.meta["pseudo_label"]
+        right = A.extract_number(r.response or "") == r.meta["pseudo_label"]
         assert r.meta["label"] == float(right) and r.meta["model"] == str(tiny_dir)
 
     assert summary.prompts == 5 and summary.labelled_prompts == 2
@@ -273,7 +274,7 @@ def test_open_ended_labels_from_the_judge(tmp_path):
     queue = iter(["a good answer", "a bad answer", "a garbage answer"])  # teacher samples
 
     def respond(request: dict) -> str:
-        if request["messages"][0].get("content") == judge.RATING_SYSTEM:
+        if request["messages"][0].get("content") == rating.RATING_SYSTEM:
             candidate = request["messages"][1]["content"].split("[Assistant 2's answer]\n")[1]
             if "good" in candidate:
                 return "8 9\nThe second is better."

@@ -425,3 +425,26 @@ def check_range(cls: type, key: str, value: Any, where: str) -> None:
     for item in value if isinstance(value, tuple) else (value,):
         if isinstance(item, int | float) and item not in valid:
             raise ConfigError(f"{where}: '{key}' must be {valid}, got {value!r}")
+
+
+# ================================================================ derive
+# One stage's config built from another's: `gad label` runs collect, generate and the judge,
+# and the chat client takes its settings from whichever stage calls it. Kept in its own block
+# (config.py may be split later).
+
+
+def derive(target_cls: type[C], source: Any, **overrides: Any) -> C:
+    """A `target_cls` taking every field it shares by name with the dataclass `source` from
+    `source`, `overrides` winning; fields `source` lacks keep their defaults.
+
+    A shared field is copied whatever it means in the target, so the shared fields of configs
+    that feed each other agree in name, type and default, or are overridden on purpose (tests
+    check both). An override that is no field of `target_cls` is an error, not ignored.
+    """
+    names = {f.name for f in dataclasses.fields(target_cls) if f.init}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"{target_cls.__name__} has no field(s) {', '.join(unknown)}")
+    own = (f.name for f in dataclasses.fields(source))
+    shared = {name: getattr(source, name) for name in own if name in names}
+    return target_cls(**{**shared, **overrides})
