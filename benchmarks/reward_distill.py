@@ -143,7 +143,7 @@ def tiny_models(out: Path, prompts: Path, truth: Path) -> tuple[str, str]:
                 output_dir=str(out / "tiny-teacher"),
                 epochs=40,
                 lr=1e-2,
-                batch_size=8,
+                micro_batch_size=8,
                 mixed_precision="no",
                 save_every=0,
             )
@@ -160,8 +160,8 @@ def accuracy(model: str, name: str, test: Path, truth: Path, out: Path, s: dict)
             prompts=str(test),
             output=str(answers),
             temperature=0.0,
-            max_tokens=s["tokens"],
-            batch_size=32,
+            max_response_tokens=s["tokens"],
+            generation_batch_size=32,
         )
     )
     teacher.collect(job, progress=False)
@@ -178,7 +178,7 @@ def train_values(s: dict, seed: int, out: Path, **overrides: Any) -> cfg.GADConf
         batch_prompts=s["batch"],
         n_samples=s["n"],
         micro_batch_size=8,
-        rollout_batch_size=32,
+        generation_batch_size=32,
         max_response_tokens=s["tokens"],
         lr=s["rl_lr"],
         d_lr=s["rl_lr"],
@@ -300,8 +300,8 @@ def main() -> None:
         teacher=teacher_model,
         student=student,
         k=s["k"],
-        max_tokens=s["teacher_tokens"],
-        batch_size=48,
+        max_response_tokens=s["teacher_tokens"],
+        generation_batch_size=48,
         min_vote_share=0.5,
         ground_truth=str(train_truth),
     )
@@ -319,7 +319,7 @@ def main() -> None:
             held_out=0.2,
             epochs=s["rm_epochs"],
             lr=s["rm_lr"],
-            batch_size=4,  # prompts per step, each with all its pairs
+            global_batch_size=4,  # prompts per step, each with all its pairs
             micro_batch_size=8,
             max_response_tokens=s["teacher_tokens"],
             mixed_precision=s["precision"],

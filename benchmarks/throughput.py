@@ -24,7 +24,7 @@ TRL settings (GRPOConfig) and why:
   per_device_train_batch_size = micro    sequences per forward/backward, as our micro_batch_size.
   gradient_accumulation_steps = P·N/micro, steps_per_generation = the same, num_iterations = 1:
                                          one generate call over all P·N samples (ours:
-                                         rollout_batch_size = P·N) and one optimizer step per
+                                         generation_batch_size = P·N) and one optimizer step per
                                          generation batch. TRL then skips the old-log-prob pass
                                          (ratio from the detached log-probs), as ours does.
   beta = 0.0 (ours kl_coef = 0)          no reference model on either side. A reference pass
@@ -226,7 +226,7 @@ def run_ours(s: Settings, frozen: bool) -> list[dict[str, Any]]:
         batch_prompts=s.prompts_per_step,
         n_samples=s.n,
         micro_batch_size=s.micro_batch,
-        rollout_batch_size=s.prompts_per_step * s.n,
+        generation_batch_size=s.prompts_per_step * s.n,
         temperature=s.temperature,
         top_p=1.0,
         max_response_tokens=s.max_new_tokens,

@@ -474,8 +474,8 @@ def test_local_backend_tiny_model(tmp_path, tiny_dir):
         backend="local",
         model=str(tiny_dir),
         n=2,
-        max_tokens=8,
-        batch_size=4,
+        max_response_tokens=8,
+        generation_batch_size=4,
         max_prompt_tokens=100,
     )
     summary = teacher.collect(config, progress=False)

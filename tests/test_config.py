@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import re
 import subprocess
@@ -16,7 +17,7 @@ def test_yaml_then_overrides_round_trip(tmp_path):
     assert loaded.epochs == 5  # the command line wins over the file
     assert loaded.adam_betas == (0.8, 0.95)
     assert loaded.model == "my/folder"
-    assert loaded.batch_size == cfg.SFTConfig().batch_size  # untouched default
+    assert loaded.micro_batch_size == cfg.SFTConfig().micro_batch_size  # untouched default
 
     cfg.save(loaded, tmp_path / "resolved.yaml")
     assert cfg.load(cfg.SFTConfig, tmp_path / "resolved.yaml") == loaded
@@ -175,7 +176,7 @@ def test_every_numeric_field_declares_a_range_that_is_enforced(tmp_path):
 @pytest.mark.parametrize(
     ("cls", "values", "message"),
     [
-        (cfg.SFTConfig, {"batch_size": 0}, r"'batch_size' must be >= 1, got 0"),
+        (cfg.SFTConfig, {"micro_batch_size": 0}, r"'micro_batch_size' must be >= 1, got 0"),
         (cfg.SFTConfig, {"lr": -1e-5}, r"'lr' must be > 0, got -1e-05"),
         (cfg.GADConfig, {"temperature": 0}, r"'temperature' must be > 0, got 0.0"),
         (cfg.CollectConfig, {"top_p": 1.5}, r"'top_p' must be in \(0, 1\], got 1.5"),
@@ -225,7 +226,7 @@ def _bad_inputs(tmp_path):
     (tmp_path / "record.jsonl").write_text(good + '{"messages": [{"role": "user"}]}\n')
     (tmp_path / "share.jsonl").write_text('{"conversations": [{"from": "bot", "value": "x"}]}\n')
     (tmp_path / "neg.yaml").write_text("lr: -0.1\n")
-    (tmp_path / "zero.yaml").write_text("batch_size: 0\n")
+    (tmp_path / "zero.yaml").write_text("micro_batch_size: 0\n")
     (tmp_path / "notyaml.yaml").write_text("lr: [1, \n")
     (tmp_path / "a_file").write_text("x")
     return [
@@ -238,7 +239,11 @@ def _bad_inputs(tmp_path):
         ("sharegpt", ["split", "share.jsonl"], "share.jsonl:1: field 'conversations[0].from'"),
         ("range-cli", ["split", "good.jsonl", "--fraction", "-1"], "'fraction' must be in [0"),
         ("neg-lr", ["sft", "good.jsonl", "--config", "neg.yaml"], "neg.yaml: 'lr' must be > 0"),
-        ("batch-0", ["sft", "good.jsonl", "--config", "zero.yaml"], "'batch_size' must be >= 1"),
+        (
+            "batch-0",
+            ["sft", "good.jsonl", "--config", "zero.yaml"],
+            "'micro_batch_size' must be >= 1",
+        ),
         ("yaml", ["sft", "good.jsonl", "--config", "notyaml.yaml"], "notyaml.yaml: not valid YAML"),
         ("no-config", ["toy", "--config", "none.yaml"], "none.yaml: no such config file"),
         ("unwritable", ["split", "good.jsonl", "--output-dir", "a_file/out"], "a_file"),
@@ -268,3 +273,20 @@ def test_a_bug_in_gad_keeps_its_traceback(tmp_path, monkeypatch):
     (tmp_path / "good.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     result = CliRunner().invoke(cli.app, ["split", str(tmp_path / "good.jsonl")])
     assert isinstance(result.exception, KeyError)  # not turned into a one-line message
+
+
+def test_renamed_fields_keep_their_old_spelling_for_one_release(tmp_path, capsys):
+    """One concept, one name (`max_response_tokens`, `micro_batch_size`, ...): a YAML file or a
+    command line with the old name still loads, with a warning naming the new one."""
+    (tmp_path / "old.yaml").write_text("batch_size: 3\n")
+    loaded = cfg.load(cfg.SFTConfig, tmp_path / "old.yaml")
+    assert loaded.micro_batch_size == 3
+    assert "'batch_size' is now 'micro_batch_size'" in capsys.readouterr().err
+    collect = cfg.load(cfg.CollectConfig, None, {"max_tokens": 7, "batch_size": 2})
+    assert (collect.max_response_tokens, collect.generation_batch_size) == (7, 2)
+    with pytest.raises(cfg.ConfigError, match="give only 'micro_batch_size'"):
+        cfg.load(cfg.SFTConfig, None, {"batch_size": 2, "micro_batch_size": 2})
+    for name, renames in cfg.RENAMED.items():
+        fields = {f.name for f in dataclasses.fields(getattr(cfg, name))}
+        for old, new in renames.items():
+            assert new in fields and old not in fields, (name, old, new)

@@ -10,7 +10,16 @@ from gad.cli import app
 def test_demo_tiny_runs_every_stage_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--tiny", "--output-dir", str(out), "--num-train", "8", "--num-held-out", "4"]
-    args += ["--max-tokens", "12", "--gad-steps", "2", "--n-samples", "2", "--batch-prompts", "4"]
+    args += [
+        "--max-response-tokens",
+        "12",
+        "--gad-steps",
+        "2",
+        "--n-samples",
+        "2",
+        "--batch-prompts",
+        "4",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
 

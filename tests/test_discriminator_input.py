@@ -224,7 +224,7 @@ def test_whitebox_descends_the_teacher_kl_and_selection_picks_a_step(
             output_dir=str(tmp_path / "teacher"),
             epochs=6,
             lr=1e-2,
-            batch_size=16,
+            micro_batch_size=16,
             mixed_precision="no",
             save_every=0,
             save_state=False,

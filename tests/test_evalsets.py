@@ -89,7 +89,7 @@ def test_generate_answers_a_set_resumably(tiny_dir, tmp_path):
         str(tmp_path / "set.jsonl"),
         "--output",
         str(tmp_path / "answers.jsonl"),
-        "--max-tokens",
+        "--max-response-tokens",
         "6",
         "--n",
         "2",

@@ -170,7 +170,7 @@ def tiny(tmp_path_factory):
     comps = rollout.generate(
         [encode_prompt(tok, p) for p in PROMPTS],
         8,
-        Sampling(temperature=1.0, top_p=1.0, max_new_tokens=8),
+        Sampling(temperature=1.0, top_p=1.0, max_response_tokens=8),
         seeds=[0, 1],
     )
     prompts = [p for p, group in zip(PROMPTS, comps, strict=True) for _ in group]

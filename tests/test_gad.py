@@ -317,7 +317,7 @@ def near_student(tiny_dir, tmp_path_factory):
             output_dir=str(folder / "base"),
             epochs=12,
             lr=1e-2,
-            batch_size=16,
+            micro_batch_size=16,
             mixed_precision="no",
             save_every=0,
         )

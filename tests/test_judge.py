@@ -360,7 +360,7 @@ def test_local_backend_records_garbage_as_failures(tmp_path, tiny_dir):
         cache_dir=str(tmp_path / "cache"),
         backend="local",
         model=str(tiny_dir),
-        max_tokens=6,
+        max_response_tokens=6,
         verdict_max_tokens=6,
         attempts=2,
         bootstrap=50,

@@ -192,7 +192,9 @@ def test_labels_from_scripted_teacher(tmp_path, tiny_dir):
     write_prompts(tmp_path / "prompts.jsonl", list(SCRIPT))
     with FakeOpenAI(responder=scripted(SCRIPT)) as server:
         summary = L.run(
-            label_config(tmp_path, server, student=str(tiny_dir), student_k=2, max_tokens=8)
+            label_config(
+                tmp_path, server, student=str(tiny_dir), student_k=2, max_response_tokens=8
+            )
         )
         requests = len(server.completions())
     assert requests == 20

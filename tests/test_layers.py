@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "discriminator": 1,
     "precision": 1,
     "journal": 1,
+    "answers": 1,
     # 2 engine, rollout, chat client
     "engine": 2,
     "rollout": 2,
@@ -51,6 +52,7 @@ LAYERS: dict[str, int] = {
     "reward": 3,
     "teacher": 3,
     "judge": 3,
+    "rating": 3,
     "label": 3,
     "toy": 3,
     # 4 evaluation and report

@@ -48,7 +48,7 @@ def test_explicit_bf16_on_a_slow_cpu_runs_and_warns(tiny_dir, tmp_path, monkeypa
         model=str(tiny_dir),
         output_dir=str(tmp_path / "run"),
         epochs=1,
-        batch_size=1,
+        micro_batch_size=1,
         mixed_precision="bf16",
         save_state=False,
     )

@@ -31,7 +31,7 @@ def run(tiny_dir, records_file, out, **overrides):
         output_dir=str(out),
         epochs=4,
         lr=3e-3,
-        batch_size=2,
+        micro_batch_size=2,
         grad_accum=2,
         mixed_precision="no",
         save_every=3,
@@ -104,8 +104,8 @@ def test_two_processes_match_one(tiny_dir, records_file, tmp_path):
         mixed_precision="no",
         save_every=0,
     )
-    one = values | {"output_dir": str(tmp_path / "one"), "batch_size": 4}
-    two = values | {"output_dir": str(tmp_path / "two"), "batch_size": 2}
+    one = values | {"output_dir": str(tmp_path / "one"), "micro_batch_size": 4}
+    two = values | {"output_dir": str(tmp_path / "two"), "micro_batch_size": 2}
     train_in_processes(tmp_path, "sft", one, 1, 0)
     train_in_processes(tmp_path, "sft", two, 2, 29517)
     l1 = [r["loss"] for r in read_metrics(tmp_path / "one")]
@@ -151,7 +151,7 @@ def test_sigkill_in_steps_and_checkpoint_writes_then_resume_is_bit_exact(
         model=str(tiny_dir),
         epochs=4,
         lr=3e-3,
-        batch_size=2,
+        micro_batch_size=2,
         grad_accum=2,
         mixed_precision="no",
         save_every=1,

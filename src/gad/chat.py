@@ -80,7 +80,7 @@ class ChatSettings:
     """Openai backend: the client's retries per request."""
     request_timeout: float = 120.0
     """Openai backend: seconds before one attempt is abandoned (then retried)."""
-    batch_size: int = 16
+    generation_batch_size: int = 16
     """Local backend: conversations generated together in one batch."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Local backend: weight dtype."""
@@ -95,7 +95,7 @@ class Sampling:
     """How one `complete` call samples."""
 
     temperature: float
-    max_tokens: int
+    max_response_tokens: int
     top_p: float | None = None
     """None: not sent to the API (some refuse it; its default applies), 1.0 for a local model."""
 
@@ -342,7 +342,7 @@ class ApiClient:
                     model=self.settings.model,
                     messages=conversations[i],  # type: ignore[arg-type]
                     temperature=sampling.temperature,
-                    max_tokens=sampling.max_tokens,
+                    max_tokens=sampling.max_response_tokens,
                     **extra,
                 )
             except refusals() as err:
@@ -397,7 +397,7 @@ class LocalClient:
         dtype = getattr(torch, settings.dtype)
         self.model, self.tokenizer = models.load(settings.model, dtype=dtype)
         self.rollout = TransformersRollout(
-            self.model, self.tokenizer, batch_size=settings.batch_size
+            self.model, self.tokenizer, batch_size=settings.generation_batch_size
         )
         self.requests = 0
         self.retried = 0
@@ -413,7 +413,7 @@ class LocalClient:
         how = rollout.Sampling(
             temperature=sampling.temperature,
             top_p=1.0 if sampling.top_p is None else sampling.top_p,
-            max_new_tokens=sampling.max_tokens,
+            max_response_tokens=sampling.max_response_tokens,
         )
         replies: list[Reply | None] = [None] * len(conversations)
         limit = self.settings.max_prompt_tokens
@@ -433,7 +433,7 @@ class LocalClient:
         runnable.sort(key=lambda pair: len(pair[1]))
         if self.seeding == "once":
             torch.manual_seed(self.settings.seed)
-        size = self.settings.batch_size
+        size = self.settings.generation_batch_size
         for start in range(0, len(runnable), size):
             batch = runnable[start : start + size]
             completions = self._generate(batch, how)

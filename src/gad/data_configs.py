@@ -31,7 +31,7 @@ class CollectConfig:
     """Sampling temperature."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
-    max_tokens: int = 1536
+    max_response_tokens: int = 1536
     """Maximum new tokens per answer (paper: 1536)."""
     max_prompt_tokens: int = 2048
     """Local backend: prompts longer than this (after the chat template) are reported, not run."""
@@ -41,7 +41,7 @@ class CollectConfig:
     """Openai backend: retries per request on 429/5xx/timeouts/dropped connections."""
     request_timeout: float = 120.0
     """Openai backend: seconds before one request attempt is abandoned (then retried)."""
-    batch_size: int = 16
+    generation_batch_size: int = 16
     """Local backend: prompts generated together in one batch."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Local backend: weight dtype of the teacher."""
@@ -73,11 +73,11 @@ class GenerateConfig:
     """Sampling temperature (paper evaluation: 0.8)."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
-    max_tokens: int = 1536
+    max_response_tokens: int = 1536
     """Maximum new tokens per answer (paper evaluation: 1536)."""
     max_prompt_tokens: int = 2048
     """Prompts longer than this (after the chat template) are reported, not run."""
-    batch_size: int = 16
+    generation_batch_size: int = 16
     """Prompts generated together in one batch."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weight dtype."""
@@ -169,7 +169,7 @@ class JudgeConfig:
     """Name of the environment variable holding the API key (the key itself is never stored)."""
     temperature: float = 0.0
     """Judge sampling temperature (0 = greedy for the local backend)."""
-    max_tokens: int = 1536
+    max_response_tokens: int = 1536
     """Maximum tokens of the judge's reference answer."""
     verdict_max_tokens: int = 512
     """Maximum tokens of a verdict (two scores and a short explanation)."""
@@ -183,7 +183,7 @@ class JudgeConfig:
     """Openai backend: the client's retries per request on 429/5xx/timeouts/dropped connections."""
     request_timeout: float = 120.0
     """Openai backend: seconds before one request attempt is abandoned (then retried)."""
-    batch_size: int = 8
+    generation_batch_size: int = 8
     """Local backend: prompts generated together in one batch."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Local backend: weight dtype of the judge."""
@@ -243,7 +243,7 @@ class LabelConfig:
     """Student sampling temperature."""
     top_p: float = 1.0
     """Nucleus sampling threshold of both."""
-    max_tokens: int = 1536
+    max_response_tokens: int = 1536
     """Longest response of teacher and student (and the judge's reference answer)."""
     max_prompt_tokens: int = 2048
     """Local models: prompts longer than this (after the chat template) are reported, not run."""
@@ -253,7 +253,7 @@ class LabelConfig:
     """Openai backend: retries per request on 429/5xx/timeouts/dropped connections."""
     request_timeout: float = 120.0
     """Openai backend: seconds before one request attempt is abandoned (then retried)."""
-    batch_size: int = 16
+    generation_batch_size: int = 16
     """Local models: prompts generated together in one batch."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Local models: weight dtype."""

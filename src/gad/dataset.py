@@ -95,5 +95,5 @@ def print_summary(prepared: Prepared, steps: int, global_batch: int) -> None:
             f"({cut / len(prepared.examples):.0%}) are cut off ({len(prepared.unfinished)} by "
             f"their writer, {len(prepared.truncated)} at max_response_tokens): they are learnt and "
             "shown to a discriminator without an end-of-turn token. Raise max_response_tokens, "
-            "or the teacher's max_tokens in `gad collect`, so that most answers finish.[/]"
+            "or the teacher's max_response_tokens in `gad collect`, so that most answers finish.[/]"
         )

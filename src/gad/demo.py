@@ -96,7 +96,7 @@ def budget_text(config: cfg.DemoConfig, seconds: dict[str, float], teacher: str)
         "**This is a smoke test of the pipeline, not a result.** The budget was sized to finish "
         "in about 20 minutes on a 2-core CPU: "
         f"teacher `{teacher}` answered {config.num_train} training and {config.num_held_out} "
-        f"held-out prompts (at most {config.max_tokens} tokens each); SeqKD ran "
+        f"held-out prompts (at most {config.max_response_tokens} tokens each); SeqKD ran "
         f"{config.sft_epochs} epoch(s) at lr {config.lr:g}; GAD ran a one-epoch warmup at lr "
         f"{config.lr:g} then {config.gad_steps} GRPO steps ({gad_prompts} prompts x "
         f"{config.n_samples} samples) at lr {config.gad_lr:g}. With {config.num_held_out} "
@@ -116,8 +116,8 @@ def _training_configs(
         output_dir=str(out / "seqkd"),
         epochs=config.sft_epochs,
         lr=config.lr,
-        batch_size=config.batch_prompts,
-        max_response_tokens=config.max_tokens,
+        micro_batch_size=config.batch_prompts,
+        max_response_tokens=config.max_response_tokens,
         seed=config.seed,
         mixed_precision=config.mixed_precision,
         save_every=0,
@@ -133,7 +133,7 @@ def _training_configs(
         batch_prompts=config.batch_prompts,
         n_samples=config.n_samples,
         micro_batch_size=8,
-        max_response_tokens=config.max_tokens,
+        max_response_tokens=config.max_response_tokens,
         lr=config.lr,
         d_lr=config.gad_lr,
         seed=config.seed,
@@ -166,7 +166,7 @@ def _generate_and_evaluate(
                     model=model,
                     prompts=str(held_out),
                     output=str(answers[name]),
-                    max_tokens=config.max_tokens,
+                    max_response_tokens=config.max_response_tokens,
                     seed=config.seed,
                 )
             )
@@ -219,8 +219,8 @@ def run(config: cfg.DemoConfig) -> dict[str, Any]:
                 output=str(teacher_file),
                 backend="local",
                 model=teacher_model,
-                max_tokens=config.max_tokens,
-                batch_size=32,
+                max_response_tokens=config.max_response_tokens,
+                generation_batch_size=32,
                 seed=config.seed,
             )
         )

@@ -19,7 +19,7 @@ Every model scores the *text* of a response with its own tokenizer and chat temp
 (`data.encode_prompt` / `data.encode_response`, so the response ends with the model's
 end-of-turn token), which is what lets a teacher and student with different vocabularies be
 compared. The price: a student's sampled ids are re-tokenised from their decoded text, so the
-scored token sequence may differ from the sampled one (and a sample cut at `max_new_tokens` is
+scored token sequence may differ from the sampled one (and a sample cut at `max_response_tokens` is
 scored as if it had ended there, with an end-of-turn token).
 """
 

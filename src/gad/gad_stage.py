@@ -133,7 +133,7 @@ def _load_models(
         reference = reference.to(accelerator.device).eval().requires_grad_(False)
     m = Models(generator, d, tokenizer, g_opt, d_opt, reference, d_tokenizer=d_tokenizer)
     unwrapped = accelerator.unwrap_model(generator)
-    m.rollout = TransformersRollout(unwrapped, tokenizer, batch_size=config.rollout_batch_size)
+    m.rollout = TransformersRollout(unwrapped, tokenizer, batch_size=config.generation_batch_size)
     return m
 
 

@@ -223,8 +223,12 @@ class Judge:
         self.identity = identity(config)
         self.cache_hits = 0
 
-    def _ask(self, conversations: list[Messages], max_tokens: int, on_reply: chat.OnReply) -> None:
-        sampling = chat.Sampling(temperature=self.config.temperature, max_tokens=max_tokens)
+    def _ask(
+        self, conversations: list[Messages], max_response_tokens: int, on_reply: chat.OnReply
+    ) -> None:
+        sampling = chat.Sampling(
+            temperature=self.config.temperature, max_response_tokens=max_response_tokens
+        )
         try:
             self.backend.complete(conversations, sampling, on_reply)
         except chat.Refused as err:
@@ -260,7 +264,7 @@ class Judge:
             self.cache.put(entry)
             out[key] = entry
 
-        self._ask([q for _, q in todo], self.config.max_tokens, done)
+        self._ask([q for _, q in todo], self.config.max_response_tokens, done)
         return [out[key] for key in keys]
 
     def verdicts(self, items: list[tuple[Messages, str, str]]) -> list[dict[str, Any]]:

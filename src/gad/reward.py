@@ -243,7 +243,7 @@ def train(config: cfg.RewardConfig) -> Path:
     torch.manual_seed(config.seed)
     model = _load_model(config, resume_from, tokenizer)
     pad = tokenizer.pad_token_id
-    plan = engine.batch_plan(n_items, config.epochs, config.batch_size, config.seed)
+    plan = engine.batch_plan(n_items, config.epochs, config.global_batch_size, config.seed)
     total = min(len(plan), config.max_steps) if config.max_steps else len(plan)
     optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, (0.9, 0.999))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -284,7 +284,7 @@ def train(config: cfg.RewardConfig) -> Path:
                 "grad_norm": result.grad_norm,
                 "skipped": result.skipped,
                 "seconds": time.perf_counter() - t0,
-                "epoch": step * config.batch_size / n_items,
+                "epoch": step * config.global_batch_size / n_items,
             }
             if (config.eval_every and done % config.eval_every == 0) or done == total:
                 row.update(held_out_metrics())
@@ -333,7 +333,7 @@ def _print_data(counts: dict[str, Any], total: int, config: cfg.RewardConfig) ->
         f"{counts['train_prompts']} prompts ({counts['train_pairs']} pairs; "
         f"{counts['train_prompts_without_pair']} prompts without a pair), held out "
         f"{counts['held_out_responses']} responses of {counts['held_out_prompts']} prompts "
-        f"({counts['held_out_pairs']} pairs); {total} steps of {config.batch_size} "
+        f"({counts['held_out_pairs']} pairs); {total} steps of {config.global_batch_size} "
         f"{'prompts' if config.loss == 'bt' else 'responses'}"
     )
     if counts["prompt_too_long"]:

@@ -22,7 +22,7 @@ class Sampling:
     """Softmax temperature; 0 means greedy."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
-    max_new_tokens: int = 1536
+    max_response_tokens: int = 1536
     """Longest completion; a completion cut here has finish reason `length`."""
 
 
@@ -102,7 +102,7 @@ class TransformersRollout:
                 temperature=None if greedy else sampling.temperature,
                 top_p=None if greedy else sampling.top_p,
                 top_k=None,
-                max_new_tokens=sampling.max_new_tokens,
+                max_new_tokens=sampling.max_response_tokens,
                 eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,
                 use_cache=True,

@@ -108,7 +108,7 @@ def _setup(
     checkpoint.check_space(run_dir, model)
     model.config.use_cache = False
     model.train()
-    global_batch = config.batch_size * config.grad_accum * accelerator.num_processes
+    global_batch = config.micro_batch_size * config.grad_accum * accelerator.num_processes
     plan = engine.batch_plan(len(prepared.examples), config.epochs, global_batch, config.seed)
     optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, config.adam_betas)
     scheduler = engine.constant_with_warmup(optimizer, config.warmup_steps)
@@ -152,7 +152,7 @@ def _step(run: _Run, step: int) -> dict[str, Any]:
         acc,
         run.model,
         run.optimizer,
-        engine.chunks(mine, run.config.batch_size),
+        engine.chunks(mine, run.config.micro_batch_size),
         loss_of,
         run.config.max_grad_norm,
         run.scheduler,

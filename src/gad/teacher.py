@@ -205,7 +205,9 @@ def _ask(config: CollectConfig, jobs: list[Job], recorder: _Recorder) -> None:
     """Every job's answer from the teacher, each recorded the moment it arrives."""
     client = chat.connect(cfg.derive(chat.ChatSettings, config), error=TeacherError)
     sampling = chat.Sampling(
-        temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_response_tokens=config.max_response_tokens,
     )
     try:
         client.complete(

@@ -31,10 +31,10 @@ class SFTConfig:
     """AdamW weight decay."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
-    batch_size: int = 4
+    micro_batch_size: int = 4
     """Sequences per micro-batch on each process."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step (global batch = batch_size x grad_accum x
+    """Micro-batches accumulated per optimizer step (global batch = micro_batch_size x grad_accum x
     processes)."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm; 0 disables."""
@@ -88,7 +88,7 @@ class DemoConfig:
     """Prompts (the first of the file) whose teacher answers both methods train on."""
     num_held_out: int = 8
     """The prompts after those, held out: every system answers them for the comparison."""
-    max_tokens: int = 96
+    max_response_tokens: int = 96
     """Longest answer in tokens: teacher answers, student rollouts and evaluation answers."""
     sft_epochs: int = 2
     """SeqKD epochs over the teacher's answers."""
@@ -162,7 +162,7 @@ class GADConfig:
     """Student samples per prompt, the GRPO group (paper: 8)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass on one process (memory knob only)."""
-    rollout_batch_size: int = 64
+    generation_batch_size: int = 64
     """Sequences generated together on one process."""
     per_prompt_seeds: bool = False
     """Seed every prompt's samples from (seed, step, prompt) so they do not depend on batching or
@@ -322,7 +322,7 @@ class RewardConfig:
     """Learning rate."""
     weight_decay: float = 0.01
     """AdamW weight decay (none on biases and norms)."""
-    batch_size: int = 8
+    global_batch_size: int = 8
     """Per optimizer step, over all processes: prompts with all their pairs (BT), or responses
     (BCE)."""
     micro_batch_size: int = 8
