@@ -10,6 +10,13 @@ A checkpoint is written to a temporary folder and renamed, so a kill never leave
 folder aside (a rename) before the new one takes its name, so a kill at any moment leaves one of
 the two. A write that fails (a full disk) removes its temporary folder and raises
 `CheckpointError`; the checkpoints already written stay as they were.
+
+Why not `Accelerator.save_state`/`load_state`: they write the weights as bare state dicts
+(`model.safetensors`, `model_1.safetensors`, without `config.json` or the tokenizer), so a
+checkpoint would not be a folder that transformers and vLLM load as it is, and they write in
+place (a kill mid-write leaves a folder that looks complete). What is hand-written here is just
+that: the HF folder per model, the atomic rename, the rotation. The weights themselves still go
+through accelerate (`get_state_dict` gathers FSDP/DeepSpeed shards, `unwrap_model`).
 """
 
 from __future__ import annotations
