@@ -195,6 +195,21 @@ def test_bce_reward_model(task, tiny_dir, tmp_path):
     assert after["eval/score_good"] > 0 > after["eval/score_bad"]
 
 
+class GradSnapshot:
+    """Stands in for the optimizer: keeps the gradients of the step."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = {
+            n: None if p.grad is None else p.grad.clone() for n, p in self.model.named_parameters()
+        }
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
 def test_bt_step_is_the_mean_over_all_pairs_however_split(task, tiny_dir, tmp_path):
     tokenizer = models.load_tokenizer(str(tiny_dir))
     pad = tokenizer.pad_token_id
@@ -207,9 +222,12 @@ def test_bt_step_is_the_mean_over_all_pairs_however_split(task, tiny_dir, tmp_pa
     results = []
     for micro in (2, 64):  # one prompt per pass vs all in one pass
         model = discriminator.build(str(tiny_dir), pad_token_id=pad, seed=0)
-        config = cfg.RewardConfig(micro_batch_size=micro)
-        loss_sum, correct, n = reward._step(config, accelerator, model, train_split, items, pad)
-        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        config = cfg.RewardConfig(micro_batch_size=micro, max_grad_norm=0.0)
+        snapshot = GradSnapshot(model)  # the optimizer's stand-in keeps the step's gradients
+        loss_sum, correct, n, _ = reward._step(
+            config, accelerator, model, snapshot, train_split, items, pad
+        )
+        grad = torch.cat([g.flatten() for g in snapshot.grads.values() if g is not None])
         results.append((loss_sum / n, n, grad))
     model = discriminator.build(str(tiny_dir), pad_token_id=pad, seed=0)
     s = engine.scores(model, train_split.examples, pad, 64)
