@@ -387,13 +387,13 @@ def run_eval(config: Any) -> dict[str, Any]:
     metrics["truncated_share"] = lengths["truncated_share"]
     notes = {}
     if config.metric == "accuracy":
-        from gad import answers
+        from gad import answers as extract
         from gad.config import ConfigError
 
         if not config.ground_truth:
             raise ConfigError("metric 'accuracy' needs 'ground_truth' (a truth file)")
-        scored = answers.accuracy(
-            answers, answers.read_truth(config.ground_truth), answers.EXTRACTORS[config.extractor]
+        scored = extract.accuracy(
+            answers, extract.read_truth(config.ground_truth), extract.EXTRACTORS[config.extractor]
         )
         metrics["accuracy"] = _with_ci(scored["values"], config.bootstrap_reps, config.seed)
         metrics["answered_share"] = scored["answered"] / len(answers) if answers else None
