@@ -355,3 +355,43 @@ def test_combined_reward_mixes_online_d_with_frozen_rm(task, tmp_path, monkeypat
     assert row["reward/d_mean"] == pytest.approx(seen["d"].mean().item(), abs=1e-5)
     assert digest(task["rm"]) == before
     assert digest(tmp_path / "mix/gad/final/discriminator") != before
+
+
+def test_lora_reward_model_learns_and_its_merged_folder_scores_as_base_plus_adapter(
+    task, tiny_dir, tmp_path
+):
+    from gad import lora
+
+    final = reward.train(
+        cfg.RewardConfig(
+            data=str(task["labels"]),
+            model=str(tiny_dir),
+            output_dir=str(tmp_path / "rm-lora"),
+            held_out=0.25,
+            epochs=3,
+            global_batch_size=4,
+            micro_batch_size=32,
+            lr=1e-2,
+            max_response_tokens=16,
+            mixed_precision="no",
+            save_every=0,
+            lora_rank=8,
+            lora_alpha=16.0,
+        )
+    )
+    summary = json.loads((final.parent / "summary.json").read_text())
+    before = summary["held_out_before"]["eval/pairwise_accuracy"]
+    after = summary["held_out_after"]["eval/pairwise_accuracy"]
+    assert after >= 0.85 and after > before, (before, after)
+    merged = discriminator.load(str(final)).eval()  # a plain scalar-head folder
+    adapters, tokenizer = lora.base_adapters(str(tiny_dir))
+    view = lora.scorer(adapters, cfg.RewardConfig(lora_rank=8), final / lora.ADAPTER_DIR, seed=0)
+    view.eval()
+    ids = [tokenizer(t)["input_ids"] for t in ("Question one? Yes.", "Question two? No, no.")]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in ids])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])
+    with torch.no_grad():
+        a = discriminator.scores(merged, input_ids, mask)
+        b = discriminator.scores(view, input_ids, mask)
+    assert torch.allclose(a, b, atol=1e-5)

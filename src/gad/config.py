@@ -310,6 +310,9 @@ _TRAINING = {
     "seed": SEED,
     "save_every": NON_NEGATIVE,
     "keep_checkpoints": NON_NEGATIVE,
+    "lora_rank": NON_NEGATIVE,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": Range(0, 1, high_open=True),
 }
 
 RANGES: dict[type, dict[str, Range]] = {

@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gad import data, discriminator, losses
+from gad import data, discriminator, lora, losses
 from gad.config import UserError
 
 console = Console(stderr=True)
@@ -281,6 +281,9 @@ def optimizer_step(
     for j, part in enumerate(parts):
         with accelerator.no_sync(model) if j < len(parts) - 1 else nullcontext():
             accelerator.backward(loss_of(part))
+    if accelerator.num_processes > 1 and isinstance(model, lora.LMView | lora.ScalarView):
+        # LoRA views share their base, so accelerate does not wrap them in DDP: average here.
+        average_gradients(model)
     clip = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
     skipped = not math.isfinite(grad_norm)
@@ -290,6 +293,22 @@ def optimizer_step(
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(grad_norm, skipped)
+
+
+def average_gradients(model: Any) -> None:
+    """Average `model`'s gradients over processes in one flat all-reduce (what DDP does)."""
+    params = list(model.parameters())
+    for p in params:
+        if p.grad is None:  # every process must send the same layout, used or not
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}

@@ -11,7 +11,6 @@ AdamW states, which the GAD stage continues (`reset_optimizers` starts it fresh)
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,15 @@ from gad import (
     discriminator,
     engine,
     gad,
+    gad_models,
     health,
     labels,
+    lora,
     models,
     precision,
 )
 from gad import config as cfg
-from gad.gad_state import Models, Selection, Stage, StageInit, frozen_reward
-from gad.rollout import TransformersRollout
+from gad.gad_state import Selection, Stage, StageInit, frozen_reward
 from gad.samples import teacher_discriminator_inputs
 from gad.selection import HeldOut
 from gad.tracking import MetricsLog, PhaseTimer, tracker_config
@@ -44,97 +44,6 @@ OPTIMIZERS_FILE = "final_optimizers.pt"
 
 class TrainingStopped(cfg.UserError, RuntimeError):
     """Too many consecutive non-finite steps; a checkpoint was written before stopping."""
-
-
-def tokenizer_of(folder: str, fallback: Any) -> Any:
-    """The tokenizer saved with a model folder; `fallback` (the student's) for folders saved
-    without one (reward models and discriminators written before gad saved theirs)."""
-    path = Path(folder)
-    if path.is_dir() and not (path / "tokenizer_config.json").exists():
-        console.print(f"[yellow]{folder} has no tokenizer: using the student's[/]")
-        return fallback
-    return models.load_tokenizer(folder)
-
-
-def teacher_context(path: str | None) -> list[dict[str, str]]:
-    """The hidden messages the white-box teacher sees before every prompt (a JSON list)."""
-    if not path:
-        return []
-    try:
-        messages = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise cfg.ConfigError(f"teacher_context: cannot read {path}: {err}") from err
-    if not isinstance(messages, list) or not all(
-        isinstance(x, dict) and {"role", "content"} <= set(x) for x in messages
-    ):
-        raise cfg.ConfigError(
-            f"teacher_context: {path} must hold a JSON list of {{'role', 'content'}} messages"
-        )
-    return [{"role": x["role"], "content": x["content"]} for x in messages]
-
-
-def load_teacher(config: cfg.GADConfig, tokenizer: Any, accelerator: Any) -> Any:
-    """The frozen local teacher of `method=whitebox` (it must share the student's tokenizer)."""
-    if not config.teacher_model:
-        raise cfg.ConfigError("method=whitebox needs teacher_model (a local model)")
-    teacher_tok = models.load_tokenizer(config.teacher_model)
-    if teacher_tok.get_vocab() != tokenizer.get_vocab():
-        raise cfg.ConfigError(
-            f"teacher_model {config.teacher_model}: method=whitebox needs the student's "
-            "tokenizer (its per-token log-probs score the student's sampled ids)"
-        )
-    teacher, _ = models.load(config.teacher_model)
-    return teacher.to(accelerator.device).eval().requires_grad_(False)
-
-
-def _load_discriminator(
-    config: cfg.GADConfig, init: StageInit, resume_from: Path | None, tokenizer: Any
-) -> tuple[Any, Any]:
-    """The discriminator (or frozen scorer) and its tokenizer, or (None, None)."""
-    d_folder = init.discriminator_folder
-    if resume_from is not None and (resume_from / "discriminator").exists():
-        d_folder = str(resume_from / "discriminator")
-    if d_folder:
-        d, d_tokenizer = discriminator.load(d_folder), tokenizer_of(d_folder, tokenizer)
-    elif init.discriminator:
-        d_tokenizer = models.load_tokenizer(init.discriminator)
-        pad = engine.pad_id_of(d_tokenizer)
-        d = discriminator.build(init.discriminator, pad_token_id=pad, seed=config.seed)
-    else:
-        return None, None
-    d.config.pad_token_id = engine.pad_id_of(d_tokenizer)
-    return d, d_tokenizer
-
-
-def _load_models(
-    config: cfg.GADConfig,
-    init: StageInit,
-    accelerator: Any,
-    resume_from: Path | None,
-    run_dir: Path,
-) -> Models:
-    """Generator, discriminator, reference and their optimizers, wrapped by accelerate."""
-    generator, tokenizer = models.load(str(resume_from) if resume_from else init.generator)
-    generator.config.use_cache = False
-    d, d_tokenizer = _load_discriminator(config, init, resume_from, tokenizer)
-    checkpoint.check_space(run_dir, generator, *([d] if d is not None else []))
-    g_opt = engine.make_optimizer(generator, config.lr, config.weight_decay, (0.9, 0.999))
-    d_opt = None
-    if d is not None and init.d_trainable:
-        d_opt = engine.make_optimizer(d, config.d_lr, config.weight_decay, (0.9, 0.999))
-        generator, d, g_opt, d_opt = accelerator.prepare(generator, d, g_opt, d_opt)
-    else:
-        generator, g_opt = accelerator.prepare(generator, g_opt)
-        if d is not None:
-            d = d.to(accelerator.device).eval().requires_grad_(False)
-    reference = None
-    if init.reference:
-        reference, _ = models.load(init.reference)
-        reference = reference.to(accelerator.device).eval().requires_grad_(False)
-    m = Models(generator, d, tokenizer, g_opt, d_opt, reference, d_tokenizer=d_tokenizer)
-    unwrapped = accelerator.unwrap_model(generator)
-    m.rollout = TransformersRollout(unwrapped, tokenizer, batch_size=config.generation_batch_size)
-    return m
 
 
 def setup(
@@ -159,7 +68,7 @@ def setup(
         raise cfg.ConfigError(
             f"batch_prompts={config.batch_prompts} must be divisible by the {world} processes"
         )
-    m = _load_models(config, init, accelerator, resume_from, run_dir)
+    m = gad_models.load_models(config, init, accelerator, resume_from, run_dir)
     state: dict[str, Any] = {"step": 0}
     if resume_from is not None:
         optimizers = {"generator": m.g_opt} | ({"discriminator": m.d_opt} if m.d_opt else {})
@@ -190,8 +99,8 @@ def setup(
             config.max_response_tokens,
         )
     if config.method == "whitebox" and name == "gad":
-        m.teacher = load_teacher(config, m.tokenizer, accelerator)
-        context = teacher_context(config.teacher_context)
+        m.teacher = gad_models.load_teacher(config, m.tokenizer, accelerator)
+        context = gad_models.teacher_context(config.teacher_context)
         stage.teacher_prompts = [
             data.encode_prompt(m.tokenizer, context + prepared.records[e.id].prompt)
             for e in prepared.examples
@@ -244,19 +153,7 @@ def save(stage: Stage, step: int, final: bool = False) -> Path:
 
 def save_generator(stage: Stage, folder: Path) -> None:
     """The generator as a plain HF folder (and the discriminator with its tokenizer inside)."""
-    m, acc = stage.models, stage.accelerator
-    states = {"g": acc.get_state_dict(m.generator)}
-    if m.discriminator is not None:
-        states["d"] = acc.get_state_dict(m.discriminator)
-    if acc.is_main_process:
-        acc.unwrap_model(m.generator).save_pretrained(folder, state_dict=states["g"])
-        m.tokenizer.save_pretrained(folder)
-        if m.discriminator is not None:
-            acc.unwrap_model(m.discriminator).save_pretrained(
-                folder / "discriminator", state_dict=states["d"]
-            )
-            m.d_tokenizer.save_pretrained(folder / "discriminator")
-    acc.wait_for_everyone()
+    gad_models.save_models(stage.models, stage.accelerator, folder)
 
 
 def finish(stage: Stage) -> Path:
@@ -345,21 +242,25 @@ def _gad_init(config: cfg.GADConfig, accelerator: Any) -> StageInit:
     else:
         d_kwargs["discriminator"] = config.discriminator or config.model
     optimizers = out / "warmup" / OPTIMIZERS_FILE
+    g_adapter = lora.adapter_folder(warm) if lora.enabled(config) and warm.exists() else None
+    d_adapter = None
+    if lora.enabled(config) and "discriminator_folder" in d_kwargs and not frozen_reward(config):
+        d_adapter = lora.adapter_folder(warm / "discriminator")
     reference = None
     if config.kl_coef > 0:
         # The reference is the student as it enters this stage, frozen; kept on disk so a
         # resumed run compares against the same policy.
         reference = out / "gad" / "reference"
-        if accelerator.is_main_process and not (reference / "config.json").exists():
-            model, tokenizer = models.load(generator)
-            model.save_pretrained(reference)
-            tokenizer.save_pretrained(reference)
+        if accelerator.is_main_process and not gad_models.reference_written(config, reference):
+            gad_models.write_reference(config, generator, g_adapter, reference)
         accelerator.wait_for_everyone()
     return StageInit(
         generator,
         d_trainable=config.method == "gad" and not frozen_reward(config),
         reference=str(reference) if reference else None,
         optimizers=optimizers if warm.exists() and optimizers.exists() else None,
+        generator_adapter=g_adapter,
+        discriminator_adapter=d_adapter,
         **d_kwargs,
     )
 
@@ -379,14 +280,14 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
     m = stage.models
     if config.reward_mix_alpha is not None:
         rm = discriminator.load(config.reward_model)  # type: ignore[arg-type]
-        m.rm_tokenizer = tokenizer_of(config.reward_model, m.tokenizer)  # type: ignore[arg-type]
+        m.rm_tokenizer = gad_models.tokenizer_of(config.reward_model, m.tokenizer)  # type: ignore[arg-type]
         rm.config.pad_token_id = engine.pad_id_of(m.rm_tokenizer)
         m.reward_model = rm.to(accelerator.device).eval().requires_grad_(False)
     held_out = None
     if config.eval_every:
-        teacher, context = None, teacher_context(config.teacher_context)
+        teacher, context = None, gad_models.teacher_context(config.teacher_context)
         if config.teacher_model:
-            teacher = m.teacher or load_teacher(config, m.tokenizer, accelerator)
+            teacher = m.teacher or gad_models.load_teacher(config, m.tokenizer, accelerator)
         held_out = HeldOut.load(stage, teacher, context, lambda f: save_generator(stage, f))
 
     def step_fn(stage: Stage, step: int, timer: PhaseTimer) -> dict[str, Any]:
@@ -408,6 +309,7 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
 
 
 def _check(config: cfg.GADConfig) -> None:
+    gad_models.check(config)
     if config.reward_model and config.method == "offpolicy":
         raise cfg.ConfigError("reward_model and method=offpolicy exclude each other")
     if config.reward_mix_alpha is not None and (

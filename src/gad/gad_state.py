@@ -88,6 +88,10 @@ class StageInit:
     """The frozen reference policy of the KL term."""
     optimizers: Path | None = None
     """The warmup's optimizer states, continued unless `reset_optimizers`."""
+    generator_adapter: Path | None = None
+    """LoRA: the generator's adapter to continue (the warmup's), on the base `config.model`."""
+    discriminator_adapter: Path | None = None
+    """LoRA: the discriminator's adapter and head to continue (the warmup's)."""
 
 
 def frozen_reward(config: cfg.GADConfig) -> bool:

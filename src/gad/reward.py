@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from gad import checkpoint, data, discriminator, engine, evalsets, losses, models, precision
+from gad import checkpoint, data, discriminator, engine, evalsets, lora, losses, models, precision
 from gad import config as cfg
 from gad.labels import read_labels
 from gad.tracking import MetricsLog, tracker_config
@@ -246,7 +246,11 @@ def train(config: cfg.RewardConfig) -> Path:
     plan = engine.batch_plan(n_items, config.epochs, config.global_batch_size, config.seed)
     total = min(len(plan), config.max_steps) if config.max_steps else len(plan)
     optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, (0.9, 0.999))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if isinstance(model, lora.ScalarView):
+        model.adapters.autocast = accelerator.autocast
+        optimizer = accelerator.prepare(optimizer)  # accelerate does not wrap adapter views
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     start_step = 0
     if resume_from is not None:
         start_step = checkpoint.load_state(resume_from, optimizers={"reward_model": optimizer})[
@@ -314,8 +318,12 @@ def _count_items(config: cfg.RewardConfig, split: Split) -> int:
 
 
 def _load_model(config: cfg.RewardConfig, resume_from: Path | None, tokenizer: Any) -> Any:
-    """The scalar-head model: the checkpoint's on resume, else a fresh head on `model`."""
-    if resume_from is not None:
+    """The scalar-head model: the checkpoint's on resume, else a fresh head on `model`; with
+    LoRA an adapter and head on the frozen base `model`."""
+    if lora.enabled(config):
+        adapters, _ = lora.base_adapters(config.model)
+        model = lora.scorer(adapters, config, resume_from, seed=config.seed, name="reward")
+    elif resume_from is not None:
         model = discriminator.load(str(resume_from))
     else:
         model = discriminator.build(
@@ -355,8 +363,11 @@ def _finish(
     final = run_dir / "final"
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(final, state_dict=state)
-        tokenizer.save_pretrained(final)
+        if isinstance(model, lora.ScalarView):
+            lora.save_merged(model, final, tokenizer)
+        else:
+            accelerator.unwrap_model(model).save_pretrained(final, state_dict=state)
+            tokenizer.save_pretrained(final)
         summary = {
             **counts,
             "loss": config.loss,

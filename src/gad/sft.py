@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from gad import checkpoint, dataset, engine, models, precision
+from gad import checkpoint, dataset, engine, lora, models, precision
 from gad import config as cfg
 from gad.tracking import MetricsLog, tracker_config
 
@@ -104,15 +104,24 @@ def _setup(
         skip_invalid=config.skip_invalid,
         exclude=config.exclude,
     )
-    model, tokenizer = models.load(source)
+    if lora.enabled(config):
+        # A frozen base from `model` and the adapter: the checkpoint's on resume, else fresh.
+        adapters, tokenizer = lora.base_adapters(config.model)
+        adapters.autocast = accelerator.autocast
+        model = lora.policy(adapters, config, resume_from)
+    else:
+        model, tokenizer = models.load(source)
+        model.config.use_cache = False
     checkpoint.check_space(run_dir, model)
-    model.config.use_cache = False
     model.train()
     global_batch = config.micro_batch_size * config.grad_accum * accelerator.num_processes
     plan = engine.batch_plan(len(prepared.examples), config.epochs, global_batch, config.seed)
     optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, config.adam_betas)
     scheduler = engine.constant_with_warmup(optimizer, config.warmup_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if lora.enabled(config):
+        optimizer = accelerator.prepare(optimizer)  # views share a base: accelerate wraps none
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(
         config,
         run_dir,
@@ -189,8 +198,11 @@ def _finish(run: _Run, summary: dict[str, Any]) -> Path:
     final_dir = run.run_dir / "final"
     acc, prepared = run.accelerator, run.prepared
     if acc.is_main_process:
-        acc.unwrap_model(run.model).save_pretrained(final_dir, safe_serialization=True)
-        run.tokenizer.save_pretrained(final_dir)
+        if lora.enabled(run.config):
+            lora.save_merged(run.model, final_dir, run.tokenizer)
+        else:
+            acc.unwrap_model(run.model).save_pretrained(final_dir, safe_serialization=True)
+            run.tokenizer.save_pretrained(final_dir)
         summary = {
             "steps": summary["steps"],
             "planned_steps": len(run.plan),

@@ -65,6 +65,17 @@ class SFTConfig:
     """Skip malformed records (counted in the summary) instead of stopping."""
     exclude: str | None = None
     """Held-out chat-record file: refuse to run if any record overlaps it (by prompt or id)."""
+    lora_rank: int = 0
+    """LoRA rank: above 0 the stage trains peft LoRA adapters on a frozen base instead of every
+    weight (checkpoints keep the adapters; `final/` is the merged model, the adapter in
+    `final/adapter/`). 0 = full fine-tuning."""
+    lora_alpha: float = 16.0
+    """LoRA scale α (the adapter's update is multiplied by α / rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get an adapter: `all-linear` (every linear layer but the LM head) or
+    comma-separated module names (`q_proj,v_proj`)."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +263,22 @@ class GADConfig:
     eval_length_range: float = 1.5
     """Model selection only considers steps whose held-out mean length stays within this
     factor of the post-warmup length (either way): the paper's guard against length hacking."""
+    lora_rank: int = 0
+    """LoRA rank: above 0 the stage trains peft LoRA adapters on a frozen base instead of every
+    weight (checkpoints keep the adapters; `final/` is the merged model, the adapter in
+    `final/adapter/`). 0 = full fine-tuning."""
+    lora_alpha: float = 16.0
+    """LoRA scale α (the adapter's update is multiplied by α / rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get an adapter: `all-linear` (every linear layer but the LM head) or
+    comma-separated module names (`q_proj,v_proj`)."""
+    single_base: bool = False
+    """One frozen base in memory holds every role as a LoRA adapter: the generator, the
+    discriminator (its own adapter and a scalar head) and the reference (the generator's adapter
+    as it entered the GAD stage). Needs lora_rank > 0 and the discriminator on the student's
+    own model."""
 
 
 @dataclass(frozen=True)
@@ -353,3 +380,14 @@ class RewardConfig:
     """Tracker beside the JSONL metrics file."""
     resume: bool = False
     """Continue from the latest checkpoint in `output_dir`."""
+    lora_rank: int = 0
+    """LoRA rank: above 0 the stage trains peft LoRA adapters on a frozen base instead of every
+    weight (checkpoints keep the adapters; `final/` is the merged model, the adapter in
+    `final/adapter/`). 0 = full fine-tuning."""
+    lora_alpha: float = 16.0
+    """LoRA scale α (the adapter's update is multiplied by α / rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get an adapter: `all-linear` (every linear layer but the LM head) or
+    comma-separated module names (`q_proj,v_proj`)."""
