@@ -8,6 +8,9 @@ Three systems, each run in a fresh subprocess (so peak memory is per run), alter
 * `trl`   — `trl.GRPOTrainer` with the very same reward model as `reward_funcs`.
 * `gad`   — our full GAD step: the discriminator starts as that same model and is trained online
   (one Bradley–Terry update per step, on P teacher answers + P·N samples).
+* `gad_lora`, `gad_single` — the same GAD step with LoRA adapters (rank 16, alpha 32, all linear
+  layers): a frozen base per model, or one base holding the policy, the discriminator (adapter +
+  head) and, with `--kl-coef`, the reference (`single_base`). `--systems` picks which run.
 
 The same for all three: the policy (default SmolLM2-135M-Instruct, float32 weights), the prompts
 (`gad/assets/prompts.jsonl`, and the same prompts at every step: TRL's dataset is laid out in our
@@ -15,9 +18,10 @@ trainer's batch-plan order and not shuffled), P prompts per step, N samples per 
 `--max-new-tokens` new tokens at temperature 0.8 (top-p 1, no top-k), micro-batches of
 `--micro-batch` sequences, bf16 autocast (accelerate) over float32 weights, AdamW lr 1e-6,
 weight decay 0.01, betas (0.9, 0.999), gradient clipping 0.2, constant lr, ratio clip 0.2,
-KL coefficient 0 (so neither side runs a reference model), one optimizer step per generation
-batch, seed 0. The reward model is `AutoModelForSequenceClassification(num_labels=1)` on the
-policy's backbone with a head seeded from `--seed` (`gad.discriminator.build`), saved once.
+KL coefficient 0 (so neither side runs a reference model; `--kl-coef` above 0 gives each side
+its reference, as the memory comparison of the LoRA systems needs), one optimizer step per
+generation batch, seed 0. The reward model is `AutoModelForSequenceClassification(num_labels=1)`
+on the policy's backbone with a head seeded from `--seed` (`gad.discriminator.build`), saved once.
 
 TRL settings (GRPOConfig) and why:
   num_generations = N                    the group.
@@ -98,6 +102,7 @@ word-level tokenizer. Needs `pip install -e ".[bench]"` (TRL) beside gad.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.resources
 import importlib.util
 import json
@@ -135,12 +140,16 @@ from gad import config as cfg
 from gad import data, dataset, discriminator, engine, gad_stage, models, precision
 from gad.tracking import read_metrics
 
-SYSTEMS = ("ours", "trl", "gad")
+SYSTEMS = ("ours", "trl", "gad", "gad_lora", "gad_single")
 LABELS = {
     "ours": "gad, frozen reward model",
     "trl": "TRL GRPOTrainer",
     "gad": "gad, full GAD step (D trained)",
+    "gad_lora": "gad, full GAD step, LoRA (a base per model)",
+    "gad_single": "gad, full GAD step, LoRA single base",
 }
+LORA_RANK = 16
+"""The LoRA systems' rank (alpha = 2 x rank, all linear layers)."""
 PHASES = ("generate", "score", "update", "other")
 
 # Real shapes for the GPU figures, random-initialised (no weights needed): LlamaConfig fields.
@@ -195,6 +204,8 @@ class Settings:
     steps: int
     temperature: float
     seed: int
+    kl_coef: float = 0.0
+    """β of the KL term (0: no reference model on either side; above 0 each side holds one)."""
 
 
 # ----------------------------------------------------------------------------- workers
@@ -235,13 +246,20 @@ def run_ours(s: Settings, frozen: bool) -> list[dict[str, Any]]:
         weight_decay=WEIGHT_DECAY,
         max_grad_norm=MAX_GRAD_NORM,
         clip_eps=CLIP_EPS,
-        kl_coef=0.0,
+        kl_coef=s.kl_coef,
         mixed_precision="bf16" if s.dtype == "bf16" else "no",
         seed=s.seed,
         save_every=0,
         save_state=False,
         save_final=False,
     )
+    if s.system in ("gad_lora", "gad_single"):
+        config = dataclasses.replace(
+            config,
+            lora_rank=LORA_RANK,
+            lora_alpha=2.0 * LORA_RANK,
+            single_base=s.system == "gad_single",
+        )
     gad_stage.train(config)
     rows = read_metrics(Path(s.run_dir) / "gad")
     records = []
@@ -317,7 +335,7 @@ def trl_config(s: Settings) -> Any:
         gradient_accumulation_steps=accumulation,
         steps_per_generation=accumulation,
         num_iterations=1,
-        beta=0.0,
+        beta=s.kl_coef,
         epsilon=CLIP_EPS,
         loss_type="grpo",
         scale_rewards="group",
@@ -580,6 +598,7 @@ def run_child(
         steps=args.steps,
         temperature=args.temperature,
         seed=args.seed,
+        kl_coef=args.kl_coef,
     )
     (run_dir / "settings.json").write_text(json.dumps(asdict(settings)))
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -636,19 +655,29 @@ def mean_std(values: list[float]) -> dict[str, float | None]:
 def summarise(runs: list[dict[str, Any]], params: int, peak_tflops: float | None) -> dict:
     per_run = {(r["system"], r["round"]): summarise_run(r, params, peak_tflops) for r in runs}
     rounds = sorted({r["round"] for r in runs})
+    ran = [system for system in SYSTEMS if any(r["system"] == system for r in runs)]
     systems = {}
-    for system in SYSTEMS:
+    for system in ran:
         rows = [per_run[(system, k)] for k in rounds]
         systems[system] = {key: mean_std([row[key] for row in rows]) for key in rows[0]}
 
     def paired(a: str, b: str, key: str) -> dict[str, float | None]:
         return mean_std([per_run[(a, k)][key] / per_run[(b, k)][key] for k in rounds])
 
+    wanted = {
+        "ours_over_trl_generated_tokens_per_s": ("ours", "trl", "generated_tokens_per_s"),
+        "ours_over_trl_trained_tokens_per_s": ("ours", "trl", "trained_tokens_per_s"),
+        "gad_over_ours_s_per_step": ("gad", "ours", "s_per_step"),
+        "gad_over_ours_s_per_trained_token": ("gad", "ours", "s_per_1k_trained_tokens"),
+        "gad_lora_over_gad_s_per_step": ("gad_lora", "gad", "s_per_step"),
+        "gad_single_over_gad_s_per_step": ("gad_single", "gad", "s_per_step"),
+        "gad_lora_over_gad_peak_rss": ("gad_lora", "gad", "peak_rss_mib"),
+        "gad_single_over_gad_peak_rss": ("gad_single", "gad", "peak_rss_mib"),
+    }
+    if any("peak_gpu_mib" in row for row in per_run.values()):
+        wanted["gad_single_over_gad_peak_gpu"] = ("gad_single", "gad", "peak_gpu_mib")
     ratios = {
-        "ours_over_trl_generated_tokens_per_s": paired("ours", "trl", "generated_tokens_per_s"),
-        "ours_over_trl_trained_tokens_per_s": paired("ours", "trl", "trained_tokens_per_s"),
-        "gad_over_ours_s_per_step": paired("gad", "ours", "s_per_step"),
-        "gad_over_ours_s_per_trained_token": paired("gad", "ours", "s_per_1k_trained_tokens"),
+        name: paired(a, b, key) for name, (a, b, key) in wanted.items() if a in ran and b in ran
     }
     return {"per_run": per_run, "systems": systems, "ratios": ratios}
 
@@ -660,13 +689,15 @@ def fmt(stat: dict[str, float | None], digits: int = 2, scale: float = 1.0) -> s
 
 def markdown(args: argparse.Namespace, env: dict[str, Any], summary: dict[str, Any]) -> str:
     systems, ratios = summary["systems"], summary["ratios"]
-    gpu = "peak_gpu_mib" in systems["ours"]
-    mfu = "mfu" in systems["ours"]
+    first = next(iter(systems.values()))
+    gpu = "peak_gpu_mib" in first
+    mfu = "mfu" in first
     lines = [
         f"Model: {env['model']} ({env['params'] / 1e6:.1f}M params), device {env['device']}, "
         f"{args.dtype}; {args.prompts_per_step} prompts × N={args.n} samples × ≤"
         f"{args.max_new_tokens} new tokens per step, micro-batch {args.micro_batch}, "
-        f"temperature {args.temperature}, KL coef 0; {args.rounds} rounds × {args.steps} steps "
+        f"temperature {args.temperature}, KL coef {args.kl_coef:g}; {args.rounds} rounds × "
+        f"{args.steps} steps "
         f"per run (first step of each run not counted); mean ± std over rounds. "
         f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, "
         f"{env['torch_threads']} threads; CPU flags {', '.join(env['machine']['cpu_flags'])}, "
@@ -679,8 +710,7 @@ def markdown(args: argparse.Namespace, env: dict[str, Any], summary: dict[str, A
         + " |",
         "|---|" + "---:|" * (9 + gpu + mfu),
     ]
-    for system in SYSTEMS:
-        s = systems[system]
+    for system, s in systems.items():
         cells = [
             LABELS[system],
             fmt(s["s_per_step"]),
@@ -695,14 +725,20 @@ def markdown(args: argparse.Namespace, env: dict[str, Any], summary: dict[str, A
         if mfu:
             cells.append(fmt(s["mfu"], 1, scale=100) + "%")
         lines.append("| " + " | ".join(cells) + " |")
+    named = {
+        "ours_over_trl_generated_tokens_per_s": "ours / TRL, generated tokens/s",
+        "ours_over_trl_trained_tokens_per_s": "ours / TRL, trained tokens/s",
+        "gad_over_ours_s_per_step": "full GAD step / frozen-reward step, time per step",
+        "gad_over_ours_s_per_trained_token": "full GAD step / frozen-reward step, per token",
+        "gad_lora_over_gad_s_per_step": "LoRA GAD step / full-parameter GAD step, time",
+        "gad_single_over_gad_s_per_step": "single-base LoRA GAD / full-parameter GAD, time",
+        "gad_lora_over_gad_peak_rss": "LoRA GAD / full-parameter GAD, peak RSS",
+        "gad_single_over_gad_peak_rss": "single-base LoRA GAD / full-parameter GAD, peak RSS",
+        "gad_single_over_gad_peak_gpu": "single-base LoRA GAD / full-parameter GAD, peak GPU",
+    }
+    lines.append("")
+    lines += [f"* {named[k]}: **{fmt(v)}**" for k, v in ratios.items()]
     lines += [
-        "",
-        "* ours / TRL, generated tokens/s: "
-        f"**{fmt(ratios['ours_over_trl_generated_tokens_per_s'])}**; trained tokens/s: "
-        f"**{fmt(ratios['ours_over_trl_trained_tokens_per_s'])}**",
-        f"* full GAD step / frozen-reward step, time per step: "
-        f"**{fmt(ratios['gad_over_ours_s_per_step'])}**; time per trained token: "
-        f"{fmt(ratios['gad_over_ours_s_per_trained_token'])}",
         "",
         "| round | system | s/step | trained tok/s | peak RSS MiB |",
         "|---:|---|---:|---:|---:|",
@@ -721,6 +757,9 @@ def markdown(args: argparse.Namespace, env: dict[str, Any], summary: dict[str, A
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="runs of each system")
+    parser.add_argument(
+        "--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to run"
+    )
     parser.add_argument("--steps", type=int, default=2, help="steps per run; the first is warm-up")
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--n", type=int, default=4, help="samples per prompt (the GRPO group)")
@@ -728,6 +767,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kl-coef",
+        type=float,
+        default=0.0,
+        help="KL β; above 0 every system holds a reference model (the memory comparison)",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", default="smollm2-135m", help="built-in name or HF folder")
     source.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape")
@@ -795,7 +840,8 @@ def main(argv: list[str] | None = None) -> None:
         assets = prepare_assets(args, work / "assets")
         runs = []
         for round_ in range(args.rounds):
-            order = SYSTEMS[round_ % 3 :] + SYSTEMS[: round_ % 3]
+            k = round_ % len(args.systems)
+            order = args.systems[k:] + args.systems[:k]
             runs += [run_child(args, assets, system, round_, work) for system in order]
     # TRL tokenises the prompts itself: equal prompt tokens per step say it got our prompts.
     same_prompts = all(
