@@ -33,7 +33,9 @@ discriminator's only, then the GAD stage), `gad_equal_exposure` (the same from S
 checkpoint: both saw k epochs of teacher data), `whitebox` (context setting: on-policy
 distillation with the teacher's exact log-probs under the hidden context, from SeqKD: the
 ceiling), the stabilisers `gad_replay`, `gad_lenpen`, `gad_clip`, `gad_tokenmean` (GAD with
-one setting on; first seed only unless `--stabiliser-seeds all`), `offpolicy` (optional).
+one setting on; first seed only unless `--stabiliser-seeds all`), `offpolicy` (optional),
+`gad_lora` (optional: `gad` with single-base LoRA, rank `--lora-rank`, alpha 2x rank, both
+learning rates x `--lora-lr-scale`, its own discriminator warmup from the same SeqKD model).
 The first seed of the context setting also runs the long GAD run (`--long-steps`, held-out
 evaluation every `--curve-every` steps; `gad_long` is its end, `gad_selected` the product's
 model selection on the validation prompts, and its step-`--gad-steps` checkpoint is that seed's
@@ -89,7 +91,7 @@ STABILISERS: dict[str, dict[str, Any]] = {
     "gad_tokenmean": {"loss_agg": "token-mean"},
 }
 GAD_FAMILY = ("gad", "gad_equal_exposure", *STABILISERS)
-ALL_METHODS = ("seqkd", *GAD_FAMILY, "whitebox", "offpolicy")
+ALL_METHODS = ("seqkd", *GAD_FAMILY, "whitebox", "offpolicy", "gad_lora")
 DEFAULT_METHODS = ("seqkd", *GAD_FAMILY, "whitebox")
 METRICS = ("reverse_kl", "forward_kl", "teacher_logp", "length", "finished", "train_s")
 # Fields of GADConfig the methods need beyond the v1 API (issue 12); checked before any work.
@@ -529,6 +531,25 @@ def train_seed(
         stats = stage_stats(run / "gad_equal_exposure" / "gad")
         systems["gad_equal_exposure"] = Trained(str(final), seqkd_s * (k - 1) / k + s, stats)
 
+    if "gad_lora" in methods:
+        # Single-base LoRA: the SeqKD model is the frozen base of every role; the discriminator
+        # is an adapter and head on it, so it needs its own warmup (the same length as gad's).
+        scale, rank = args.lora_lr_scale, args.lora_rank
+        config = gad_config(
+            args,
+            data_file,
+            str(seqkd_final),
+            run / "gad_lora",
+            seed,
+            lora_rank=rank,
+            lora_alpha=2.0 * rank,
+            single_base=True,
+        )
+        config = dataclasses.replace(config, lr=args.gad_lr * scale, d_lr=args.d_lr * scale)
+        final, s = timed(gad_stage.train, dataclasses.replace(config, stage="all"))
+        stats = stage_stats(run / "gad_lora" / "gad")
+        systems["gad_lora"] = Trained(str(final), seqkd_s + s, stats)
+
     if "whitebox" in methods and setting == "context":
         config = gad_config(
             args,
@@ -841,6 +862,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gad-lr", type=float, default=1e-5, help="GAD stage and white-box generator")
     add("--d-lr", type=float, default=5e-5, help="discriminator")
     add("--keep-models", action="store_true", help="keep every run's weights (GBs per run)")
+    add("--lora-rank", type=int, default=16, help="gad_lora: adapter rank")
+    add("--lora-lr-scale", type=float, default=10.0, help="gad_lora: x both learning rates")
     add("--stabiliser-seeds", choices=("first", "all"), default="first")
     add("--cross-seeds", type=int, nargs="+", default=[0], help="cross-tokenizer seeds")
     add("--cross-methods", nargs="+", choices=ALL_METHODS, default=["seqkd", "gad"])

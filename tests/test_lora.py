@@ -241,3 +241,71 @@ def test_lora_settings_out_of_range_or_unknown_modules_are_named(tiny_dir, recor
         sft.train(
             sft_config(tiny_dir, records_file, tmp_path / "c", lora_target_modules="no_such_proj")
         )
+
+
+def test_single_base_two_processes_match_one(tiny_dir, records_file, tmp_path):
+    """torchrun with 2 CPU processes: the adapters start equal on every process (drawn from the
+    seed, not the per-process stream) and their gradients are averaged, so the losses equal the
+    1-process run's."""
+    from launch import train_in_processes
+
+    values = dict(
+        data=str(records_file),
+        model=str(tiny_dir),
+        batch_prompts=4,
+        n_samples=4,
+        micro_batch_size=4,
+        max_response_tokens=8,
+        warmup_epochs=0.5,
+        warmup_d_only_steps=1,
+        epochs=100.0,
+        max_steps=2,
+        lr=1e-2,
+        d_lr=1e-2,
+        kl_coef=0.1,
+        mixed_precision="no",
+        save_every=0,
+        per_prompt_seeds=True,
+        single_base=True,
+        **LORA,
+    )
+    train_in_processes(tmp_path, "gad", values | {"output_dir": str(tmp_path / "one")}, 1, 0)
+    train_in_processes(tmp_path, "gad", values | {"output_dir": str(tmp_path / "two")}, 2, 29537)
+    for stage, keys in (
+        ("warmup", ("d/loss", "g/sft_loss")),
+        ("gad", ("d/loss", "reward/mean", "g/loss", "g/kl")),
+    ):
+        r1, r2 = read_metrics(tmp_path / "one" / stage), read_metrics(tmp_path / "two" / stage)
+        assert len(r1) == len(r2) > 0
+        for a, b in zip(r1, r2, strict=True):
+            for key in keys:
+                if key in a:
+                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (stage, key)
+
+
+def test_a_full_parameter_warmup_is_not_continued_as_lora(tiny_dir, records_file, tmp_path):
+    out = tmp_path / "run"
+    gad_stage.train(gad_config(tiny_dir, records_file, out, stage="warmup", lora_rank=0))
+    with pytest.raises(cfg.ConfigError, match="without LoRA"):
+        gad_stage.train(gad_config(tiny_dir, records_file, out, stage="gad"))
+
+
+def test_frozen_reference_runs_without_dropout(tiny_dir, tmp_path):
+    config = cfg.GADConfig(**LORA, lora_dropout=0.5)
+    adapters, tokenizer = lora.base_adapters(str(tiny_dir))
+    policy = lora.policy(adapters, config, None)
+    with torch.no_grad():
+        for p in adapters.named_parameters("policy"):
+            p[1].add_(0.1)  # B = 0 would hide the dropout
+    adapters.save_adapter("policy", tmp_path / "entry")
+    reference = lora.frozen_reference(adapters, tmp_path / "entry")
+    input_ids, mask = batch_of(tokenizer, ["The sky is blue today."])
+    policy.train()
+    with torch.no_grad():
+        a = reference(input_ids=input_ids, attention_mask=mask).logits
+        b = reference(input_ids=input_ids, attention_mask=mask).logits
+        c = policy(input_ids=input_ids, attention_mask=mask).logits
+        d = policy(input_ids=input_ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+    assert not torch.equal(c, d)  # the trained role does use its dropout
+    assert adapters.peft.training

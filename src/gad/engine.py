@@ -296,19 +296,21 @@ def optimizer_step(
 
 
 def average_gradients(model: Any) -> None:
-    """Average `model`'s gradients over processes in one flat all-reduce (what DDP does)."""
+    """Average `model`'s gradients over processes in one flat all-reduce (what DDP does); a
+    parameter no process computed a gradient for keeps none, as on one process."""
     params = list(model.parameters())
-    for p in params:
-        if p.grad is None:  # every process must send the same layout, used or not
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    )
+    had = torch.tensor([float(p.grad is not None) for p in params], device=flat.device)
     torch.distributed.all_reduce(flat)
+    torch.distributed.all_reduce(had, op=torch.distributed.ReduceOp.MAX)
     flat /= torch.distributed.get_world_size()
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for p, used in zip(params, had.tolist(), strict=True):
+        grad = flat[offset : offset + p.numel()].view_as(p)
+        p.grad = grad.clone() if used else None
+        offset += p.numel()
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}

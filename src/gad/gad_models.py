@@ -127,6 +127,7 @@ def _adapter_models(
     config: cfg.GADConfig, init: StageInit, accelerator: Any, resume_from: Path | None
 ) -> Models:
     """Adapters on frozen bases: one base for every role (`single_base`), else one each."""
+    lora.check_accelerator(accelerator)
     adapters, tokenizer = lora.base_adapters(config.model)
     adapters.autocast = accelerator.autocast
     g_folder = resume_from if resume_from is not None else init.generator_adapter
@@ -144,7 +145,7 @@ def _adapter_models(
         if config.single_base:
             d_adapters, d_tokenizer = adapters, tokenizer
         else:
-            d_adapters, d_tokenizer = lora.base_adapters(init.discriminator or config.model)
+            d_adapters, d_tokenizer = lora.base_adapters(config.discriminator or config.model)
             d_adapters.autocast = accelerator.autocast
         d = lora.scorer(d_adapters, config, d_source, seed=config.seed, trainable=init.d_trainable)
         d.config.pad_token_id = engine.pad_id_of(d_tokenizer)

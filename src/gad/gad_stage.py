@@ -243,6 +243,11 @@ def _gad_init(config: cfg.GADConfig, accelerator: Any) -> StageInit:
         d_kwargs["discriminator"] = config.discriminator or config.model
     optimizers = out / "warmup" / OPTIMIZERS_FILE
     g_adapter = lora.adapter_folder(warm) if lora.enabled(config) and warm.exists() else None
+    if lora.enabled(config) and warm.exists() and g_adapter is None:
+        raise cfg.ConfigError(
+            f"{warm} was trained without LoRA: run the warmup with the same lora_rank, or this "
+            "stage with lora_rank 0"
+        )
     d_adapter = None
     if lora.enabled(config) and "discriminator_folder" in d_kwargs and not frozen_reward(config):
         d_adapter = lora.adapter_folder(warm / "discriminator")

@@ -24,8 +24,9 @@ adapter in `final/adapter/`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ def peft_config(config: Any) -> Any:
 
     names = config.lora_target_modules.strip()
     targets: str | list[str] = (
-        "all-linear" if names == "all-linear" else [n.strip() for n in names.split(",") if n]
+        "all-linear"
+        if names == "all-linear"
+        else [n.strip() for n in names.split(",") if n.strip()]
     )
     return LoraConfig(
         r=config.lora_rank,
@@ -87,7 +90,15 @@ class Adapters:
     # -------------------------------------------------------------- building
     def add(self, name: str, config: Any, *, folder: Path | None, trainable: bool) -> None:
         """Adapter `name`: loaded from `folder` when given, else fresh from `config` (B = 0,
-        so a fresh adapter starts as the base)."""
+        so a fresh adapter starts as the base; A drawn from `config.seed` and the name, the same
+        on every process, and the global random stream is left as it was)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(getattr(config, "seed", 0) * 7919 + sum(map(ord, name)))
+            self._add(name, config, folder=folder, trainable=trainable)
+        if trainable and not self.named_parameters(name):
+            raise ConfigError(f"LoRA adapter '{name}' has no parameters: check lora_target_modules")
+
+    def _add(self, name: str, config: Any, *, folder: Path | None, trainable: bool) -> None:
         from peft import PeftModel, get_peft_model
 
         try:
@@ -98,6 +109,7 @@ class Adapters:
             elif folder is not None:
                 self.peft.load_adapter(folder, adapter_name=name, is_trainable=trainable)
             elif self.peft is None:
+                _check_targets(self._base, config)
                 self.peft = get_peft_model(self._base, peft_config(config), adapter_name=name)
             else:
                 self.peft.add_adapter(name, peft_config(config))
@@ -110,15 +122,15 @@ class Adapters:
         self._fix_grads()
 
     def named_parameters(self, name: str) -> list[tuple[str, torch.nn.Parameter]]:
-        """The parameters of adapter `name` (peft names them `...lora_A.<name>.weight`)."""
-        marker = f".{name}."
-        return [(n, p) for n, p in self.peft.named_parameters() if "lora_" in n and marker in n]
+        """The parameters of adapter `name` (peft names them `...lora_A.<name>.weight`, or
+        `...lora_embedding_A.<name>` on an embedding)."""
+        return [(n, p) for n, p in self.peft.named_parameters() if _belongs(n, name)]
 
     # -------------------------------------------------------------- running
     def activate(self, name: str | None) -> AbstractContextManager[Any]:
         """Make adapter `name` the active one (None: the bare base, inside the context)."""
         if name is None:
-            return self.peft.disable_adapter()
+            return self._bare()
         if name != self._active:
             self.peft.set_adapter(name)
             self._active = name
@@ -126,9 +138,16 @@ class Adapters:
             self._fix_grads()
         return nullcontext()
 
+    @contextmanager
+    def _bare(self) -> Iterator[None]:
+        with self.peft.disable_adapter():
+            yield
+        # Leaving it, peft re-activates its active adapter and re-toggles requires_grad.
+        self._fix_grads()
+
     def _fix_grads(self) -> None:
         for n, p in self.peft.named_parameters():
-            p.requires_grad_("lora_" in n and any(f".{a}." in n for a in self.trainable))
+            p.requires_grad_(any(_belongs(n, a) for a in self.trainable))
 
     def backbone(self) -> Any:
         """The base's transformer without its LM head (Llama/Qwen2: `model.model`)."""
@@ -147,6 +166,43 @@ class Adapters:
             {k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / _WEIGHTS_FILE
         )
         self.peft.peft_config[name].save_pretrained(str(folder))
+
+
+def _check_targets(model: Any, config: Any) -> None:
+    """Every name in `lora_target_modules` must name modules of the model (peft only refuses
+    a list none of whose names match, so a misspelt one would be dropped silently)."""
+    names = peft_config(config).target_modules
+    if isinstance(names, str):
+        return
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = sorted(set(names) - leaves)
+    if missing:
+        raise ConfigError(
+            f"lora_target_modules: {', '.join(missing)} name no module of the model (it has "
+            f"e.g. {', '.join(sorted(x for x in leaves if x.endswith('proj'))[:8])})"
+        )
+
+
+def _belongs(param_name: str, adapter: str) -> bool:
+    return (
+        "lora_" in param_name
+        and re.search(rf"\.{re.escape(adapter)}(\.|$)", param_name) is not None
+    )
+
+
+@contextmanager
+def _frozen_call(adapters: Adapters, adapter: str | None) -> Iterator[None]:
+    """A frozen role (the reference, a frozen scorer) runs without dropout, whatever mode the
+    shared base is in for the trained roles."""
+    peft = adapters.peft
+    if adapter in adapters.trainable or not peft.training:
+        yield
+        return
+    peft.eval()
+    try:
+        yield
+    finally:
+        peft.train()
 
 
 class LMView(torch.nn.Module):
@@ -183,12 +239,14 @@ class LMView(torch.nn.Module):
         return self
 
     def forward(self, **kwargs: Any) -> Any:
-        with self.adapters.activate(self.adapter), self.adapters.autocast():
-            return self.adapters.peft(**kwargs)
+        a = self.adapters
+        with a.activate(self.adapter), _frozen_call(a, self.adapter), a.autocast():
+            return a.peft(**kwargs)
 
     def generate(self, **kwargs: Any) -> Any:
-        with self.adapters.activate(self.adapter), self.adapters.autocast():
-            return self.adapters.peft.generate(**kwargs)
+        a = self.adapters
+        with a.activate(self.adapter), _frozen_call(a, self.adapter), a.autocast():
+            return a.peft.generate(**kwargs)
 
     def save_pretrained(self, folder: str | Path, **_: Any) -> None:
         """The adapter (checkpoints); `save_merged` writes the merged model."""
@@ -224,8 +282,9 @@ class ScalarView(torch.nn.Module):
 
     def forward(self, **kwargs: Any) -> Any:
         kwargs.pop("output_hidden_states", None)
-        with self.adapters.activate(self.adapter), self.adapters.autocast():
-            return self.adapters.backbone()(**kwargs, output_hidden_states=True)
+        a = self.adapters
+        with a.activate(self.adapter), _frozen_call(a, self.adapter), a.autocast():
+            return a.backbone()(**kwargs, output_hidden_states=True)
 
     def save_pretrained(self, folder: str | Path, **_: Any) -> None:
         """The adapter and the head (`score.safetensors`)."""
@@ -237,6 +296,16 @@ class ScalarView(torch.nn.Module):
 
 
 # ------------------------------------------------------------------ building the roles
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """LoRA views are not wrapped by accelerate, so they run data-parallel only."""
+    kind = str(getattr(accelerator, "distributed_type", "")).upper()
+    if "FSDP" in kind or "DEEPSPEED" in kind:
+        raise ConfigError(
+            "lora_rank > 0 runs data-parallel only: FSDP and DeepSpeed sharding of LoRA runs is "
+            "not supported yet; launch without an FSDP/DeepSpeed config (or set lora_rank 0)"
+        )
 
 
 def new_head(base_config: Any, seed: int) -> torch.nn.Linear:
@@ -317,15 +386,18 @@ def save_merged(view: LMView | ScalarView, folder: Path, tokenizer: Any) -> None
     adapter_dir = folder / ADAPTER_DIR
     view.save_pretrained(adapter_dir)
     source = view.adapters.base_source
-    if isinstance(view, ScalarView):
-        fresh = AutoModelForSequenceClassification.from_pretrained(
-            models.resolve(source),
-            num_labels=1,
-            pad_token_id=view.config.pad_token_id,
-            local_files_only=True,
-        )
-    else:
-        fresh, _ = models.load(source, device="cpu")
+    # A fresh head is drawn when the folder loads (then overwritten): not from the run's stream.
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(view, ScalarView):
+            fresh = AutoModelForSequenceClassification.from_pretrained(
+                models.resolve(source),
+                num_labels=1,
+                pad_token_id=view.config.pad_token_id,
+                dtype=torch.float32,
+                local_files_only=True,
+            )
+        else:
+            fresh, _ = models.load(source, device="cpu")
     merged = PeftModel.from_pretrained(fresh, adapter_dir).merge_and_unload()
     if isinstance(view, ScalarView):
         merged.score.load_state_dict(view.score.state_dict())

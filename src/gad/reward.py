@@ -247,6 +247,7 @@ def train(config: cfg.RewardConfig) -> Path:
     total = min(len(plan), config.max_steps) if config.max_steps else len(plan)
     optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, (0.9, 0.999))
     if isinstance(model, lora.ScalarView):
+        lora.check_accelerator(accelerator)
         model.adapters.autocast = accelerator.autocast
         optimizer = accelerator.prepare(optimizer)  # accelerate does not wrap adapter views
     else:

@@ -106,6 +106,7 @@ def _setup(
     )
     if lora.enabled(config):
         # A frozen base from `model` and the adapter: the checkpoint's on resume, else fresh.
+        lora.check_accelerator(accelerator)
         adapters, tokenizer = lora.base_adapters(config.model)
         adapters.autocast = accelerator.autocast
         model = lora.policy(adapters, config, resume_from)
