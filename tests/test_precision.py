@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from gad import config as cfg
 from gad import precision, sft
@@ -104,3 +105,45 @@ def test_machine_names_what_a_figure_depends_on():
     info = precision.machine()
     assert {"cpu", "cpu_flags", "torch_cpu_capability", "threads", "torch"} <= set(info)
     assert set(info["cpu_flags"]) <= set(precision.CPU_FLAGS)
+
+
+def test_casting_weights_once_is_bit_for_bit_autocast(tiny_dir):
+    """The rollout's fast path (bf16 weights cast once per generate) samples exactly what
+    autocast's per-call casts sample, for a full model and for a LoRA view."""
+    from gad import config as cfg
+    from gad import data, lora, models
+    from gad.rollout import Sampling, TransformersRollout
+
+    model, tokenizer = models.load(str(tiny_dir))
+    forward = model.forward
+
+    def autocast_forward(*args, **kwargs):  # what accelerate's prepare does with bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
+    adapters, _ = lora.base_adapters(str(tiny_dir))
+    adapters.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    view = lora.policy(adapters, cfg.GADConfig(lora_rank=4), None)
+    with torch.no_grad():
+        for _, p in adapters.named_parameters("policy"):
+            p.add_(0.05)  # a non-zero adapter
+    prompts = [data.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in "ab"]
+    ids = torch.tensor([prompts[0]])
+    for m in (model, view):
+        with torch.no_grad():
+            plain = m(input_ids=ids).logits
+            with precision.cast_weights_once(m, torch.bfloat16):
+                fast = m(input_ids=ids).logits
+        assert torch.equal(plain, fast)
+        samples = []
+        for dtype in (None, torch.bfloat16):
+            torch.manual_seed(0)
+            rollout = TransformersRollout(m, tokenizer, batch_size=4, autocast_dtype=dtype)
+            groups = rollout.generate(prompts, 2, Sampling(1.0, 1.0, 12))
+            samples.append([c.token_ids for g in groups for c in g])
+        assert samples[0] == samples[1]
+    # Outside autocast the layers run as usual (no dtype mismatch).
+    plain_model, _ = models.load(str(tiny_dir))
+    with torch.no_grad(), precision.cast_weights_once(plain_model, torch.bfloat16):
+        assert plain_model(input_ids=ids).logits.dtype == torch.float32

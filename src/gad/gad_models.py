@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from gad import checkpoint, discriminator, engine, lora, models
+from gad import checkpoint, discriminator, engine, lora, models, precision
 from gad import config as cfg
 from gad.gad_state import Models, StageInit
 from gad.rollout import TransformersRollout
@@ -201,7 +201,12 @@ def load_models(
         m = _full_models(config, init, accelerator, resume_from)
     checkpoint.check_space(run_dir, m.generator, *([m.discriminator] if m.discriminator else []))
     unwrapped = accelerator.unwrap_model(m.generator)
-    m.rollout = TransformersRollout(unwrapped, m.tokenizer, batch_size=config.generation_batch_size)
+    m.rollout = TransformersRollout(
+        unwrapped,
+        m.tokenizer,
+        batch_size=config.generation_batch_size,
+        autocast_dtype=precision.autocast_dtype(config.mixed_precision),
+    )
     return m
 
 

@@ -233,6 +233,10 @@ class LMView(torch.nn.Module):
         # The device probe (`next(model.parameters())`) must work for the bare base too.
         return iter(own or [next(base.parameters())])
 
+    def modules(self) -> Iterator[torch.nn.Module]:  # type: ignore[override]
+        """The modules this view runs: the shared base's (its rollout casts their weights)."""
+        return self.adapters.peft.modules()
+
     def train(self, mode: bool = True) -> LMView:
         super().train(mode)
         self.adapters.peft.train(mode)

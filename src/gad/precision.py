@@ -13,7 +13,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,51 @@ def apply(config: Any) -> tuple[Any, Choice]:
         if choice.warning:
             console.print(f"[yellow]warning: {choice.warning}[/]")
     return dataclasses.replace(config, mixed_precision=choice.mixed_precision), choice
+
+
+def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved `mixed_precision` (None for `no`)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+
+@contextmanager
+def cast_weights_once(model: Any, dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside, every float32 `nn.Linear` of `model` that runs under `dtype` autocast multiplies
+    by a `dtype` copy of its weight made once on entry, instead of autocast casting the weight
+    again at every call.
+
+    That is exactly what autocast computes (the same rounding of the same weights, autocast's
+    output dtype), so results are bit for bit the same; only the casts are saved. It matters in
+    generation: each decoded token is one forward call, and for a small model re-casting every
+    weight costs about as much as the matmuls. The weights must not change inside (a rollout);
+    a tied LM head gets its own copy (its embedding keeps float32). A call outside autocast
+    runs the layer as usual; `dtype=None` does nothing.
+    """
+    if dtype is None:
+        yield
+        return
+    patched = []
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+                module.forward = _cast_once(module, dtype)  # type: ignore[method-assign]
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's forward
+
+
+def _cast_once(module: torch.nn.Linear, dtype: torch.dtype) -> Callable[..., Any]:
+    weight = module.weight.detach().to(dtype)
+    bias = None if module.bias is None else module.bias.detach().to(dtype)
+    plain = type(module).forward.__get__(module)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == dtype:
+            return torch.nn.functional.linear(x, weight, bias)
+        return plain(x)
+
+    return forward

@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from gad import data
+from gad import data, precision
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,20 @@ class TransformersRollout:
     """Batched `model.generate` with KV cache; prompts sorted by length to cut padding."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, batch_size: int = 16, eos_id: int | None = None
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        batch_size: int = 16,
+        eos_id: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        # The model runs under this autocast: its weights are cast once per `generate`, not at
+        # every decoded token (`precision.cast_weights_once`: the same numbers, bit for bit).
+        self.autocast_dtype = autocast_dtype
         # Generation stops where the chat template ends a turn, so a finished sample ends with
         # exactly the token a templated teacher answer ends with.
         self.eos_id = data.end_of_turn_id(tokenizer) if eos_id is None else eos_id
@@ -83,34 +92,47 @@ class TransformersRollout:
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
-        for batch in batches:
-            if seeds is not None:
-                torch.manual_seed(seeds[batch[0][0]])
-            width = max(len(prompts[i]) for i, _ in batch)
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (i, _) in enumerate(batch):
-                ids = prompts[i]
-                # Left padding: generation appends on the right of every row.
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention[row, width - len(ids) :] = 1
-            greedy = sampling.temperature <= 0
-            out = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None,
-                max_new_tokens=sampling.max_response_tokens,
-                eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id,
-                use_cache=True,
-            )
-            for row, (i, k) in enumerate(batch):
-                results[i][k] = self._completion(out[row, width:].tolist())
+        with precision.cast_weights_once(self.model, self.autocast_dtype):
+            for batch in batches:
+                self._generate_batch(prompts, batch, sampling, seeds, results, device)
         self.model.train(was_training)
         return results  # type: ignore[return-value]
+
+    def _generate_batch(
+        self,
+        prompts: list[list[int]],
+        batch: list[tuple[int, int]],
+        sampling: Sampling,
+        seeds: list[int] | None,
+        results: list[list[Completion | None]],
+        device: Any,
+    ) -> None:
+        """Generate one batch of (prompt, sample) jobs into `results`."""
+        if seeds is not None:
+            torch.manual_seed(seeds[batch[0][0]])
+        width = max(len(prompts[i]) for i, _ in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (i, _) in enumerate(batch):
+            ids = prompts[i]
+            # Left padding: generation appends on the right of every row.
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        greedy = sampling.temperature <= 0
+        out = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            max_new_tokens=sampling.max_response_tokens,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+        )
+        for row, (i, k) in enumerate(batch):
+            results[i][k] = self._completion(out[row, width:].tolist())
 
     def _completion(self, generated: list[int]) -> Completion:
         if self.eos_id in generated:
