@@ -47,7 +47,7 @@ TRL settings (GRPOConfig) and why:
   bf16 = (--dtype bf16), use_cpu = (--device cpu)
                                          float32 weights under bf16 autocast, as ours.
   gradient_checkpointing = False         TRL 1.x defaults to True; ours does not checkpoint.
-  optim = "adamw_torch", learning_rate = 1e-6, weight_decay = 0.01, max_grad_norm = 0.2,
+  optim = "adamw_torch_fused", learning_rate = 1e-6, weight_decay = 0.01, max_grad_norm = 0.2,
   lr_scheduler_type = "constant", warmup_steps = 0
                                          our optimizer (the Trainer, like ours, exempts biases
                                          and norms from weight decay).
@@ -352,7 +352,7 @@ def trl_config(s: Settings) -> Any:
         bf16=s.dtype == "bf16",
         use_cpu=s.device == "cpu",
         gradient_checkpointing=False,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # ours uses the fused AdamW too
         learning_rate=LR,
         weight_decay=WEIGHT_DECAY,
         max_grad_norm=MAX_GRAD_NORM,

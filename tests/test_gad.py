@@ -276,7 +276,9 @@ def test_two_processes_match_one(tiny_dir, teacher_file, tmp_path):
         for a, b in zip(r1, r2, strict=True):
             for key in keys:
                 if key in a:
-                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (stage, key)
+                    # The policy loss is a mean of zero-mean advantages times ratios of 1: zero
+                    # up to float noise (~1e-6), whose summation order differs across processes.
+                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (stage, key)
 
 
 # ------------------------------------------------------------------ GAD moves the student

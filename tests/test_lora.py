@@ -280,7 +280,9 @@ def test_single_base_two_processes_match_one(tiny_dir, records_file, tmp_path):
         for a, b in zip(r1, r2, strict=True):
             for key in keys:
                 if key in a:
-                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (stage, key)
+                    # The policy loss is a mean of zero-mean advantages times ratios of 1: zero
+                    # up to float noise (~1e-6), whose summation order differs across processes.
+                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (stage, key)
 
 
 def test_a_full_parameter_warmup_is_not_continued_as_lora(tiny_dir, records_file, tmp_path):

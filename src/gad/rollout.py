@@ -118,21 +118,10 @@ class TransformersRollout:
             # Left padding: generation appends on the right of every row.
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
-        greedy = sampling.temperature <= 0
-        out = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None,
-            max_new_tokens=sampling.max_response_tokens,
-            eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id,
-            use_cache=True,
-        )
+        ids, mask = input_ids.to(device), attention.to(device)
+        out = decode(self.model, ids, mask, sampling, self.eos_id, self.pad_id)
         for row, (i, k) in enumerate(batch):
-            results[i][k] = self._completion(out[row, width:].tolist())
+            results[i][k] = self._completion(out[row].tolist())
 
     def _completion(self, generated: list[int]) -> Completion:
         if self.eos_id in generated:
@@ -141,3 +130,80 @@ class TransformersRollout:
             ids, reason = generated, "length"
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(token_ids=ids, text=text, finish_reason=reason)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def sample_next(logits_bv: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """One token per row from next-token logits: greedy at temperature 0, else softmax at the
+    temperature, cut to the nucleus `top_p` (the smallest set of top tokens holding that much
+    mass, as transformers' TopPLogitsWarper), drawn by inverting the CDF with one uniform per
+    row. [B, V] -> [B] long.
+
+    The inverse CDF is why this is not `torch.multinomial`: on a CPU that draws an exponential
+    variate for every vocabulary entry (49k per row per token for SmolLM2), which took a fifth
+    of a rollout's time.
+    """
+    if sampling.temperature <= 0:
+        return logits_bv.argmax(dim=-1)
+    probs_bv = torch.softmax(logits_bv.float() / sampling.temperature, dim=-1)
+    order_bv = None
+    if sampling.top_p < 1.0:
+        probs_bv, order_bv = probs_bv.sort(dim=-1, descending=True)
+        mass_before_bv = probs_bv.cumsum(dim=-1) - probs_bv
+        probs_bv = probs_bv * (mass_before_bv < sampling.top_p)
+    cdf_bv = probs_bv.cumsum(dim=-1)
+    u_b1 = torch.rand(cdf_bv.size(0), 1, device=cdf_bv.device) * cdf_bv[:, -1:]
+    index_b1 = torch.searchsorted(cdf_bv, u_b1, right=True).clamp(max=cdf_bv.size(1) - 1)
+    if order_bv is not None:
+        index_b1 = order_bv.gather(1, index_b1)
+    return index_b1.squeeze(1)
+
+
+@torch.no_grad()
+def decode(
+    model: Any,
+    input_ids_bt: torch.Tensor,
+    attention_bt: torch.Tensor,
+    sampling: Sampling,
+    eos_id: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Sample up to `max_response_tokens` new tokens for left-padded prompts with a KV cache:
+    one prefill, then one forward call per token, only the last position through the LM head.
+    Rows stop at `eos_id` (later positions hold `pad_id`). Returns the new ids, [B, T_new].
+
+    A plain loop rather than `model.generate`: the same forward calls without generate's
+    per-token machinery (logits processors, stopping criteria, cache bookkeeping), and the
+    sampler above.
+    """
+    batch = input_ids_bt.size(0)
+    positions_bt = (attention_bt.cumsum(dim=-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids_bt,
+        attention_mask=attention_bt,
+        position_ids=positions_bt,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    next_position_b1 = positions_bt[:, -1:] + 1  # left padding: the last column is real
+    done_b = torch.zeros(batch, dtype=torch.bool, device=input_ids_bt.device)
+    one_b1 = torch.ones((batch, 1), dtype=attention_bt.dtype, device=attention_bt.device)
+    new: list[torch.Tensor] = []
+    while True:
+        token_b = sample_next(out.logits[:, -1], sampling).masked_fill(done_b, pad_id)
+        new.append(token_b)
+        done_b |= token_b == eos_id
+        if len(new) >= sampling.max_response_tokens or bool(done_b.all()):
+            break
+        attention_bt = torch.cat([attention_bt, one_b1], dim=1)
+        out = model(
+            input_ids=token_b[:, None],
+            attention_mask=attention_bt,
+            position_ids=next_position_b1,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        next_position_b1 = next_position_b1 + 1
+    return torch.stack(new, dim=1)
