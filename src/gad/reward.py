@@ -245,13 +245,7 @@ def train(config: cfg.RewardConfig) -> Path:
     pad = tokenizer.pad_token_id
     plan = engine.batch_plan(n_items, config.epochs, config.global_batch_size, config.seed)
     total = min(len(plan), config.max_steps) if config.max_steps else len(plan)
-    optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, (0.9, 0.999))
-    if isinstance(model, lora.ScalarView):
-        lora.check_accelerator(accelerator)
-        model.adapters.autocast = accelerator.autocast
-        optimizer = accelerator.prepare(optimizer)  # accelerate does not wrap adapter views
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = _prepare(config, accelerator, model)
     start_step = 0
     if resume_from is not None:
         start_step = checkpoint.load_state(resume_from, optimizers={"reward_model": optimizer})[
@@ -333,6 +327,16 @@ def _load_model(config: cfg.RewardConfig, resume_from: Path | None, tokenizer: A
     model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     return model
+
+
+def _prepare(config: cfg.RewardConfig, accelerator: Any, model: Any) -> tuple[Any, Any]:
+    """The model and its AdamW, as accelerate runs them (a LoRA view is not wrapped)."""
+    optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, (0.9, 0.999))
+    if isinstance(model, lora.ScalarView):
+        lora.check_accelerator(accelerator)
+        model.adapters.autocast = accelerator.autocast
+        return model, accelerator.prepare(optimizer)
+    return accelerator.prepare(model, optimizer)
 
 
 def _print_data(counts: dict[str, Any], total: int, config: cfg.RewardConfig) -> None:

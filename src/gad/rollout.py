@@ -6,6 +6,7 @@ The training loop computes log-probs on exactly the ids returned here, never on 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -179,6 +180,7 @@ def decode(
     sampler above.
     """
     batch = input_ids_bt.size(0)
+    cache_kwarg = _cache_kwarg(model)
     positions_bt = (attention_bt.cumsum(dim=-1) - 1).clamp(min=0)
     out = model(
         input_ids=input_ids_bt,
@@ -202,8 +204,21 @@ def decode(
             input_ids=token_b[:, None],
             attention_mask=attention_bt,
             position_ids=next_position_b1,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **{cache_kwarg: _cache_of(out)},
         )
         next_position_b1 = next_position_b1 + 1
     return torch.stack(new, dim=1)
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache`."""
+    adapters = getattr(model, "adapters", None)  # a LoRA view runs its shared base
+    target = adapters.peft.get_base_model() if adapters is not None else model
+    params = inspect.signature(type(target).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
