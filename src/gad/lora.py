@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from gad import models
+from gad import models, precision
 from gad.config import ConfigError
 
 ADAPTER_DIR = "adapter"
@@ -252,10 +252,48 @@ class LMView(torch.nn.Module):
         with a.activate(self.adapter), _frozen_call(a, self.adapter), a.autocast():
             return a.peft.generate(**kwargs)
 
+    @contextmanager
+    def rollout_weights(self, dtype: torch.dtype | None) -> Iterator[None]:
+        """For a rollout (weights fixed inside): every adapted layer runs one matmul with its
+        merged weight, base + this adapter's delta, made once (in `dtype` when the rollout runs
+        under that autocast), instead of the base matmul plus the adapter's two; the other
+        layers' weights are cast once (`precision.cast_weights_once`). The same function up to
+        float rounding, at the speed of the plain model."""
+        from peft.tuners.lora import LoraLayer
+
+        patched = []
+        with torch.no_grad():
+            for module in self.adapters.peft.modules():
+                if isinstance(module, LoraLayer) and self.adapter in module.lora_A:
+                    base = module.get_base_layer()
+                    weight = base.weight + module.get_delta_weight(self.adapter)
+                    module.forward = _merged_forward(weight, base.bias, dtype)
+                    patched.append(module)
+        try:
+            with precision.cast_weights_once(self, dtype):
+                yield
+        finally:
+            for module in patched:
+                del module.forward
+
     def save_pretrained(self, folder: str | Path, **_: Any) -> None:
         """The adapter (checkpoints); `save_merged` writes the merged model."""
         if self.adapter is not None:
             self.adapters.save_adapter(self.adapter, Path(folder))
+
+
+def _merged_forward(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None
+) -> Callable[..., Any]:
+    weight = weight.to(dtype) if dtype is not None else weight
+    bias = None if bias is None else bias.detach().to(weight.dtype)
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.nn.functional.linear(x, weight, bias)
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+    return forward
 
 
 class ScalarView(torch.nn.Module):

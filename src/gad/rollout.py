@@ -93,7 +93,10 @@ class TransformersRollout:
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
-        with precision.cast_weights_once(self.model, self.autocast_dtype):
+        # A LoRA view merges its adapter for the rollout; a plain model casts its weights once.
+        fast = getattr(self.model, "rollout_weights", None)
+        weights = fast or (lambda dtype: precision.cast_weights_once(self.model, dtype))
+        with weights(self.autocast_dtype):
             for batch in batches:
                 self._generate_batch(prompts, batch, sampling, seeds, results, device)
         self.model.train(was_training)
