@@ -167,6 +167,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-6,
         attention_bias=True,
     ),
+    # The GPU memory comparison of issue 15 (three models against single-base LoRA).
+    "qwen2.5-7b": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        attention_bias=True,
+    ),
 }
 
 # The teacher answer our trainer's data format needs; cut at --max-new-tokens tokens.
