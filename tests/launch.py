@@ -37,6 +37,26 @@ def train_in_processes(folder: Path, kind: str, values: dict, nproc: int, port: 
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def assert_gad_runs_match(one: Path, two: Path) -> None:
+    """Two `gad train` runs of the same work (1 and 2 processes) logged the same losses."""
+    import pytest
+
+    from gad.tracking import read_metrics
+
+    for stage, keys in (
+        ("warmup", ("d/loss", "g/sft_loss")),
+        ("gad", ("d/loss", "reward/mean", "g/loss", "g/kl")),
+    ):
+        r1, r2 = read_metrics(one / stage), read_metrics(two / stage)
+        assert len(r1) == len(r2) > 0
+        for a, b in zip(r1, r2, strict=True):
+            for key in keys:
+                if key in a:
+                    # The policy loss is a mean of zero-mean advantages times ratios of 1: zero
+                    # up to float noise (~1e-6), whose summation order differs across processes.
+                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (stage, key)
+
+
 KILLABLE = """\
 import json, os, signal, sys
 import torch

@@ -254,7 +254,7 @@ def test_accuracy_warning_fires(tiny_dir, teacher_file, tmp_path):
 
 def test_two_processes_match_one(tiny_dir, teacher_file, tmp_path):
     """torchrun with 2 CPU processes: the first steps' losses equal the 1-process run's."""
-    from launch import train_in_processes
+    from launch import assert_gad_runs_match, train_in_processes
 
     values = gad_values(
         tiny_dir,
@@ -267,18 +267,7 @@ def test_two_processes_match_one(tiny_dir, teacher_file, tmp_path):
     )
     train_in_processes(tmp_path, "gad", values | {"output_dir": str(tmp_path / "one")}, 1, 0)
     train_in_processes(tmp_path, "gad", values | {"output_dir": str(tmp_path / "two")}, 2, 29527)
-    for stage, keys in (
-        ("warmup", ("d/loss", "g/sft_loss")),
-        ("gad", ("d/loss", "reward/mean", "g/loss", "g/kl")),
-    ):
-        r1, r2 = read_metrics(tmp_path / "one" / stage), read_metrics(tmp_path / "two" / stage)
-        assert len(r1) == len(r2) > 0
-        for a, b in zip(r1, r2, strict=True):
-            for key in keys:
-                if key in a:
-                    # The policy loss is a mean of zero-mean advantages times ratios of 1: zero
-                    # up to float noise (~1e-6), whose summation order differs across processes.
-                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (stage, key)
+    assert_gad_runs_match(tmp_path / "one", tmp_path / "two")
 
 
 # ------------------------------------------------------------------ GAD moves the student

@@ -285,7 +285,7 @@ def optimizer_step(
     for j, part in enumerate(parts):
         with accelerator.no_sync(model) if j < len(parts) - 1 else nullcontext():
             accelerator.backward(loss_of(part))
-    if accelerator.num_processes > 1 and isinstance(model, lora.LMView | lora.ScalarView):
+    if accelerator.num_processes > 1 and isinstance(model, lora.View):
         # LoRA views share their base, so accelerate does not wrap them in DDP: average here.
         average_gradients(model)
     clip = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf

@@ -205,8 +205,8 @@ def _frozen_call(adapters: Adapters, adapter: str | None) -> Iterator[None]:
         peft.train()
 
 
-class LMView(torch.nn.Module):
-    """The causal LM with one adapter active (`adapter=None`: the bare base)."""
+class View(torch.nn.Module):
+    """One role on an `Adapters`: its adapter, the shared base's config and train mode."""
 
     def __init__(self, adapters: Adapters, adapter: str | None) -> None:
         super().__init__()
@@ -217,6 +217,15 @@ class LMView(torch.nn.Module):
     @property
     def config(self) -> Any:
         return self.adapters.peft.get_base_model().config
+
+    def train(self, mode: bool = True) -> View:
+        super().train(mode)
+        self.adapters.peft.train(mode)
+        return self
+
+
+class LMView(View):
+    """The causal LM with one adapter active (`adapter=None`: the bare base)."""
 
     @property
     def generation_config(self) -> Any:
@@ -236,11 +245,6 @@ class LMView(torch.nn.Module):
     def modules(self) -> Iterator[torch.nn.Module]:  # type: ignore[override]
         """The modules this view runs: the shared base's (its rollout casts their weights)."""
         return self.adapters.peft.modules()
-
-    def train(self, mode: bool = True) -> LMView:
-        super().train(mode)
-        self.adapters.peft.train(mode)
-        return self
 
     def forward(self, **kwargs: Any) -> Any:
         a = self.adapters
@@ -269,8 +273,10 @@ class LMView(torch.nn.Module):
                     weight = base.weight + module.get_delta_weight(self.adapter)
                     module.forward = _merged_forward(weight, base.bias, dtype)
                     patched.append(module)
+        # The merged layers no longer call their base and adapter Linears: no copies of those.
+        inner = {sub for module in patched for sub in module.modules() if sub is not module}
         try:
-            with precision.cast_weights_once(self, dtype):
+            with precision.cast_weights_once(self, dtype, skip=inner):
                 yield
         finally:
             for module in patched:
@@ -296,19 +302,13 @@ def _merged_forward(
     return forward
 
 
-class ScalarView(torch.nn.Module):
+class ScalarView(View):
     """The backbone with one adapter active and a scalar head: a discriminator or reward model.
     `discriminator.scores` reads its final hidden state and its `score` head."""
 
     def __init__(self, adapters: Adapters, adapter: str, head: torch.nn.Linear) -> None:
-        super().__init__()
-        object.__setattr__(self, "adapters", adapters)
-        self.adapter = adapter
+        super().__init__(adapters, adapter)
         self.score = head
-
-    @property
-    def config(self) -> Any:
-        return self.adapters.peft.get_base_model().config
 
     def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:  # type: ignore[override]
         head = [(f"score.{n}", p) for n, p in self.score.named_parameters()]
@@ -316,11 +316,6 @@ class ScalarView(torch.nn.Module):
 
     def parameters(self, recurse: bool = True) -> Iterator[Any]:  # type: ignore[override]
         return (p for _, p in self.named_parameters())
-
-    def train(self, mode: bool = True) -> ScalarView:
-        super().train(mode)
-        self.adapters.peft.train(mode)
-        return self
 
     def forward(self, **kwargs: Any) -> Any:
         kwargs.pop("output_hidden_states", None)

@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,7 +212,9 @@ def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
 
 
 @contextmanager
-def cast_weights_once(model: Any, dtype: torch.dtype | None) -> Iterator[None]:
+def cast_weights_once(
+    model: Any, dtype: torch.dtype | None, skip: Collection[torch.nn.Module] = ()
+) -> Iterator[None]:
     """Inside, every float32 `nn.Linear` of `model` that runs under `dtype` autocast multiplies
     by a `dtype` copy of its weight made once on entry, instead of autocast casting the weight
     again at every call.
@@ -222,7 +224,8 @@ def cast_weights_once(model: Any, dtype: torch.dtype | None) -> Iterator[None]:
     generation: each decoded token is one forward call, and for a small model re-casting every
     weight costs about as much as the matmuls. The weights must not change inside (a rollout);
     a tied LM head gets its own copy (its embedding keeps float32). A call outside autocast
-    runs the layer as usual; `dtype=None` does nothing.
+    runs the layer as usual; `dtype=None` does nothing. Layers in `skip` are left alone (their
+    caller does not run them inside).
     """
     if dtype is None:
         yield
@@ -230,7 +233,8 @@ def cast_weights_once(model: Any, dtype: torch.dtype | None) -> Iterator[None]:
     patched = []
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+            linear = isinstance(module, torch.nn.Linear) and module not in skip
+            if linear and module.weight.dtype == torch.float32:
                 module.forward = _cast_once(module, dtype)  # type: ignore[method-assign]
                 patched.append(module)
     try:
