@@ -159,3 +159,42 @@ def test_casting_weights_once_is_bit_for_bit_autocast(tiny_dir):
     # The rollout undoes its patches: the adapter's own path is back.
     with torch.no_grad():
         assert torch.equal(view(input_ids=ids).logits.float(), unmerged)
+
+
+def test_training_attention_is_float32_sdpa_under_grad_and_plain_sdpa_otherwise(tiny_dir, tmp_path):
+    """Our `sdpa` (models.load gives it) computes a CPU bf16 training forward's attention in
+    float32 and is transformers' `sdpa` everywhere else: no-grad logits are bit for bit plain
+    sdpa's, a training forward's gradients are closer to a float32 run than plain sdpa's, and
+    the saved folder does not name it."""
+    from transformers import AutoModelForCausalLM
+
+    from gad import models
+
+    ours, _ = models.load(str(tiny_dir))
+    assert ours.config._attn_implementation == precision.TRAINING_ATTENTION
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa")
+    ours.train(), plain.train()
+    torch.manual_seed(0)
+    ids = torch.randint(0, ours.config.vocab_size, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # right padding: an explicit mask
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(
+            ours(input_ids=ids, attention_mask=mask).logits,
+            plain(input_ids=ids, attention_mask=mask).logits,
+        )
+
+    def grads(model, dtype):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits.float().log_softmax(-1)[..., 0] * mask).sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+    reference = grads(plain, None)
+    ours_bt, plain_bt = grads(ours, torch.bfloat16), grads(plain, torch.bfloat16)
+    assert not torch.equal(ours_bt, plain_bt)  # the float32 path ran
+    assert (ours_bt - reference).norm() < (plain_bt - reference).norm()
+    assert torch.allclose(ours_bt, reference, rtol=0.1, atol=0.1 * reference.abs().max())
+    ours.save_pretrained(tmp_path / "saved")
+    assert precision.TRAINING_ATTENTION not in (tmp_path / "saved" / "config.json").read_text()

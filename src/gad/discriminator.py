@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from gad import precision
+
 
 def build(init: str, *, pad_token_id: int, seed: int = 0) -> Any:
     """A discriminator whose backbone is the causal LM at `init` (built-in name or folder) and
@@ -29,6 +31,7 @@ def build(init: str, *, pad_token_id: int, seed: int = 0) -> Any:
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=1, pad_token_id=pad_token_id, local_files_only=True
     )
+    precision.use_training_attention(model)
     return model
 
 
@@ -36,7 +39,9 @@ def load(folder: str) -> Any:
     """A saved discriminator or reward model."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    precision.use_training_attention(model)
+    return model
 
 
 def position_ids_from_mask(attention_mask_bt: torch.Tensor) -> torch.Tensor:

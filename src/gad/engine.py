@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gad import data, discriminator, lora, losses
+from gad import data, discriminator, lora, losses, precision
 from gad.config import UserError
 
 console = Console(stderr=True)
@@ -207,11 +207,12 @@ def logprobs(
     example (L_i its response length), on the model's device, batched as `parts` say."""
     device = next(model.parameters()).device
     out: list[torch.Tensor] = [torch.empty(0)] * len(examples)
-    for idx in parts:
-        batch = on_device([examples[i] for i in idx], pad_id, device)
-        logp_bt, mask_bt, _ = response_logprobs(model, batch, temperature)
-        for row, i in enumerate(idx):
-            out[i] = logp_bt[row][mask_bt[row] != 0].float()
+    with frozen_weights(model, device):
+        for idx in parts:
+            batch = on_device([examples[i] for i in idx], pad_id, device)
+            logp_bt, mask_bt, _ = response_logprobs(model, batch, temperature)
+            for row, i in enumerate(idx):
+                out[i] = logp_bt[row][mask_bt[row] != 0].float()
     return out
 
 
@@ -223,11 +224,24 @@ def scores(model: Any, examples: list[data.Example], pad_id: int, batch_size: in
     model.eval()
     device = next(model.parameters()).device
     out = torch.zeros(len(examples), device=device)
-    for idx in length_sorted_chunks(examples, batch_size):
-        batch = on_device([examples[i] for i in idx], pad_id, device)
-        out[idx] = discriminator.scores(model, batch["input_ids"], batch["attention_mask"])
+    with frozen_weights(model, device):
+        for idx in length_sorted_chunks(examples, batch_size):
+            batch = on_device([examples[i] for i in idx], pad_id, device)
+            out[idx] = discriminator.scores(model, batch["input_ids"], batch["attention_mask"])
     model.train(was_training)
     return out
+
+
+def frozen_weights(model: Any, device: torch.device) -> Any:
+    """For a no-grad pass over several micro-batches on a CPU under low-precision autocast:
+    the model's weights cast once for the whole pass (`precision.cast_weights_once`, bit for
+    bit autocast's numbers) instead of once per micro-batch. A CPU only: there a cast of every
+    weight costs a tenth of a small model's forward, while on a GPU it is cheap and the
+    pass-long copies would add half the weights' memory (a 7B reference: 14 GB)."""
+    kind = device.type
+    if kind != "cpu" or not torch.is_autocast_enabled(kind):
+        return nullcontext()
+    return precision.cast_weights_once(model, torch.get_autocast_dtype(kind))
 
 
 # ----------------------------------------------------------------------------- optimizer

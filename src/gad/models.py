@@ -40,7 +40,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from gad import packages
+from gad import packages, precision
 from gad.packages import BUILTIN_MODELS, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -234,6 +234,7 @@ def load(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     model.eval()
+    precision.use_training_attention(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config.eos_token_id is None:
