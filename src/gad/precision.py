@@ -248,42 +248,14 @@ def _cast_once(module: torch.nn.Linear, dtype: torch.dtype) -> Callable[..., Any
     weight = module.weight.detach().to(dtype)
     bias = None if module.bias is None else module.bias.detach().to(dtype)
     plain = type(module).forward.__get__(module)
-    linear = _prepacked_linear(weight, bias) or (
-        lambda x: torch.nn.functional.linear(x, weight, bias)
-    )
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type
         if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == dtype:
-            return linear(x)
+            return torch.nn.functional.linear(x, weight, bias)
         return plain(x)
 
     return forward
-
-
-def _prepacked_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """On a CPU, the bf16 weight reordered once into oneDNN's blocked layout (what inductor's
-    freezing does), so a matmul does not reorder it again at every call: 30% less time per
-    matmul at a decode step's 16 rows on an AMX Xeon, no gain at hundreds of rows, and the
-    same numbers (the same kernel). None where the op is missing or refuses the weight."""
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
-        return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
-        probe = torch.zeros(1, weight.size(1), dtype=weight.dtype)
-        torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return None
-
-    def linear(x: torch.Tensor) -> torch.Tensor:
-        # oneDNN reads the input as dense: a strided view (the LM head's last-position slice)
-        # gives wrong numbers unless made contiguous.
-        x = x.to(weight.dtype).contiguous()
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-    return linear
 
 
 # ----------------------------------------------------------------------------- attention
