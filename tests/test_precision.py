@@ -198,3 +198,41 @@ def test_training_attention_is_float32_sdpa_under_grad_and_plain_sdpa_otherwise(
     assert torch.allclose(ours_bt, reference, rtol=0.1, atol=0.1 * reference.abs().max())
     ours.save_pretrained(tmp_path / "saved")
     assert precision.TRAINING_ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_frozen_passes_cast_weights_once_with_the_same_numbers(tiny_dir, monkeypatch):
+    """A no-grad pass over several micro-batches (reference log-probs, frozen scores) casts the
+    weights once on a CPU under autocast, and gives what per-micro-batch casts give, bit for bit."""
+    import contextlib
+
+    from gad import data, discriminator, engine, models
+
+    model, tokenizer = models.load(str(tiny_dir))
+    scorer = discriminator.build(str(tiny_dir), pad_token_id=tokenizer.pad_token_id, seed=0)
+    torch.manual_seed(0)
+    examples = [
+        data.Example(str(i), torch.randint(3, 60, (6 + i,)).tolist(), 4, False) for i in range(5)
+    ]
+    parts = engine.length_sorted_chunks(examples, 2)
+
+    def passes():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = engine.logprobs(model, examples, tokenizer.pad_token_id, parts, 0.8)
+            score = engine.scores(scorer, examples, tokenizer.pad_token_id, 2)
+        return logp, score
+
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with engine.frozen_weights(model, torch.device("cpu")):
+            assert "forward" in vars(linear)  # its weight cast once, for the whole pass
+    with engine.frozen_weights(model, torch.device("cpu")):
+        assert "forward" not in vars(linear)  # no autocast: nothing to cast
+    once = passes()
+    casts = []
+    monkeypatch.setattr(
+        engine, "frozen_weights", lambda m, d: casts.append(m) or contextlib.nullcontext()
+    )
+    per_micro = passes()
+    assert casts == [model, scorer]  # both passes went through it
+    assert all(torch.equal(a, b) for a, b in zip(once[0], per_micro[0], strict=True))
+    assert torch.equal(once[1], per_micro[1])

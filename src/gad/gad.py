@@ -19,6 +19,7 @@ health checks) is `gad_stage`; the held-out evaluation and model selection `sele
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -103,12 +104,18 @@ def update_d(
     teacher_p, student_b = torch.cat(seen["teacher"]), torch.cat(seen["student"])
     correct_pn = (teacher_p.unsqueeze(-1) > student_b.view(-1, n)).float()
     cut_pn = torch.tensor([e.truncated for e in students], device=correct_pn.device).view(-1, n)
+    # Split by the student's finish: a pinned accuracy on cut samples only is a length cue.
+    # Counted over all processes (each holds a different number of cut samples).
+    right_fin, n_fin, right_cut, n_cut = engine.reduce_sum(
+        accelerator,
+        [float(correct_pn[~cut_pn].sum()), float((~cut_pn).sum()),
+         float(correct_pn[cut_pn].sum()), float(cut_pn.sum())],
+    )  # fmt: skip
     stats = {
         "d/loss": sum(seen["loss"]) / len(teacher),
         "d/accuracy": losses.discriminator_accuracy(teacher_p, student_b.view(-1, n)).item(),
-        # Split by the student's finish: a pinned accuracy on cut samples only is a length cue.
-        "d/accuracy_finished": losses.masked_mean_or_nan(correct_pn, ~cut_pn),
-        "d/accuracy_cut": losses.masked_mean_or_nan(correct_pn, cut_pn),
+        "d/accuracy_finished": right_fin / n_fin if n_fin else math.nan,
+        "d/accuracy_cut": right_cut / n_cut if n_cut else math.nan,
         "d/teacher_score": teacher_p.mean().item(),
         "d/student_score": student_b.mean().item(),
         "d/grad_norm": result.grad_norm,
@@ -117,6 +124,17 @@ def update_d(
         stats["d/replay_loss"] = sum(seen["replay_loss"]) / extra
         stats["d/replay_pairs"] = float(extra)
     return student_b, stats
+
+
+def global_std(accelerator: Any, values_b: torch.Tensor) -> float:
+    """Sample standard deviation of `values_b` over all processes' values (0 for one value)."""
+    total, square, count = engine.reduce_sum(
+        accelerator,
+        [float(values_b.sum()), float((values_b.double() ** 2).sum()), values_b.numel()],
+    )
+    if count < 2:
+        return 0.0
+    return math.sqrt(max(0.0, (square - total * total / count) / (count - 1)))
 
 
 def ref_logprobs(config: cfg.GADConfig, accelerator: Any, m: Models, students: list) -> list:
@@ -373,7 +391,7 @@ def gad_step(stage: Stage, step: int, timer: PhaseTimer) -> dict[str, Any]:
             advantage_b = losses.group_advantages(reward_b.view(-1, n)).reshape(-1)
         row |= d_stats | {
             "reward/mean": reward_b.mean().item(),
-            "reward/std": reward_b.std().item() if reward_b.numel() > 1 else 0.0,
+            "reward/std": global_std(acc, reward_b),
             "advantage/mean": advantage_b.mean().item(),
         }
     with timer("update_g"):

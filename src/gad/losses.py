@@ -14,8 +14,6 @@ Conventions shared with verl (volcengine/verl, ``trainer/ppo/core_algos.py``):
   clamps: log-ratio to [-20, 20], k3 value to [-10, 10].
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -52,12 +50,6 @@ def masked_mean(
     count = mask.expand_as(x).sum(dim=dim)
     safe_count = torch.where(count > 0, count, torch.ones_like(count))
     return torch.where(count > 0, total / safe_count, torch.zeros_like(total))
-
-
-def masked_mean_or_nan(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """`masked_mean` as a float; NaN (not 0) when the mask selects nothing, so "no cut samples
-    this step" never reads as "accuracy 0 on cut samples"."""
-    return masked_mean(x, mask).item() if bool(mask.any()) else math.nan
 
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean")
