@@ -505,3 +505,12 @@ def test_sigkill_in_steps_and_checkpoint_writes_then_resume_is_bit_exact(
         assert same(a, b), f"{part or 'generator'} differs after the kills"
     rows = lambda run: [r["step"] for r in read_metrics(run / "gad")]  # noqa: E731
     assert rows(out) == rows(tmp_path / "clean") == [1, 2, 3, 4, 5]
+
+
+def test_global_std_is_the_sample_std():
+    from types import SimpleNamespace
+
+    one = SimpleNamespace(num_processes=1, device="cpu")
+    values = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    assert engine.global_std(one, values) == pytest.approx(values.std().item(), rel=1e-6)
+    assert engine.global_std(one, torch.tensor([3.0])) == 0.0

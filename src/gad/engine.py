@@ -128,6 +128,17 @@ def reduce_sum(accelerator: Any, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def global_std(accelerator: Any, values_b: torch.Tensor) -> float:
+    """Sample standard deviation of `values_b` over all processes' values (0 for one value)."""
+    total, square, count = reduce_sum(
+        accelerator,
+        [float(values_b.sum()), float((values_b.double() ** 2).sum()), values_b.numel()],
+    )
+    if count < 2:
+        return 0.0
+    return math.sqrt(max(0.0, (square - total * total / count) / (count - 1)))
+
+
 # ----------------------------------------------------------------------------- forward
 
 

@@ -106,11 +106,10 @@ def update_d(
     cut_pn = torch.tensor([e.truncated for e in students], device=correct_pn.device).view(-1, n)
     # Split by the student's finish: a pinned accuracy on cut samples only is a length cue.
     # Counted over all processes (each holds a different number of cut samples).
+    by_finish = [correct_pn[~cut_pn], correct_pn[cut_pn]]
     right_fin, n_fin, right_cut, n_cut = engine.reduce_sum(
-        accelerator,
-        [float(correct_pn[~cut_pn].sum()), float((~cut_pn).sum()),
-         float(correct_pn[cut_pn].sum()), float(cut_pn.sum())],
-    )  # fmt: skip
+        accelerator, [float(v) for x in by_finish for v in (x.sum(), x.numel())]
+    )
     stats = {
         "d/loss": sum(seen["loss"]) / len(teacher),
         "d/accuracy": losses.discriminator_accuracy(teacher_p, student_b.view(-1, n)).item(),
@@ -124,17 +123,6 @@ def update_d(
         stats["d/replay_loss"] = sum(seen["replay_loss"]) / extra
         stats["d/replay_pairs"] = float(extra)
     return student_b, stats
-
-
-def global_std(accelerator: Any, values_b: torch.Tensor) -> float:
-    """Sample standard deviation of `values_b` over all processes' values (0 for one value)."""
-    total, square, count = engine.reduce_sum(
-        accelerator,
-        [float(values_b.sum()), float((values_b.double() ** 2).sum()), values_b.numel()],
-    )
-    if count < 2:
-        return 0.0
-    return math.sqrt(max(0.0, (square - total * total / count) / (count - 1)))
 
 
 def ref_logprobs(config: cfg.GADConfig, accelerator: Any, m: Models, students: list) -> list:
@@ -391,7 +379,7 @@ def gad_step(stage: Stage, step: int, timer: PhaseTimer) -> dict[str, Any]:
             advantage_b = losses.group_advantages(reward_b.view(-1, n)).reshape(-1)
         row |= d_stats | {
             "reward/mean": reward_b.mean().item(),
-            "reward/std": global_std(acc, reward_b),
+            "reward/std": engine.global_std(acc, reward_b),
             "advantage/mean": advantage_b.mean().item(),
         }
     with timer("update_g"):
