@@ -272,9 +272,9 @@ def use_training_attention(model: Any) -> None:
     `FLOAT32_ATTENTION_MAX_KEYS` keys, where it computes attention in float32.
 
     Why: torch's CPU flash-attention backward is slow in bf16 on short sequences. On SmolLM2's
-    shapes (9 heads of 64, 8 sequences) its forward + backward took 12-16 ms per layer in bf16
-    and 3-8 ms in float32 at 64-128 keys, with float32 ahead up to ~320 keys and behind from
-    ~384; in a whole policy update it was a fifth of the time. Float32 attention is also closer
+    shapes (8 sequences, 9 heads of 64) its forward + backward took 2-3x as long in bf16 as in
+    float32 at 64-128 keys, about as long from 192 to 384 and longer at 512
+    (`benchmarks/attention_backward.py`); in a whole policy update it was a fifth of the time. Float32 attention is also closer
     to a float32 run (the bf16 rounding of scores and probabilities is skipped). Everything
     else is plain `sdpa`: no-grad forwards (rollouts, scoring, the reference) are bit for bit
     the same, and on a GPU nothing changes. Models with another implementation (eager, flash)
