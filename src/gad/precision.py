@@ -274,13 +274,16 @@ def use_training_attention(model: Any) -> None:
     Why: torch's CPU flash-attention backward is slow in bf16 on short sequences. On SmolLM2's
     shapes (8 sequences, 9 heads of 64) its forward + backward took 2-3x as long in bf16 as in
     float32 at 64-128 keys, about as long from 192 to 384 and longer at 512
-    (`benchmarks/attention_backward.py`); in a whole policy update it was a fifth of the time. Float32 attention is also closer
-    to a float32 run (the bf16 rounding of scores and probabilities is skipped). Everything
-    else is plain `sdpa`: no-grad forwards (rollouts, scoring, the reference) are bit for bit
-    the same, and on a GPU nothing changes. Models with another implementation (eager, flash)
-    keep it; the name is not saved with the model (transformers does not serialise it).
+    (`benchmarks/attention_backward.py`); in a whole policy update it was a fifth of the time.
+    Float32 attention is also closer to a float32 run (the bf16 rounding of scores and
+    probabilities is skipped). Everything else is plain `sdpa`: no-grad forwards (rollouts,
+    scoring, the reference) are bit for bit the same, and on a GPU nothing changes. Models with
+    another implementation (eager, flash) keep it; the name is not saved with the model
+    (transformers does not serialise it).
     """
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    if not hasattr(model, "set_attn_implementation"):  # an older transformers: plain sdpa
         return
     try:
         from transformers import AttentionInterface
@@ -288,7 +291,7 @@ def use_training_attention(model: Any) -> None:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:  # an older transformers: plain sdpa
         return
-    if TRAINING_ATTENTION not in AttentionInterface._global_mapping:
+    if TRAINING_ATTENTION not in AttentionInterface().valid_keys():
         AttentionInterface.register(TRAINING_ATTENTION, _training_sdpa(sdpa_attention_forward))
         AttentionMaskInterface.register(TRAINING_ATTENTION, sdpa_mask)
     model.set_attn_implementation(TRAINING_ATTENTION)
