@@ -184,15 +184,15 @@ def test_training_attention_is_float32_sdpa_under_grad_and_plain_sdpa_otherwise(
             plain(input_ids=ids, attention_mask=mask).logits,
         )
 
-    def grads(model, dtype):
+    def grads(model, bf16):
         model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=ids, attention_mask=mask).logits
         (logits.float().log_softmax(-1)[..., 0] * mask).sum().backward()
         return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
-    reference = grads(plain, None)
-    ours_bt, plain_bt = grads(ours, torch.bfloat16), grads(plain, torch.bfloat16)
+    reference = grads(plain, bf16=False)
+    ours_bt, plain_bt = grads(ours, bf16=True), grads(plain, bf16=True)
     assert not torch.equal(ours_bt, plain_bt)  # the float32 path ran
     assert (ours_bt - reference).norm() < (plain_bt - reference).norm()
     assert torch.allclose(ours_bt, reference, rtol=0.1, atol=0.1 * reference.abs().max())
@@ -205,10 +205,16 @@ def test_frozen_passes_cast_weights_once_with_the_same_numbers(tiny_dir, monkeyp
     weights once on a CPU under autocast, and gives what per-micro-batch casts give, bit for bit."""
     import contextlib
 
-    from gad import data, discriminator, engine, models
+    from gad import config as cfg
+    from gad import data, discriminator, engine, lora, models
 
     model, tokenizer = models.load(str(tiny_dir))
     scorer = discriminator.build(str(tiny_dir), pad_token_id=tokenizer.pad_token_id, seed=0)
+    adapters, _ = lora.base_adapters(str(tiny_dir))
+    lora_scorer = lora.scorer(adapters, cfg.GADConfig(lora_rank=4), None, seed=0)
+    with torch.no_grad():
+        for _, p in adapters.named_parameters("discriminator"):
+            p.add_(0.05)  # a non-zero adapter
     torch.manual_seed(0)
     examples = [
         data.Example(str(i), torch.randint(3, 60, (6 + i,)).tolist(), 4, False) for i in range(5)
@@ -219,12 +225,20 @@ def test_frozen_passes_cast_weights_once_with_the_same_numbers(tiny_dir, monkeyp
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logp = engine.logprobs(model, examples, tokenizer.pad_token_id, parts, 0.8)
             score = engine.scores(scorer, examples, tokenizer.pad_token_id, 2)
-        return logp, score
+            lora_score = engine.scores(lora_scorer, examples, tokenizer.pad_token_id, 2)
+        return logp, score, lora_score
 
-    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    def first_linear(m):
+        return next(x for x in m.modules() if isinstance(x, torch.nn.Linear))
+
+    linear = first_linear(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with engine.frozen_weights(model, torch.device("cpu")):
             assert "forward" in vars(linear)  # its weight cast once, for the whole pass
+        # A LoRA scorer's pass casts the shared backbone it runs, not only its head.
+        backbone_linear = first_linear(adapters.backbone())
+        with engine.frozen_weights(lora_scorer, torch.device("cpu")):
+            assert "forward" in vars(backbone_linear)
     with engine.frozen_weights(model, torch.device("cpu")):
         assert "forward" not in vars(linear)  # no autocast: nothing to cast
     once = passes()
@@ -233,6 +247,7 @@ def test_frozen_passes_cast_weights_once_with_the_same_numbers(tiny_dir, monkeyp
         engine, "frozen_weights", lambda m, d: casts.append(m) or contextlib.nullcontext()
     )
     per_micro = passes()
-    assert casts == [model, scorer]  # both passes went through it
+    assert casts == [model, scorer, lora_scorer]  # every pass went through it
     assert all(torch.equal(a, b) for a, b in zip(once[0], per_micro[0], strict=True))
     assert torch.equal(once[1], per_micro[1])
+    assert torch.equal(once[2], per_micro[2])

@@ -317,6 +317,12 @@ class ScalarView(View):
     def parameters(self, recurse: bool = True) -> Iterator[Any]:  # type: ignore[override]
         return (p for _, p in self.named_parameters())
 
+    def modules(self) -> Iterator[torch.nn.Module]:  # type: ignore[override]
+        """The modules this view runs: the shared backbone's and its head (a frozen pass casts
+        their weights once, `engine.frozen_weights`)."""
+        yield from self.adapters.backbone().modules()
+        yield from self.score.modules()
+
     def forward(self, **kwargs: Any) -> Any:
         kwargs.pop("output_hidden_states", None)
         a = self.adapters
