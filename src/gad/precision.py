@@ -309,9 +309,8 @@ def _training_sdpa(sdpa: Callable[..., Any]) -> Callable[..., Any]:
         kind = query.device.type
         low = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         short = key.size(-2) <= FLOAT32_ATTENTION_MAX_KEYS
-        if kind != "cpu" or low not in (torch.bfloat16, torch.float16) or not short:
-            return sdpa(module, query, key, value, attention_mask, **kwargs)
-        if not torch.is_grad_enabled():
+        training = torch.is_grad_enabled()
+        if kind != "cpu" or low not in (torch.bfloat16, torch.float16) or not short or not training:
             return sdpa(module, query, key, value, attention_mask, **kwargs)
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()
