@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "data_configs": 0,
     "tracking": 0,
     "losses": 0,
+    "mixture": 0,
     "checkpoint": 0,
     # 1 data and models
     "data": 1,
@@ -49,6 +50,7 @@ LAYERS: dict[str, int] = {
     "gad_state": 3,
     "gad_stage": 3,
     "gad_models": 3,
+    "whitebox": 3,
     "health": 3,
     "selection": 3,
     "reward": 3,
@@ -74,6 +76,7 @@ TRAINERS: dict[str, str] = {
     "gad_state": "gad",
     "gad_stage": "gad",
     "gad_models": "gad",
+    "whitebox": "gad",
     "health": "gad",
     "selection": "gad",
     "reward": "reward",

@@ -29,6 +29,7 @@ from gad import (
     health,
     labels,
     lora,
+    mixture,
     models,
     precision,
 )
@@ -100,9 +101,12 @@ def setup(
         )
     if config.method == "whitebox" and name == "gad":
         m.teacher = gad_models.load_teacher(config, m.tokenizer, accelerator)
-        context = gad_models.teacher_context(config.teacher_context)
+        stage.teacher_mixture = mixture.load(config.teacher_context)
         stage.teacher_prompts = [
-            data.encode_prompt(m.tokenizer, context + prepared.records[e.id].prompt)
+            [
+                data.encode_prompt(m.tokenizer, c.messages + prepared.records[e.id].prompt)
+                for c in stage.teacher_mixture
+            ]
             for e in prepared.examples
         ]
     if config.report_to != "none":
@@ -290,10 +294,10 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
         m.reward_model = rm.to(accelerator.device).eval().requires_grad_(False)
     held_out = None
     if config.eval_every:
-        teacher, context = None, gad_models.teacher_context(config.teacher_context)
+        teacher, contexts = None, mixture.load(config.teacher_context)
         if config.teacher_model:
             teacher = m.teacher or gad_models.load_teacher(config, m.tokenizer, accelerator)
-        held_out = HeldOut.load(stage, teacher, context, lambda f: save_generator(stage, f))
+        held_out = HeldOut.load(stage, teacher, contexts, lambda f: save_generator(stage, f))
 
     def step_fn(stage: Stage, step: int, timer: PhaseTimer) -> dict[str, Any]:
         row = gad.gad_step(stage, step, timer)
