@@ -80,15 +80,16 @@ def reference_logprobs(stage: Stage, examples: list[data.Example]) -> list[float
     its first update, in eval mode; with LoRA the bare base with the adapter disabled (a fresh
     adapter's B is zero, so that is the same function, and no adapter state can leak in)."""
     acc, m = stage.accelerator, stage.models
-    model = acc.unwrap_model(m.generator)
-    if isinstance(model, lora.LMView):
-        model = lora.frozen_reference(model.adapters, None)
-    was_training = model.training
-    model.eval()
+    generator = acc.unwrap_model(m.generator)
+    was_training = generator.training
+    generator.eval()
+    model = generator
+    if isinstance(generator, lora.LMView):
+        model = lora.frozen_reference(generator.adapters, None)
     parts = engine.length_sorted_chunks(examples, stage.config.micro_batch_size)
     with acc.autocast():
         rows = engine.logprobs(model, examples, engine.pad_id_of(m.tokenizer), parts, 1.0)
-    model.train(was_training)
+    generator.train(was_training)
     return [float(r.sum()) for r in rows]
 
 
