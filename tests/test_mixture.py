@@ -57,7 +57,9 @@ def test_next_token_distribution_equals_brute_force_enumeration(small_lm):
     log_w = torch.tensor([math.log(w) for w in weights], dtype=torch.float64)
     # The mixture's probability of every answer of LENGTH tokens, enumerated.
     joint = {
-        y: sum(w * math.exp(seq_logp(small_lm, c, y)) for w, c in zip(weights, CONTEXTS))
+        y: sum(
+            w * math.exp(seq_logp(small_lm, c, y)) for w, c in zip(weights, CONTEXTS, strict=True)
+        )
         for y in itertools.product(range(VOCAB), repeat=LENGTH)
     }
     assert sum(joint.values()) == pytest.approx(1.0)

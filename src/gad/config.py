@@ -344,6 +344,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "warmup_epochs": NON_NEGATIVE,
         "warmup_d_only_steps": NON_NEGATIVE,
         "offpolicy_d_epochs": NON_NEGATIVE,
+        "soda_beta": POSITIVE,
         "epochs": POSITIVE,
         "batch_prompts": AT_LEAST_1,
         "n_samples": AT_LEAST_1,
