@@ -357,6 +357,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "clip_eps": POSITIVE,
         "kl_coef": NON_NEGATIVE,
         "d_steps": AT_LEAST_1,
+        "d_update_every": AT_LEAST_1,
         "d_acc_warn": UNIT,
         "d_acc_warn_steps": AT_LEAST_1,
         "length_warn_ratio": POSITIVE,

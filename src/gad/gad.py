@@ -237,7 +237,7 @@ def score_and_update_d(
     config, acc, m, n = stage.config, stage.accelerator, stage.models, stage.config.n_samples
     d_students = _student_d_inputs(stage, indices, groups)
     d_rows: list[dict[str, float]] = []
-    if m.d_opt is not None:
+    if m.d_opt is not None and step % config.d_update_every == 0:
         with timer("update_d"):
             d_teacher = [stage.d_teacher[i] for i in indices]
             replayed = []
@@ -262,7 +262,8 @@ def score_and_update_d(
                 stage.replay = samples.replay_push(stage.replay, fresh, config.d_replay_size)
     else:
         with timer("score"), acc.autocast():
-            # A frozen scorer (reward model, off-policy D) needs only the samples' scores.
+            # A frozen scorer (reward model, off-policy D), or a discriminator between its
+            # updates (`d_update_every`), needs only the samples' scores.
             pad = engine.pad_id_of(m.d_tokenizer)
             reward_b = engine.scores(m.discriminator, d_students, pad, config.micro_batch_size)
             d_rows.append({"d/student_score": reward_b.mean().item()})

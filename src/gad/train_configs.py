@@ -208,6 +208,10 @@ class GADConfig:
     """Discriminator loss: Bradley–Terry (Eq. 3) or the cross-entropy ablation (Eq. 4)."""
     d_steps: int = 1
     """Discriminator updates per GAD step (paper: 1)."""
+    d_update_every: int = 1
+    """The discriminator updates on every k-th GAD step only and just scores on the others
+    (paper: 1): k generator steps per discriminator step keep a fast discriminator from
+    running away from the student."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Autocast precision (weights and optimizer state stay float32). `auto`: bf16 where the
     hardware computes it natively (a GPU from Ampere on; a CPU where a bf16 matmul measures
