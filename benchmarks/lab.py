@@ -46,7 +46,9 @@ variant minus GAD: mean and 95% bootstrap CI, resampling seeds then prompts) and
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import inspect
 import json
 import math
 import random
@@ -104,7 +106,15 @@ def load_prompts(sources: list[str]) -> list[list[dict[str, str]]]:
 
 
 def split_prompts(args: argparse.Namespace) -> dict[str, list[list[dict[str, str]]]]:
-    prompts = load_prompts(args.prompts)
+    """Test, validation and train prompts from one shuffle (seed 0). Prompts over
+    `--max-prompt-tokens` under the student's template are left out first (a few Self-Instruct
+    tasks carry inputs of ~1,500 tokens: each would slow a whole generation batch)."""
+    tokenizer = models.load_tokenizer(args.student)
+    prompts = [
+        p
+        for p in load_prompts(args.prompts)
+        if len(data.encode_prompt(tokenizer, p)) <= args.max_prompt_tokens
+    ]
     random.Random(0).shuffle(prompts)
     need = args.n_test + args.n_val + args.n_train
     if len(prompts) < need:
@@ -185,8 +195,9 @@ def sample(
     args: argparse.Namespace,
     contexts: list[mixture.Component] | None = None,
 ) -> list[Answer]:
-    """`n` answers per prompt at temperature 1, answer (i, j) from its own seed. With
-    `contexts`, each answer first draws its context from the prior (the mixture teacher)."""
+    """`n` answers per prompt at temperature 1. With `contexts`, each answer first draws its
+    context from the prior (the mixture teacher). Every system draws from one seeded stream
+    over the same batches: the same random numbers at the same places (paired samples)."""
     model, tokenizer = pair
     items = []
     for pid, prompt in enumerate(prompts):
@@ -197,13 +208,16 @@ def sample(
                 mode = rng.choices(range(len(contexts)), [c.weight for c in contexts])[0]
                 context = contexts[mode].messages
             items.append((pid, j, mode, data.encode_prompt(tokenizer, context + prompt)))
-    rollout = TransformersRollout(model, tokenizer, batch_size=args.gen_batch)
-    groups = rollout.generate(
-        [ids for *_, ids in items],
-        1,
-        Sampling(1.0, 1.0, args.max_tokens),
-        [answer_seed(seed, pid, j) for pid, j, *_ in items],
+    # Sampled under the training's autocast (bf16 where the CPU computes it natively): the
+    # exact KLs are then computed in float32 along these samples.
+    rollout = TransformersRollout(
+        model,
+        tokenizer,
+        batch_size=args.gen_batch,
+        autocast_dtype=precision.autocast_dtype(precision.resolve("auto").mixed_precision),
     )
+    torch.manual_seed(seed)
+    groups = rollout.generate([ids for *_, ids in items], 1, Sampling(1.0, 1.0, args.max_tokens))
     return [
         Answer(pid, j, c.token_ids, c.text, c.finish_reason == "stop", mode)
         for (pid, j, mode, _), [c] in zip(items, groups, strict=True)
@@ -240,18 +254,66 @@ def training_records(split: str, prompts: list, answers: list[Answer]) -> list[d
 # ------------------------------------------------------------------ exact scoring
 
 
-def _log_dists(model: Any, tokenizer: Any, context: list, prompts: list, chunk: list[Answer]):
-    """[T_i, V] next-token log-probs at each answer's positions, one pass per chunk."""
-    examples = []
-    for a in chunk:
-        prompt = data.encode_prompt(tokenizer, context + prompts[a.pid])
-        examples.append(data.Example("", prompt + a.ids, len(prompt), False))
-    batch = engine.collate(examples, engine.pad_id_of(tokenizer))
-    logits_btv, _, mask_bt = engine.response_logits(model, batch)
-    return [
-        torch.log_softmax(logits_btv[row][mask_bt[row] != 0].double(), -1)
-        for row in range(len(chunk))
-    ]
+class Side:
+    """One model reading every answer after one context: the ids every prompt shares at its
+    start (the context, the template's system turn) run once, and their KV cache is reused by
+    every batch. The contexts are ~10x longer than an answer, so this is most of the cost."""
+
+    def __init__(self, model: Any, tokenizer: Any, context: list, prompts: list) -> None:
+        self.model, self.tokenizer, self.context, self.prompts = model, tokenizer, context, prompts
+        encoded = [data.encode_prompt(tokenizer, context + p) for p in prompts]
+        self.prompt_ids = encoded
+        params = inspect.signature(type(model).forward).parameters
+        self.cache_kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
+        shared = 0
+        # One position short of the shortest prompt: every row keeps a prompt token to predict
+        # its first answer token from.
+        while shared < min(map(len, encoded)) - 1 and len({e[shared] for e in encoded}) == 1:
+            shared += 1
+        self.shared, self.cache = shared, None
+        if self.cache_kwarg and shared:
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([encoded[0][:shared]]), use_cache=True)
+            self.cache = out.get("cache") or out.get("past_key_values")
+
+    def log_dists(self, chunk: list[Answer]) -> list[torch.Tensor]:
+        """[T_i, V] float64 next-token log-probs at each answer's positions."""
+        if self.cache is None:
+            return self._uncached(chunk)
+        p = self.shared
+        suffixes = [self.prompt_ids[a.pid][p:] + a.ids for a in chunk]
+        width = max(map(len, suffixes))
+        ids = torch.full((len(chunk), width), engine.pad_id_of(self.tokenizer))
+        mask = torch.zeros((len(chunk), p + width), dtype=torch.long)
+        for row, suffix in enumerate(suffixes):
+            ids[row, : len(suffix)] = torch.tensor(suffix)
+            mask[row, : p + len(suffix)] = 1
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(chunk))
+        positions = torch.arange(p, p + width).expand(len(chunk), -1)
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **{self.cache_kwarg: cache},
+        ).logits
+        out = []
+        for row, a in enumerate(chunk):
+            start = len(self.prompt_ids[a.pid]) - p - 1
+            out.append(torch.log_softmax(logits[row, start : start + len(a.ids)].double(), -1))
+        return out
+
+    def _uncached(self, chunk: list[Answer]) -> list[torch.Tensor]:
+        examples = []
+        for a in chunk:
+            prompt = self.prompt_ids[a.pid]
+            examples.append(data.Example("", prompt + a.ids, len(prompt), False))
+        batch = engine.collate(examples, engine.pad_id_of(self.tokenizer))
+        logits_btv, _, mask_bt = engine.response_logits(self.model, batch)
+        return [
+            torch.log_softmax(logits_btv[row][mask_bt[row] != 0].double(), -1)
+            for row in range(len(chunk))
+        ]
 
 
 @torch.no_grad()
@@ -268,11 +330,13 @@ def answer_stats(
 ) -> list[dict[str, float]]:
     """Exact per-answer statistics; `forward` = KL(teacher || student) on teacher answers."""
     log_w = mixture.log_weights(contexts)
+    s_side = Side(student, tokenizer, [], prompts)
+    t_sides = [Side(teacher, tokenizer, c.messages, prompts) for c in contexts]
     out = []
     for start in range(0, len(answers), batch_size):
         chunk = answers[start : start + batch_size]
-        s_rows = _log_dists(student, tokenizer, [], prompts, chunk)
-        t_rows = [_log_dists(teacher, tokenizer, c.messages, prompts, chunk) for c in contexts]
+        s_rows = s_side.log_dists(chunk)
+        t_rows = [side.log_dists(chunk) for side in t_sides]
         for i, a in enumerate(chunk):
             ids = torch.tensor(a.ids)
             logp_ktv = torch.stack([rows[i] for rows in t_rows])
@@ -924,6 +988,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--eval-samples", type=int, default=4, help="answers per evaluation prompt")
     add("--teacher-eval-answers", type=int, default=2, help="forward KL: per evaluation prompt")
     add("--max-tokens", type=int, default=64, help="every answer's budget")
+    add("--max-prompt-tokens", type=int, default=256, help="longer prompts are left out")
     add("--gen-batch", type=int, default=64, help="answers generated together")
     add("--lora-rank", type=int, default=2, help="the student's parametrisation")
     add("--lora-alpha", type=float, default=16.0)

@@ -171,3 +171,20 @@ def test_bad_inputs_are_refused_before_any_model_loads(tmp_path, monkeypatch):
     monkeypatch.setitem(lab.NEEDS, "gad", ("no_such_field",))
     with pytest.raises(SystemExit, match="no_such_field"):
         lab.main(["--tiny", "--out", str(tmp_path / "d")])
+
+
+def test_the_shared_prefix_cache_gives_the_uncached_numbers(tmp_path):
+    """Scoring reuses the KV cache of what every prompt starts with (the hidden context): the
+    same log-probs as full passes, on a real (tiny) model."""
+    folder = models.build_tiny(tmp_path / "m", seed=4)
+    model, tokenizer = models.load(str(folder))
+    context = [{"role": "system", "content": "hidden words here"}]
+    prompts = [[{"role": "user", "content": t}] for t in ("hi", "a longer question here")]
+    answers = [lab.Answer(1, 0, [7, 8, 9, 10], "", True), lab.Answer(0, 0, [11], "", False)]
+    side = lab.Side(model, tokenizer, context, prompts)
+    assert side.cache is not None and side.shared > 3
+    with torch.no_grad():
+        cached, full = side.log_dists(answers), side._uncached(answers)
+    for a, b, answer in zip(cached, full, answers, strict=True):
+        assert a.shape == b.shape == (len(answer.ids), len(tokenizer))
+        assert torch.allclose(a, b, atol=1e-5)
