@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "rollout": 2,
     "samples": 2,
     "chat": 2,
+    "api_errors": 2,
     # 3 stages
     "sft": 3,
     "gad": 3,

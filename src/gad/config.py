@@ -37,10 +37,33 @@ from gad.data_configs import (
 )
 from gad.train_configs import DemoConfig, GADConfig, RewardConfig, SFTConfig, ToyConfig
 
+EXIT_USER_ERROR = 2
+"""A setting, an input or the environment is wrong; the one-line message names it."""
+EXIT_SOME_FAILED = 3
+"""Some items were produced and some failed; the failed ones are listed (failures file, result
+status), and a rerun retries them."""
+EXIT_NOTHING_PRODUCED = 4
+"""The run produced nothing: every item failed, or a server refused every request (the message
+gives the server's words and the setting to change)."""
+
 
 class UserError(Exception):
     """A problem with the user's input or environment whose message says all there is to say:
-    the CLI prints it on one line, without a traceback."""
+    the CLI prints it on one line, without a traceback, and exits with `exit_code`."""
+
+    exit_code = EXIT_USER_ERROR
+
+    def __init__(self, *args: Any, exit_code: int | None = None) -> None:
+        super().__init__(*args)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+def outcome_code(produced: int, failed: int) -> int:
+    """The exit code of a run that produced `produced` items and failed `failed`."""
+    if not failed:
+        return 0
+    return EXIT_SOME_FAILED if produced else EXIT_NOTHING_PRODUCED
 
 
 class ConfigError(UserError, ValueError):

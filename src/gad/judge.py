@@ -30,6 +30,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -278,13 +279,15 @@ def judge(config: JudgeConfig, *, backend: chat.Client | None = None, quiet: boo
     if backend is None:
         backend = make_backend(config)
     cache = Cache(config.cache_dir)
+    protocol = Judge(backend, cache, config)
+    protocol.progress = _progress_bar(quiet)
     try:
-        protocol = Judge(backend, cache, config)
         if config.baseline:
             rows, summary = _pairwise(protocol, config)
         else:
             rows, summary = _single(protocol, config)
     finally:
+        protocol.progress.close()
         cache.close()
     summary.update(
         judge=protocol.identity,
@@ -300,7 +303,19 @@ def judge(config: JudgeConfig, *, backend: chat.Client | None = None, quiet: boo
     os.replace(tmp, output)
     if not quiet:
         print_summary(summary, output)
+        errors = [str(r["error"]) for r in rows if r.get("error")]
+        if errors:
+            text, count = Counter(errors).most_common(1)[0]
+            print(f"most common error ({count} of {len(errors)}): {text}")
     return result
+
+
+def _progress_bar(quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    # disable=None: off where stderr is not a terminal (logs, CI); requests, not questions,
+    # since a question takes one to `attempts` + 1 of them.
+    return tqdm(desc="judge", unit="req", dynamic_ncols=True, disable=True if quiet else None)
 
 
 def print_summary(summary: dict[str, Any], output: Path | str) -> None:
