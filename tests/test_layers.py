@@ -60,6 +60,7 @@ LAYERS: dict[str, int] = {
     "toy": 3,
     # 4 evaluation and report
     "evaluate": 4,
+    "eval_run": 4,
     "report": 4,
     # 5 CLI
     "demo": 5,

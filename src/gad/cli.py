@@ -272,16 +272,23 @@ def evaluate(config: cfg.EvalConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gad import evaluate as evaluate_module
+    from gad import eval_run
     from gad.report import format_cell
 
-    result = evaluate_module.run_eval(config)
+    result = eval_run.run_eval(config)
     table = Table(title=f"{result['name']}: {result['records']} answers")
     table.add_column("metric")
-    table.add_column("value [95% CI]", justify="right")
+    table.add_column("value [95% CI] (n = records behind it)", justify="right")
     for key, value in result["metrics"].items():
         table.add_row(key, format_cell(value))
     Console().print(table)
+    typer.echo(f"lengths in {result['length_unit']}")
+    if config.reference:
+        typer.echo(
+            f"matched to the reference by id: {result['matched']}; answers without a reference: "
+            f"{result['unmatched_answers']}; references without an answer: "
+            f"{result['unmatched_references']}"
+        )
     typer.echo(f"results: {result['output']}")
 
 

@@ -75,12 +75,14 @@ def plot_curves(name: str, rows: list[dict[str, Any]], out: Path) -> Path | None
 
 
 def format_cell(value: Any) -> str:
+    """A metric as a cell: a mean with its interval and the count of records behind it."""
+    count = f" (n={value['n']})" if isinstance(value, dict) and "n" in value else ""
     if isinstance(value, dict) and value.get("mean") is None and "mean" in value:
-        return "n/a"
+        return "n/a" + count
     if isinstance(value, dict) and "mean" in value:
         if value.get("low") is not None and value.get("high") is not None:
-            return f"{value['mean']:.3g} [{value['low']:.3g}, {value['high']:.3g}]"
-        return f"{value['mean']:.3g}"
+            return f"{value['mean']:.3g} [{value['low']:.3g}, {value['high']:.3g}]{count}"
+        return f"{value['mean']:.3g}{count}"
     if isinstance(value, float):
         return f"{value:.3g}"
     return "" if value is None else str(value)
