@@ -253,7 +253,7 @@ def split(config: cfg.SplitConfig) -> None:
     """Split a prompt file into train and held-out parts (deterministic, by prompt content)."""
     from gad import data, evalsets
 
-    records = data.read_records(config.prompts).records
+    records = evalsets.records_of(config.prompts, "prompts").records
     train_part, held = evalsets.split(records, config.fraction, config.seed)
     out = Path(config.output_dir)
     data.write_records(out / "train.jsonl", train_part)

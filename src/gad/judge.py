@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from gad import chat, data
+from gad import chat, data, evalsets
 from gad import config as cfg
 from gad.config import JudgeConfig
 from gad.rating import Cache, Judge, make_backend
@@ -99,8 +99,8 @@ def prompt_id(record: data.Record) -> str:
     return str(key) if key is not None else record.id
 
 
-def _answered(path: str) -> list[data.Record]:
-    records = data.read_records(path).records
+def _answered(path: str, setting: str) -> list[data.Record]:
+    records = evalsets.records_of(path, setting).records
     for record in records:
         if record.response is None:
             raise record.error("messages", "no final assistant answer to judge")
@@ -111,7 +111,7 @@ def _select(records: list[data.Record], config: JudgeConfig) -> tuple[list[data.
     """Records restricted to (and ordered like) `config.questions`; also how many are missing."""
     missing = 0
     if config.questions:
-        wanted = data.read_records(config.questions).records
+        wanted = evalsets.records_of(config.questions, "questions").records
         by_id: dict[str, list[data.Record]] = {}
         for record in records:
             by_id.setdefault(prompt_id(record), []).append(record)
@@ -146,7 +146,7 @@ def _round(x: float | None) -> float | None:
 
 
 def _single(judge: Judge, config: JudgeConfig) -> tuple[list[dict], dict[str, Any]]:
-    records, missing = _select(_answered(config.answers), config)
+    records, missing = _select(_answered(config.answers, "answers"), config)
     refs = judge.references([r.prompt for r in records])
     items, where = [], []
     for i, (record, ref) in enumerate(zip(records, refs, strict=True)):
@@ -200,9 +200,9 @@ def _single(judge: Judge, config: JudgeConfig) -> tuple[list[dict], dict[str, An
 
 def _pairwise(judge: Judge, config: JudgeConfig) -> tuple[list[dict], dict[str, Any]]:
     assert config.baseline is not None
-    a_records, missing = _select(_answered(config.answers), config)
+    a_records, missing = _select(_answered(config.answers, "answers"), config)
     b_by_id: dict[str, data.Record] = {}
-    for record in _answered(config.baseline):
+    for record in _answered(config.baseline, "baseline"):
         key = prompt_id(record)
         if key in b_by_id:
             raise data.DataError(f"{config.baseline}: prompt id '{key}' is answered twice")

@@ -261,7 +261,7 @@ def collect(config: CollectConfig, *, progress: bool = True) -> CollectSummary:
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
 
-    loaded = data.read_records(config.prompts, skip_invalid=config.skip_invalid)
+    loaded = evalsets.records_of(config.prompts, "prompts", skip_invalid=config.skip_invalid)
     for reason in loaded.skipped:
         log.warning("skipped invalid prompt record: %s", reason)
     records = loaded.records if config.limit is None else loaded.records[: config.limit]
