@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "__init__": 0,
     "config": 0,
     "train_configs": 0,
+    "setting_types": 0,
     "data_configs": 0,
     "tracking": 0,
     "losses": 0,

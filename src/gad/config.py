@@ -35,6 +35,7 @@ from gad.data_configs import (
     SplitConfig,
     TasksConfig,
 )
+from gad.setting_types import LIST
 from gad.train_configs import DemoConfig, GADConfig, RewardConfig, SFTConfig, ToyConfig
 
 EXIT_USER_ERROR = 2
@@ -91,10 +92,27 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _joined(key: str, items: list[Any], where: str) -> str:
+    """A YAML list of a comma-separated setting as the command line writes it (`[q, v]` is
+    `q,v`): peft and LoRA recipes write target modules as lists."""
+    for item in items:
+        if (
+            isinstance(item, bool)
+            or not isinstance(item, str | int | float)
+            or (isinstance(item, str) and ("," in item or not item.strip()))
+        ):
+            raise ConfigError(f"{where}: '{key}' must be a list of names or numbers, got {item!r}")
+    return ",".join(str(item) for item in items)
+
+
 def _check_value(key: str, value: Any, tp: Any, where: str) -> Any:
     """Return `value` converted to `tp` where lossless (int -> float, list -> tuple), else raise."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Annotated:
+        if LIST in args[1:] and isinstance(value, list):
+            value = _joined(key, value, where)
+        return _check_value(key, value, args[0], where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -177,7 +195,7 @@ def _warn_renamed(where: str, cls_name: str, old: str, new: str) -> None:
 
 def build(cls: type[C], values: dict[str, Any], where: str) -> C:
     """Make a `cls` from `values`, naming `where` and the key in any error."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     checked = {}
     for key, value in values.items():
@@ -363,6 +381,7 @@ RANGES: dict[type, dict[str, Range]] = {
     },
     GADConfig: {
         **_TRAINING,
+        "warmup_max_steps": AT_LEAST_1,
         "reward_mix_alpha": UNIT,
         "warmup_epochs": NON_NEGATIVE,
         "warmup_d_only_steps": NON_NEGATIVE,
