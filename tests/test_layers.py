@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "data": 1,
     "dataset": 1,
     "evalsets": 1,
+    "preflight": 1,
     "labels": 1,
     "tasks": 1,
     "models": 1,

@@ -55,10 +55,10 @@ def test_report_refuses_what_holds_nothing_to_report(tmp_path):
     (tmp_path / "folder.json").mkdir()
     out = tmp_path / "rep"
     cases = [
-        (["--runs", str(tmp_path / "does-not-exist")], "does-not-exist: no such run folder"),
+        (["--runs", str(tmp_path / "does-not-exist")], "does-not-exist: no such folder"),
         (["--runs", str(tmp_path / "empty-run")], "empty-run: holds no metrics.jsonl"),
         (["--results", str(tmp_path / "missing.json")], "missing.json: no such file"),
-        (["--results", str(tmp_path / "folder.json")], "folder.json: a folder"),
+        (["--results", str(tmp_path / "folder.json")], "folder.json: is a folder"),
         ([], "nothing to report"),
     ]
     for args, message in cases:

@@ -90,6 +90,10 @@ def error_boundary() -> Iterator[None]:
         raise typer.Exit(code=130) from err
 
 
+COMMANDS: dict[str, type] = {}
+"""Every stage command's config class, by command name (the preflight test walks them)."""
+
+
 def _run_options() -> list[inspect.Parameter]:
     """The options of every stage command that are no config field."""
     config_file = typer.Option(None, "--config", help="YAML file of field: value.")
@@ -167,6 +171,9 @@ def stage_command(
                 overrides[positional] = given
             with error_boundary():
                 config = cfg.load(config_cls, config_file, overrides)
+                from gad import preflight
+
+                preflight.check(config)  # every path and rule, before any model is loaded
                 _quiet_libraries(verbose)
                 run(config)
 
@@ -174,6 +181,7 @@ def stage_command(
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.__doc__ = run.__doc__
         app.command(name)(command)
+        COMMANDS[name] = config_cls
         return run
 
     return register
