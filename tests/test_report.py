@@ -68,7 +68,7 @@ def test_report_refuses_what_holds_nothing_to_report(tmp_path):
         assert not (out / "report.md").exists()  # no report of nothing
 
 
-def test_readers_of_earlier_outputs_refuse_a_file_with_no_records(tmp_path):
+def test_readers_of_earlier_outputs_refuse_a_file_with_no_records(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from gad.cli import app
@@ -84,6 +84,12 @@ def test_readers_of_earlier_outputs_refuse_a_file_with_no_records(tmp_path):
         (["split", str(empty), "--output-dir", str(tmp_path / "s")], "prompts"),
         (["reward-model", str(empty), "--output-dir", str(tmp_path / "rm")], "data"),
     ]
+    from gad import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(models, "load", refuse)
     for args, setting in cases:
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)

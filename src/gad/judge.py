@@ -277,6 +277,10 @@ def judge(config: JudgeConfig, *, backend: chat.Client | None = None, quiet: boo
     if config.attempts < 1:
         raise cfg.ConfigError(f"'attempts' must be at least 1, got {config.attempts}")
     if backend is None:
+        # A file with nothing to judge fails before the judge's model loads, not after.
+        for setting in ("answers", "baseline", "questions"):
+            if getattr(config, setting):
+                evalsets.records_of(getattr(config, setting), setting)
         backend = make_backend(config)
     cache = Cache(config.cache_dir)
     protocol = Judge(backend, cache, config)
