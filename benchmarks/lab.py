@@ -1,55 +1,46 @@
-"""Lab benchmark v2: black-box distillation against a teacher whose probabilities we know.
+"""Lab v3: can black-box distillation methods be told apart? A two-mode teacher with exact
+probabilities, a capacity-limited student, paired statistics.
 
-Two settings (`--settings`, both by default):
+The teacher (`--teacher`, a local model) answers under one of K hidden contexts drawn per answer
+with prior weights (`--teacher-contexts`, a `gad.mixture` file; two behaviours by default).
+Its exact next-token distribution is the posterior-weighted mixture of its contexts'
+(`gad.mixture`), so every KL below is exact over the full vocabulary. The student
+(`--student`, same tokenizer) never sees a context, and every method trains the same small
+parametrisation: a LoRA adapter of rank `--lora-rank` on the untouched student.
 
-- `context` (reachable teacher, exact probabilities): the teacher is SmolLM2-135M-Instruct
-  answering under a hidden context (`benchmarks/lab_context.json`: a system prompt and a few
-  demonstrations, chat messages prepended to every prompt) that the student never sees; the
-  student is the same model without it (context distillation). The teacher's exact next-token
-  distribution at any position of any text is model(hidden context + prompt + response), so
-  every KL below is exact, and the student can represent the teacher: the gap is behaviour.
-- `cross-tokenizer`: teacher Qwen2.5-Coder-0.5B-Instruct, student SmolLM2-135M-Instruct;
-  KL at the text level (Monte-Carlo estimates, as in v1).
+Prompts (`--prompts`: built-in set names or chat-record files) are deduplicated, shuffled once
+(seed 0) and cut into test, validation and train prompts. The teacher answers each train prompt
+`--answers-per-prompt` times: those answers are all any method sees. Every system answers the
+evaluation prompts (`--split test`, or `val` while tuning: test is then never touched)
+`--eval-samples` times at temperature 1, with the same per-answer seeds for every system.
 
-Prompts: the Self-Instruct seed tasks, one fixed shuffle cut into test (held out: the table),
-validation (settings are chosen on it: `--validate`; GAD's periodic evaluation) and train.
-The teacher answers the train prompts once at temperature 1; those answers are all any method
-sees, shared by every seed and method. Every system then answers the test prompts at
-temperature 1 and is scored:
+Per answer: `reverse_kl` = Σ over its tokens of exact KL(student || teacher) (the primary
+metric), `reverse_kl_token` (per token, pooled), `length`, `finished`, the answer's
+`mode` (the context with the highest posterior at its end), `best_mode_logp` (its per-token
+log-likelihood under its best-fitting context: a blend of modes is unlikely under both) and
+`teacher_logp` (per token, under the mixture). Per prompt: `mode_purity` (share of its answers
+in its majority mode). `forward_kl`: Σ over a held-out teacher answer's tokens of KL(teacher ||
+student), on `--teacher-eval-answers` answers per evaluation prompt.
 
-- `reverse_kl`: KL(student || teacher) per student token on the student's own samples; context
-  setting: exact, full vocabulary at every sampled position, the teacher conditioned on the
-  hidden context; cross-tokenizer: text level.
-- `forward_kl`: KL(teacher || student) per teacher token on held-out teacher samples.
-- `teacher_logp`: the teacher's mean per-token log-likelihood of the student's samples.
-- `length` (tokens), `finished` (share of answers that ended with end-of-turn), `train_s`
-  (wall time from the untouched student, SeqKD included for methods started from it).
-- `gap_closed` (context setting): (KL_seqkd - KL_method) / (KL_seqkd - KL_whitebox) on exact
-  reverse KL, per seed against that seed's SeqKD and white-box runs.
+Methods (`--methods`): `before` (untouched student), `seqkd` (SFT of the adapter,
+`--seqkd-epochs`, `--seqkd-lr`; `--score-every-epoch` also scores each epoch), `gad` (from the
+SeqKD adapter, its discriminator initialised from the untouched student and warmed up alone on
+SeqKD's samples; variants `--gad-variant NAME='{"setting": value}'` run as `gad-NAME`), `soda`
+(DPO against a snapshot of the untouched student's answers, from the untouched student),
+`whitebox` (the product's `--method whitebox` with the mixture as `teacher_context`: the
+ceiling). `--long-steps`: the first seed's GAD run continues to that many steps with held-out
+curves every `--curve-every` (`gad_long`).
 
-Methods: `before` (the untouched student, scored once), `seqkd` (SFT, `--seqkd-epochs` k),
-`gad` (from the SeqKD checkpoint: `warmup_generator=False`, so the warmup is the
-discriminator's only, then the GAD stage), `gad_equal_exposure` (the same from SeqKD's epoch k-1
-checkpoint: both saw k epochs of teacher data), `whitebox` (context setting: on-policy
-distillation with the teacher's exact log-probs under the hidden context, from SeqKD: the
-ceiling), the stabilisers `gad_replay`, `gad_lenpen`, `gad_clip`, `gad_tokenmean` (GAD with
-one setting on; first seed only unless `--stabiliser-seeds all`), `offpolicy` (optional),
-`gad_lora` (optional: `gad` with single-base LoRA, rank `--lora-rank`, alpha 2x rank, both
-learning rates x `--lora-lr-scale`, its own discriminator warmup from the same SeqKD model).
-The first seed of the context setting also runs the long GAD run (`--long-steps`, held-out
-evaluation every `--curve-every` steps; `gad_long` is its end, `gad_selected` the product's
-model selection on the validation prompts, and its step-`--gad-steps` checkpoint is that seed's
-`gad` row), and `seqkd_equal_time`: SeqKD given as much wall time as `gad` took (whole
-epochs), with its curve beside GAD's (`lab-v2-equal-time.png`). The cross-tokenizer setting
-runs `--cross-methods` on `--cross-seeds` (the budget's choice; see `run.json`).
+Each (seed, method) writes `rows/<split>/s<seed>/<method>.json` when it finishes; a rerun with
+the same `--out` skips what is there (resumable per seed and method), and `--merge A B` folds
+other runs' rows in (mergeable across sessions). `lab-v3.json`: split -> method -> per-seed
+rows (means and per-prompt values), plus `paired` (each method minus SeqKD, and each GAD
+variant minus GAD: mean and 95% bootstrap CI, resampling seeds then prompts) and `gap_closed`
+((SeqKD - method) / (SeqKD - white box), a ratio of means, with its CI).
 
-    python benchmarks/lab.py --out runs/lab-v2                 # the whole benchmark
-    python benchmarks/lab.py --validate --out runs/lab-val     # choose the hidden context
-    python benchmarks/lab.py --tiny --out /tmp/lab-tiny        # tiny random models, seconds
-
-Writes `<out>/lab-v2.json` (setting -> method -> per-seed metric dicts), `<out>/table.md`,
-`<out>/run.json` (arguments, sizes, timings) and the seed-0 curves. Refuses an `--out` that is
-not empty: nothing of an earlier run is ever reused.
+    python benchmarks/lab.py --out runs/lab-v3                       # the main run
+    python benchmarks/lab.py --split val --out runs/lab-v3-val ...   # tuning, on validation
+    python benchmarks/lab.py --tiny --out /tmp/lab-tiny              # tiny models, a minute
 """
 
 from __future__ import annotations
@@ -69,283 +60,337 @@ from typing import Any
 import torch
 
 from gad import config as cfg
-from gad import data, engine, evalsets, evaluate, gad_stage, models, precision, report, sft, teacher
+from gad import data, engine, evalsets, gad_stage, lora, mixture, models, precision, sft
+from gad.packages import BUILTIN_MODELS
+from gad.rollout import Sampling, TransformersRollout
 from gad.tracking import read_metrics
 
 HERE = Path(__file__).resolve().parent
-CONTEXT_FILE = HERE / "lab_context.json"
-CANDIDATES_FILE = HERE / "lab_context_candidates.json"
-
-SETTINGS: dict[str, dict[str, Any]] = {
-    "context": {"teacher": "smollm2-135m", "student": "smollm2-135m", "exact": True},
-    "cross-tokenizer": {"teacher": "qwen2.5-coder-0.5b", "student": "smollm2-135m", "exact": False},
-}
-# Each stabiliser on its own, the others at their defaults (off). Values are the papers'
-# orders of magnitude, fixed before running: 4 GAD steps of samples in the pool, λ such that a
-# doubled length costs ~0.07 of a score, scores clipped at ±3 (the discriminator's scores sit
-# within ±2 after its warmup).
-STABILISERS: dict[str, dict[str, Any]] = {
-    "gad_replay": {"d_replay_size": 32},
-    "gad_lenpen": {"length_penalty": 0.1},
-    "gad_clip": {"score_clip": 3.0},
-    "gad_tokenmean": {"loss_agg": "token-mean"},
-}
-GAD_FAMILY = ("gad", "gad_equal_exposure", *STABILISERS)
-ALL_METHODS = ("seqkd", *GAD_FAMILY, "whitebox", "offpolicy", "gad_lora")
-DEFAULT_METHODS = ("seqkd", *GAD_FAMILY, "whitebox")
-METRICS = ("reverse_kl", "forward_kl", "teacher_logp", "length", "finished", "train_s")
-# Fields of GADConfig the methods need beyond the v1 API (issue 12); checked before any work.
-NEEDS: dict[str, tuple[str, ...]] = {
-    "gad": ("warmup_generator",),
-    "whitebox": ("teacher_model", "teacher_context"),
-    "gad_replay": ("d_replay_size",),
-    "gad_lenpen": ("length_penalty",),
-    "gad_clip": ("score_clip",),
-    "gad_tokenmean": ("loss_agg",),
-}
+TEACHER_FILE = HERE / "lab_v3_teacher.json"
+ALL_METHODS = ("before", "seqkd", "gad", "soda", "whitebox")
+# Per-answer metrics averaged per prompt, then over prompts.
+ANSWER_METRICS = ("reverse_kl", "length", "finished", "best_mode_logp", "teacher_logp")
+PAIRED_METRICS = ("reverse_kl", "reverse_kl_token", "forward_kl", "length", "mode_purity")
+NEEDS = {"soda": ("soda_beta",), "whitebox": ("teacher_model", "teacher_context")}
 
 
 class Refused(SystemExit):
     """The lab will not run as asked; the message says why, on one line."""
 
 
-# ------------------------------------------------------------------ setup
+# ------------------------------------------------------------------ inputs
 
 
-def load_context(path: str | Path) -> list[dict[str, str]]:
-    messages = json.loads(Path(path).read_text())
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and set(m) == {"role", "content"} for m in messages
-    ):
-        raise Refused(f"{path}: a hidden context is a JSON list of {{role, content}} messages")
-    return messages
+def bundled_prompts() -> str:
+    import importlib.resources
+
+    return str(importlib.resources.files("gad") / "assets" / "prompts.jsonl")
 
 
-def check_out(out: Path) -> None:
-    """Refuse an earlier run's folder: v1 silently reused stale answers and a stale reference."""
-    if out.exists() and any(out.iterdir()):
+def load_prompts(sources: list[str]) -> list[list[dict[str, str]]]:
+    """Distinct prompts of the given sets, in order: `bundled`, a built-in set name or a file."""
+    seen, prompts = set(), []
+    for source in sources:
+        try:
+            records = evalsets.load_set(bundled_prompts() if source == "bundled" else source)
+        except (cfg.UserError, OSError) as err:
+            raise Refused(f"lab: --prompts {source}: {err}") from err
+        for r in records:
+            key = json.dumps(r.prompt, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                prompts.append(r.prompt)
+    return prompts
+
+
+def split_prompts(args: argparse.Namespace) -> dict[str, list[list[dict[str, str]]]]:
+    prompts = load_prompts(args.prompts)
+    random.Random(0).shuffle(prompts)
+    need = args.n_test + args.n_val + args.n_train
+    if len(prompts) < need:
         raise Refused(
-            f"lab: --out {out} is not empty; give a new folder (an earlier run is never reused)"
+            f"lab: {len(prompts)} distinct prompts in --prompts; asked for "
+            f"{args.n_test} test + {args.n_val} val + {args.n_train} train"
         )
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def check_product(methods: list[str]) -> None:
-    """Fail before any work when a method needs a GADConfig field this gad lacks."""
-    have = {f.name for f in dataclasses.fields(cfg.GADConfig)}
-    missing = {m: [f for f in NEEDS.get(m, ()) if f not in have] for m in methods}
-    missing = {m: f for m, f in missing.items() if f}
-    if missing:
-        said = "; ".join(f"{m} needs {', '.join(f)}" for m, f in missing.items())
-        raise Refused(f"lab: this gad's GADConfig lacks fields ({said}); merge main or drop them")
-
-
-def prompt_splits(n_test: int, n_val: int, n_train: int) -> dict[str, list[data.Record]]:
-    """Fixed test / validation / train prompts from one shuffle of the Self-Instruct seeds."""
-    records = [data.Record(r.id, r.prompt) for r in evalsets.load_set("self-instruct")]
-    random.Random(0).shuffle(records)
-    if len(records) < n_test + n_val + n_train:
-        raise Refused(f"lab: only {len(records)} prompts; asked for {n_test}+{n_val}+{n_train}")
     return {
-        "test": records[:n_test],
-        "val": records[n_test : n_test + n_val],
-        "train": records[n_test + n_val :][:n_train],
+        "test": prompts[: args.n_test],
+        "val": prompts[args.n_test : args.n_test + args.n_val],
+        "train": prompts[args.n_test + args.n_val : need],
     }
+
+
+def check_inputs(args: argparse.Namespace) -> list[mixture.Component]:
+    """Everything the lab reads, checked before any model loads."""
+    try:
+        contexts = mixture.load(args.teacher_contexts)
+    except cfg.ConfigError as err:
+        raise Refused(f"lab: --teacher-contexts: {err}") from err
+    have = {f.name for f in dataclasses.fields(cfg.GADConfig)}
+    for method in args.methods:
+        missing = [f for f in NEEDS.get(method, ()) if f not in have]
+        if missing:
+            raise Refused(f"lab: {method} needs GADConfig fields {missing}: merge main")
+    for name in (args.teacher, args.student):
+        if name not in BUILTIN_MODELS and not Path(name).is_dir():
+            raise Refused(f"lab: model {name}: neither a built-in name nor a folder")
+    return contexts
+
+
+def check_tokenizers(teacher: str, student: str) -> None:
+    """Exact KL compares distributions over one vocabulary: refuse another tokenizer."""
+    if models.load_tokenizer(teacher).get_vocab() != models.load_tokenizer(student).get_vocab():
+        raise Refused(
+            f"lab: teacher {teacher} and student {student} have different tokenizers; the "
+            "exact KL needs one vocabulary (lab v2's cross-tokenizer setting is in git history)"
+        )
+
+
+# ------------------------------------------------------------------ sampling
+
+
+@dataclasses.dataclass
+class Answer:
+    """One sampled answer: prompt `pid` of its split, sample `j`, its exact ids."""
+
+    pid: int
+    j: int
+    ids: list[int]
+    text: str
+    finished: bool
+    mode: int | None = None
+
+
+def answer_seed(seed: int, pid: int, j: int) -> int:
+    return (seed * 1_000_003 + pid * 1009 + j) % 2**31
+
+
+def load_system(folder: str, student: str) -> tuple[Any, Any]:
+    """A system's model in float32: a plain folder, or a LoRA checkpoint merged onto the
+    untouched student (checkpoints of a LoRA run hold the adapter only)."""
+    if Path(folder).is_dir() and not (Path(folder) / "config.json").exists():
+        adapter = lora.adapter_folder(folder)
+        if adapter is not None:
+            from peft import PeftModel
+
+            base, tokenizer = models.load(student)
+            return PeftModel.from_pretrained(base, adapter).merge_and_unload().eval(), tokenizer
+    return models.load(folder)
 
 
 def sample(
-    model: str,
-    prompts: list[data.Record],
-    output: Path,
-    args: argparse.Namespace,
-    seed: int,
+    pair: tuple[Any, Any],
+    prompts: list[list[dict[str, str]]],
     n: int,
-    context: list[dict[str, str]] | None = None,
-) -> list[data.Record]:
-    """`n` answers per prompt of a local model at temperature 1. With `context`, the model
-    answers context + prompt and the context is stripped from the records written: they hold
-    only what the student may see (prompt, answer and the finish reason)."""
-    context = context or []
-    asked = output.with_name(output.stem + ".prompts.jsonl")
-    data.write_records(asked, [data.Record(r.id, context + r.prompt) for r in prompts])
-    raw = output.with_name(output.stem + ".raw.jsonl") if context else output
-    _collect(model, asked, raw, args, seed, n)
-    records = [r for r in data.read_records(raw).records if r.response is not None]
-    if context:
-        records = [data.Record(r.id, r.messages[len(context) :], r.meta) for r in records]
-        data.write_records(output, records)
-    return records
-
-
-def _collect(model: str, asked: Path, raw: Path, args: argparse.Namespace, seed: int, n: int):
-    teacher.collect(
-        cfg.CollectConfig(
-            prompts=str(asked),
-            output=str(raw),
-            backend="local",
-            model=model,
-            n=n,
-            temperature=1.0,
-            max_response_tokens=args.max_tokens,
-            generation_batch_size=args.gen_batch,
-            seed=seed,
-        ),
-        progress=False,
+    seed: int,
+    args: argparse.Namespace,
+    contexts: list[mixture.Component] | None = None,
+) -> list[Answer]:
+    """`n` answers per prompt at temperature 1, answer (i, j) from its own seed. With
+    `contexts`, each answer first draws its context from the prior (the mixture teacher)."""
+    model, tokenizer = pair
+    items = []
+    for pid, prompt in enumerate(prompts):
+        for j in range(n):
+            mode, context = None, []
+            if contexts:
+                rng = random.Random(answer_seed(seed, pid, j))
+                mode = rng.choices(range(len(contexts)), [c.weight for c in contexts])[0]
+                context = contexts[mode].messages
+            items.append((pid, j, mode, data.encode_prompt(tokenizer, context + prompt)))
+    rollout = TransformersRollout(model, tokenizer, batch_size=args.gen_batch)
+    groups = rollout.generate(
+        [ids for *_, ids in items],
+        1,
+        Sampling(1.0, 1.0, args.max_tokens),
+        [answer_seed(seed, pid, j) for pid, j, *_ in items],
     )
+    return [
+        Answer(pid, j, c.token_ids, c.text, c.finish_reason == "stop", mode)
+        for (pid, j, mode, _), [c] in zip(items, groups, strict=True)
+    ]
 
 
-# ------------------------------------------------------------------ metrics
+def save_answers(path: Path, answers: list[Answer]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(dataclasses.asdict(a)) + "\n" for a in answers))
+    tmp.replace(path)
 
 
-def response_ids(tokenizer: Any, prompt: list[dict[str, str]], record: data.Record) -> list[int]:
-    """The response as the template renders it, with the end-of-turn token iff it finished: a
-    cut answer's last position predicts a content token, not the end of the turn."""
-    return data.encode_response(
-        tokenizer, prompt, record.response or "", finished=data.record_finished(record)
-    )
+def cached_answers(path: Path, make: Any) -> list[Answer]:
+    if path.exists():
+        return [Answer(**json.loads(line)) for line in path.read_text().splitlines()]
+    answers = make()
+    save_answers(path, answers)
+    return answers
 
 
-def exact_token_kl(
-    q_model: Any,
-    p_model: Any,
+def training_records(split: str, prompts: list, answers: list[Answer]) -> list[data.Record]:
+    """Teacher answers as the chat records every method trains on (text only, the finish
+    reason and the mode in `meta`; the context stays hidden)."""
+    return [
+        data.Record(
+            f"{split}-{a.pid}-{a.j}",
+            prompts[a.pid] + [{"role": "assistant", "content": a.text}],
+            {"finish_reason": "stop" if a.finished else "length", "mode": a.mode},
+        )
+        for a in answers
+    ]
+
+
+# ------------------------------------------------------------------ exact scoring
+
+
+def _log_dists(model: Any, tokenizer: Any, context: list, prompts: list, chunk: list[Answer]):
+    """[T_i, V] next-token log-probs at each answer's positions, one pass per chunk."""
+    examples = []
+    for a in chunk:
+        prompt = data.encode_prompt(tokenizer, context + prompts[a.pid])
+        examples.append(data.Example("", prompt + a.ids, len(prompt), False))
+    batch = engine.collate(examples, engine.pad_id_of(tokenizer))
+    logits_btv, _, mask_bt = engine.response_logits(model, batch)
+    return [
+        torch.log_softmax(logits_btv[row][mask_bt[row] != 0].double(), -1)
+        for row in range(len(chunk))
+    ]
+
+
+@torch.no_grad()
+def answer_stats(
+    student: Any,
+    teacher: Any,
     tokenizer: Any,
-    records: list[data.Record],
+    contexts: list[mixture.Component],
+    prompts: list,
+    answers: list[Answer],
     *,
-    q_context: list[dict[str, str]] | None = None,
-    p_context: list[dict[str, str]] | None = None,
+    forward: bool = False,
     batch_size: int = 8,
-) -> dict[str, float]:
-    """KL(q || p) per response token over `records`, exact: both models' full next-token
-    distributions at every response position (one shared tokenizer). Each side reads its own
-    context + the record's prompt + the same response ids, so p can be a teacher under a
-    hidden context. Also returns p's mean log-likelihood per token of the responses
-    (`p_logp`) and the mean response tokens (`tokens`)."""
-    q_context, p_context = q_context or [], p_context or []
-    q_examples, p_examples = [], []
-    for i, r in enumerate(records):
-        response = response_ids(tokenizer, r.prompt, r)
-        for context, out in ((q_context, q_examples), (p_context, p_examples)):
-            prompt = data.encode_prompt(tokenizer, context + r.prompt)
-            out.append(data.Example(str(i), prompt + response, len(prompt), False))
-    kl_sum, logp_sum, tokens = 0.0, 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with torch.no_grad():
-        # Chunked by the q side's lengths; both sides hold the same rows in the same order.
-        for idx in engine.length_sorted_chunks(q_examples, batch_size):
-            q_batch = engine.collate([q_examples[i] for i in idx], pad)
-            p_batch = engine.collate([p_examples[i] for i in idx], pad)
-            logits_q, _, mask_q = engine.response_logits(q_model, q_batch)
-            logits_p, targets_p, mask_p = engine.response_logits(p_model, p_batch)
-            for row in range(len(idx)):
-                keep_q, keep_p = mask_q[row].bool(), mask_p[row].bool()
-                lq = torch.log_softmax(logits_q[row][keep_q].float(), -1)
-                lp = torch.log_softmax(logits_p[row][keep_p].float(), -1)
-                kl_sum += float((lq.exp() * (lq - lp)).sum())
-                target = targets_p[row][keep_p]
-                logp_sum += float(lp.gather(-1, target[:, None]).sum())
-                tokens += int(keep_q.sum())
-    return {
-        "kl": kl_sum / tokens,
-        "p_logp": logp_sum / tokens,
-        "tokens": tokens / len(records),
-    }
-
-
-def text_kl(
-    q: tuple[Any, Any], p: tuple[Any, Any], records: list[data.Record]
-) -> tuple[float, float]:
-    """(Σ[log q(y) - log p(y)] / Σ q-tokens, mean q-tokens) over `records`' responses, each
-    model scoring the text with its own tokenizer and chat template (a Monte-Carlo estimate)."""
-    prompts = [r.prompt for r in records]
-    responses = [r.response or "" for r in records]
-    done = [data.record_finished(r) for r in records]
-    est = evaluate.reverse_kl_estimate(q[0], q[1], p[0], p[1], prompts, responses, finished=done)
-    tokens = sum(len(response_ids(q[1], r.prompt, r)) for r in records)
-    return est["per_token"], tokens / len(records)
-
-
-def finished(records: list[data.Record]) -> float:
-    return sum(r.meta.get("finish_reason") == "stop" for r in records) / len(records)
-
-
-def score(
-    student: tuple[Any, Any],
-    answers: list[data.Record],
-    teacher_test: list[data.Record],
-    teacher_pair: tuple[Any, Any],
-    context: list[dict[str, str]] | None,
-    exact: bool,
-) -> dict[str, float]:
-    """The lab's metrics of one system's test answers."""
-    if exact:
-        rev = exact_token_kl(student[0], teacher_pair[0], student[1], answers, p_context=context)
-        fwd = exact_token_kl(
-            teacher_pair[0], student[0], student[1], teacher_test, q_context=context
-        )
-        out = {"reverse_kl": rev["kl"], "forward_kl": fwd["kl"], "teacher_logp": rev["p_logp"]}
-        out["length"] = rev["tokens"]
-    else:
-        reverse, length = text_kl(student, teacher_pair, answers)
-        forward, _ = text_kl(teacher_pair, student, teacher_test)
-        logp = evaluate.teacher_logprob(
-            teacher_pair[0],
-            teacher_pair[1],
-            [r.prompt for r in answers],
-            [r.response or "" for r in answers],
-            finished=[data.record_finished(r) for r in answers],
-        )
-        out = {"reverse_kl": reverse, "forward_kl": forward, "teacher_logp": statistics.mean(logp)}
-        out["length"] = length
-    out["finished"] = finished(answers)
+) -> list[dict[str, float]]:
+    """Exact per-answer statistics; `forward` = KL(teacher || student) on teacher answers."""
+    log_w = mixture.log_weights(contexts)
+    out = []
+    for start in range(0, len(answers), batch_size):
+        chunk = answers[start : start + batch_size]
+        s_rows = _log_dists(student, tokenizer, [], prompts, chunk)
+        t_rows = [_log_dists(teacher, tokenizer, c.messages, prompts, chunk) for c in contexts]
+        for i, a in enumerate(chunk):
+            ids = torch.tensor(a.ids)
+            logp_ktv = torch.stack([rows[i] for rows in t_rows])
+            mix_tv = mixture.next_token_logprobs(logp_ktv, ids, log_w)
+            s_tv = s_rows[i]
+            q, p = (mix_tv, s_tv) if forward else (s_tv, mix_tv)
+            kl = float((q.exp() * (q - p)).sum())
+            token_kt = logp_ktv.gather(-1, ids.expand(len(contexts), -1)[..., None])[..., 0]
+            seq_k = token_kt.sum(-1)
+            n = len(a.ids)
+            out.append(
+                {
+                    "kl": kl,
+                    "length": float(n),
+                    "finished": float(a.finished),
+                    "mode": int(torch.argmax(log_w + seq_k)),
+                    "best_mode_logp": float(seq_k.max()) / n,
+                    "teacher_logp": float(mixture.token_logprobs(token_kt, log_w).sum()) / n,
+                }
+            )
     return out
 
 
-# ------------------------------------------------------------------ validation
+def system_row(
+    stats: list[dict[str, float]],
+    fwd: list[dict[str, float]],
+    answers: list[Answer],
+    teacher_answers: list[Answer],
+    n_prompts: int,
+) -> dict[str, Any]:
+    """Per-prompt values and their means (every prompt weighs the same)."""
+    by_prompt: list[list[dict[str, float]]] = [[] for _ in range(n_prompts)]
+    for a, s in zip(answers, stats, strict=True):
+        by_prompt[a.pid].append(s)
+    per_prompt: dict[str, list[float]] = {m: [] for m in ANSWER_METRICS}
+    per_prompt |= {"reverse_kl_token": [], "mode_purity": [], "forward_kl": []}
+    fwd_by_prompt: list[list[float]] = [[] for _ in range(n_prompts)]
+    for a, s in zip(teacher_answers, fwd, strict=True):
+        fwd_by_prompt[a.pid].append(s["kl"])
+    for rows, f in zip(by_prompt, fwd_by_prompt, strict=True):
+        per_prompt["reverse_kl"].append(statistics.mean(r["kl"] for r in rows))
+        for m in ANSWER_METRICS[1:]:
+            per_prompt[m].append(statistics.mean(r[m] for r in rows))
+        per_prompt["reverse_kl_token"].append(
+            sum(r["kl"] for r in rows) / max(1.0, sum(r["length"] for r in rows))
+        )
+        modes = [r["mode"] for r in rows]
+        per_prompt["mode_purity"].append(max(modes.count(k) for k in set(modes)) / len(modes))
+        per_prompt["forward_kl"].append(statistics.mean(f) if f else math.nan)
+    means = {m: statistics.mean(v) for m, v in per_prompt.items()}
+    means["reverse_kl_token_pooled"] = sum(s["kl"] for s in stats) / sum(s["length"] for s in stats)
+    modes = [s["mode"] for s in stats]
+    means["mode_shares"] = [modes.count(k) / len(modes) for k in range(max(modes) + 1)]
+    return means | {"per_prompt": per_prompt}
 
 
-def validate(args: argparse.Namespace, out: Path) -> None:
-    """Measure candidate hidden contexts on the validation prompts: how far the untouched
-    student is from the teacher (exact reverse and forward KL) and how many teacher answers
-    finish within the budget. The held-out test prompts are never touched."""
-    candidates = json.loads(CANDIDATES_FILE.read_text())
-    names = args.contexts or list(candidates)
-    val = prompt_splits(args.n_test, args.n_val, args.n_train)["val"]
-    name = "tiny" if args.tiny else SETTINGS["context"]["teacher"]
-    model = str(models.build_tiny(out / "tiny", seed=1)) if args.tiny else name
-    student_answers = sample(model, val, out / "student_val.jsonl", args, 7, args.eval_samples)
-    pair = models.load(model)
-    rows = []
-    for cand in names:
-        context = candidates[cand]
-        answers = sample(
-            model, val, out / f"teacher_val-{cand}.jsonl", args, 8, args.eval_samples, context
-        )
-        rev = exact_token_kl(pair[0], pair[0], pair[1], student_answers, p_context=context)
-        fwd = exact_token_kl(pair[0], pair[0], pair[1], answers, q_context=context)
-        rows.append(
-            {
-                "context": cand,
-                "max_tokens": args.max_tokens,
-                "reverse_kl": rev["kl"],
-                "forward_kl": fwd["kl"],
-                "teacher_finished": finished(answers),
-                "teacher_length": fwd["tokens"],
-                "student_finished": finished(student_answers),
-                "student_length": rev["tokens"],
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    (out / "validate.json").write_text(json.dumps(rows, indent=2) + "\n")
-    lines = [
-        "| context | max tokens | reverse KL | forward KL | teacher finished | teacher length |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['context']} | {r['max_tokens']} | {r['reverse_kl']:.3f} | "
-            f"{r['forward_kl']:.3f} | {r['teacher_finished']:.0%} | {r['teacher_length']:.1f} |"
-        )
-    print("\n".join(lines))
+# ------------------------------------------------------------------ paired statistics
+
+
+def _bootstrap_draws(seeds: list[int], n_prompts: int, reps: int) -> list[list[tuple[int, list]]]:
+    """Resample seeds, then prompts within each drawn seed (one shared plan per call)."""
+    rng = random.Random(12345)
+    draws = []
+    for _ in range(reps):
+        picked = [rng.choice(seeds) for _ in seeds]
+        draws.append([(s, [rng.randrange(n_prompts) for _ in range(n_prompts)]) for s in picked])
+    return draws
+
+
+def _per_seed(rows: list[dict], metric: str) -> dict[int, list[float]]:
+    return {r["seed"]: r["per_prompt"][metric] for r in rows if metric in r.get("per_prompt", {})}
+
+
+def paired_difference(
+    rows: list[dict], base: list[dict], metric: str, reps: int = 2000
+) -> dict[str, Any] | None:
+    """Mean of (method - base) over seeds and prompts, with a 95% bootstrap CI (seeds, then
+    prompts); only seeds both have."""
+    a, b = _per_seed(rows, metric), _per_seed(base, metric)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diff = {s: [x - y for x, y in zip(a[s], b[s], strict=True)] for s in seeds}
+    n = len(diff[seeds[0]])
+    mean = statistics.mean(v for s in seeds for v in diff[s])
+    stats = sorted(
+        statistics.mean(diff[s][p] for s, ps in draw for p in ps)
+        for draw in _bootstrap_draws(seeds, n, reps)
+    )
+    return {
+        "mean": mean,
+        "ci95": [stats[int(0.025 * reps)], stats[int(0.975 * reps) - 1]],
+        "seeds": seeds,
+        "prompts": n,
+    }
+
+
+def gap_closed(
+    rows: list[dict], seqkd: list[dict], ceiling: list[dict], reps: int = 2000
+) -> dict[str, Any] | None:
+    """(SeqKD - method) / (SeqKD - white box) on per-answer reverse KL: a ratio of means over
+    seeds and prompts (never a mean of per-seed ratios), with a bootstrap CI."""
+    m, s, c = (_per_seed(r, "reverse_kl") for r in (rows, seqkd, ceiling))
+    seeds = sorted(set(m) & set(s) & set(c))
+    if not seeds:
+        return None
+    n = len(m[seeds[0]])
+
+    def ratio(draw: list[tuple[int, list]]) -> float:
+        sm = [(s[k][p], m[k][p], c[k][p]) for k, ps in draw for p in ps]
+        base, meth, ceil = (statistics.mean(x[i] for x in sm) for i in range(3))
+        return (base - meth) / (base - ceil) if base != ceil else math.nan
+
+    point = ratio([(k, list(range(n))) for k in seeds])
+    stats = sorted(ratio(d) for d in _bootstrap_draws(seeds, n, reps))
+    stats = [x for x in stats if not math.isnan(x)]
+    ci = [stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]] if stats else None
+    return {"mean": point, "ci95": ci, "seeds": seeds}
 
 
 # ------------------------------------------------------------------ training
@@ -353,456 +398,490 @@ def validate(args: argparse.Namespace, out: Path) -> None:
 
 @dataclasses.dataclass
 class Trained:
-    """A system to score: its model folder and its wall time from the untouched student."""
+    """A system to score: its model folder, wall time from the untouched student, and the
+    training's peak resident memory."""
 
     folder: str
     train_s: float
+    peak_mib: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def sft_config(
-    args: argparse.Namespace, data_file: Path, run: Path, seed: int, epochs: int, every: int = 1
-) -> cfg.SFTConfig:
-    """SeqKD, with a checkpoint every `every` epochs (GAD at equal exposure starts from one)."""
+def measured(fn: Any, *a: Any, **kw: Any) -> tuple[Any, float, float | None]:
+    """(result, wall seconds, peak RSS in MiB during the call). Linux resets the peak with
+    /proc/self/clear_refs; elsewhere the peak is not reported."""
+    reset = True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        reset = False
+    started = time.perf_counter()
+    result = fn(*a, **kw)
+    seconds = time.perf_counter() - started
+    peak = None
+    if reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    return result, seconds, peak
+
+
+def lora_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha}
+
+
+def seqkd_config(args: argparse.Namespace, run: Path, seed: int) -> cfg.SFTConfig:
     return cfg.SFTConfig(
-        data=str(data_file),
+        data=str(args.train_file),
         model=args.student,
         output_dir=str(run),
-        epochs=epochs,
-        lr=args.lr,
+        epochs=args.seqkd_epochs,
+        lr=args.seqkd_lr,
         micro_batch_size=args.sft_batch,
         max_response_tokens=args.max_tokens,
         seed=seed,
-        save_every=args.steps_per_epoch * every,
+        # A checkpoint every epoch: the epochs are chosen on validation.
+        save_every=args.steps_per_epoch if args.score_every_epoch else 0,
         keep_checkpoints=0,
         save_state=False,
+        **lora_settings(args),
     )
 
 
-def gad_config(
-    args: argparse.Namespace, data_file: Path, init: str, run: Path, seed: int, **extra: Any
-) -> cfg.GADConfig:
-    """The GAD stage from a SeqKD checkpoint: the warmup is the discriminator's only."""
-    return cfg.GADConfig(
-        data=str(data_file),
-        model=init,
+def gad_config(args: argparse.Namespace, run: Path, seed: int, **extra: Any) -> cfg.GADConfig:
+    """A GAD-family stage on the untouched student's base with the lab's adapter."""
+    settings: dict[str, Any] = dict(
+        data=str(args.train_file),
+        model=args.student,
         output_dir=str(run),
+        stage="gad",
         warmup_epochs=args.d_warmup_epochs,
         warmup_d_only_steps=0,
-        # Epochs only bound the plan; max_steps sets the length.
-        epochs=float(max(1, math.ceil(args.long_steps * args.batch_prompts / args.n_train_ok))),
+        epochs=float(max(1, math.ceil(args.long_steps * args.batch_prompts / args.n_answers))),
         max_steps=args.gad_steps,
         batch_prompts=args.batch_prompts,
         n_samples=args.n_samples,
         micro_batch_size=8,
         generation_batch_size=64,
-        # Temperature 1: the policy GRPO improves is the one the exact KL scores.
+        # Temperature 1: the policy the exact KL scores is the one trained.
         temperature=1.0,
         max_response_tokens=args.max_tokens,
         lr=args.gad_lr,
         d_lr=args.d_lr,
+        kl_coef=args.kl_coef,
         seed=seed,
-        # No checkpoints but the ones the lab reads (GBs each); the warmup's optimizer states,
-        # which the GAD stage continues, are written whatever this says.
         save_every=0,
         save_state=False,
         keep_checkpoints=0,
-        **({"warmup_generator": False} | extra),
+        **lora_settings(args),
     )
+    return cfg.GADConfig(**(settings | extra))
 
 
-def timed(fn: Any, *a: Any, **kw: Any) -> tuple[Any, float]:
-    started = time.perf_counter()
-    result = fn(*a, **kw)
-    return result, time.perf_counter() - started
+def start_from(seqkd: Path, run: Path, discriminator: Path | None = None) -> None:
+    """Lay SeqKD's final folder (merged model + adapter) as `run`'s warmup result, so the GAD
+    stage continues SeqKD's adapter: the same parametrisation, not a second adapter on top."""
+    warm = run / "warmup" / "final"
+    if warm.exists():
+        shutil.rmtree(warm)
+    warm.mkdir(parents=True)
+    for item in seqkd.iterdir():
+        (warm / item.name).symlink_to(item.resolve())
+    if discriminator is not None:
+        (warm / "discriminator").symlink_to(discriminator.resolve())
 
 
-def checkpoint_at(run: Path, step: int) -> Path:
-    folder = run / "checkpoints" / f"step-{step:06d}"
-    if not (folder / "config.json").exists():
-        raise RuntimeError(f"lab: expected a checkpoint at {folder}")
-    return folder
-
-
-def stage_stats(stage_dir: Path, upto: int | None = None) -> dict[str, float]:
-    """What explains a GAD-stage result: the discriminator's accuracy over the second half of
-    the stage (0.5 is the equilibrium; near 1, a shortcut or a student far from the teacher)
-    and the mean step time."""
+def stage_stats(stage_dir: Path) -> dict[str, float]:
+    """Mean step time and the discriminator's batch accuracy over the second half."""
     rows = [r for r in read_metrics(stage_dir) if "time/step" in r]
-    rows = [r for r in rows if upto is None or r["step"] <= upto]
     out: dict[str, float] = {}
     if rows:
         out["step_s"] = statistics.mean(r["time/step"] for r in rows)
         late = [r["d/accuracy"] for r in rows[len(rows) // 2 :] if "d/accuracy" in r]
         if late:
             out["d_accuracy"] = statistics.mean(late)
+    held = [r["eval/d_accuracy"] for r in read_metrics(stage_dir) if "eval/d_accuracy" in r]
+    if held:
+        out["d_heldout_accuracy"] = held[-1]
     return out
 
 
-def train_seed(
-    setting: str,
-    methods: list[str],
-    data_file: Path,
-    out: Path,
-    args: argparse.Namespace,
-    seed: int,
-    context_file: Path | None,
-    first: bool,
-) -> dict[str, Trained]:
-    """Train every method of one seed; returns {system: Trained}. The first seed also runs
-    the long GAD run and SeqKD at equal wall time (context setting)."""
-    # The untouched student is one model: scored once, with the first seed's samples.
-    systems = {"before": Trained(args.student, 0.0)} if first else {}
-    run = out / f"s{seed}"
-    k = args.seqkd_epochs
-    seqkd_final, seqkd_s = timed(sft.train, sft_config(args, data_file, run / "seqkd", seed, k))
-    systems["seqkd"] = Trained(str(seqkd_final), seqkd_s)
-    long = first and setting == "context" and args.long_steps > args.gad_steps
+class Seed:
+    """One seed's training: each method on demand, SeqKD and the discriminator warmup once."""
 
-    # One discriminator warmup from SeqKD, shared by GAD and each stabiliser (they differ in
-    # the GAD stage only); each variant's run folder links to it.
-    gad_like = [
-        m
-        for m in methods
-        if m == "gad" or (m in STABILISERS and (first or args.stabiliser_seeds == "all"))
-    ]
-    warm_s = 0.0
-    if gad_like:
-        base = gad_config(args, data_file, str(seqkd_final), run / "gad", seed)
-        _, warm_s = timed(gad_stage.train, dataclasses.replace(base, stage="warmup"))
-    for method in gad_like:
-        folder = run / method
-        if method != "gad":
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "warmup").symlink_to(run / "gad" / "warmup", target_is_directory=True)
-        config = gad_config(
-            args, data_file, str(seqkd_final), folder, seed, **STABILISERS.get(method, {})
-        )
-        if method == "gad" and long:
-            # The long run: its step-`gad_steps` checkpoint is the first seed's row of the main
-            # table. The product's held-out evaluation (exact reverse KL on the validation
-            # prompts, on its own random stream, so training is unchanged) gives the curve and
-            # the model selection (`gad_selected`).
-            # It stops at `gad_steps` with a full checkpoint, then resumes to `long_steps`
-            # (bit for bit the uninterrupted run): one checkpoint on disk, not one per period.
-            config = dataclasses.replace(
-                config,
-                stage="gad",
-                eval_every=args.curve_every,
-                eval_data=str(args.val_data),
-                teacher_model=args.teacher,
-                teacher_context=str(context_file),
+    def __init__(self, args: argparse.Namespace, seed: int) -> None:
+        self.args, self.seed = args, seed
+        self.run = Path(args.out) / "runs" / f"s{seed}"
+        self._seqkd: Trained | None = None
+        self._dwarm: tuple[Path, float, float | None] | None = None
+
+    def seqkd(self) -> Trained:
+        if self._seqkd is None:
+            config = seqkd_config(self.args, self.run / "seqkd", self.seed)
+            final = self.run / "seqkd" / "final"
+            if (final / "config.json").exists():
+                # Trained by an earlier, interrupted invocation: its time is in its note.
+                note = json.loads((self.run / "seqkd" / "lab_time.json").read_text())
+                self._seqkd = Trained(str(final), note["train_s"], note["peak_mib"])
+            else:
+                _, s, peak = measured(sft.train, config)
+                note = {"train_s": s, "peak_mib": peak}
+                (self.run / "seqkd" / "lab_time.json").write_text(json.dumps(note))
+                self._seqkd = Trained(str(final), s, peak)
+        return self._seqkd
+
+    def seqkd_epochs(self) -> dict[str, Trained]:
+        """Every epoch's checkpoint but the last (that is `seqkd`), for the choice of epochs."""
+        base = self.seqkd()
+        out = {}
+        for e in range(1, self.args.seqkd_epochs):
+            step = e * self.args.steps_per_epoch
+            folder = self.run / "seqkd" / "checkpoints" / f"step-{step:06d}"
+            frac = e / self.args.seqkd_epochs
+            out[f"seqkd@e{e}"] = Trained(str(folder), base.train_s * frac, base.peak_mib)
+        return out
+
+    def d_warmup(self) -> tuple[Path, float, float | None]:
+        """The discriminator, initialised from the untouched student, warmed up alone on
+        (teacher answer, SeqKD sample) pairs; shared by every GAD variant of this seed."""
+        if self._dwarm is None:
+            seqkd = self.seqkd()
+            run = self.run / "d_warmup"
+            config = gad_config(
+                self.args,
+                run,
+                self.seed,
+                model=seqkd.folder,
+                discriminator=self.args.student,
+                stage="warmup",
+                warmup_generator=False,
             )
-            _, first_s = timed(gad_stage.train, dataclasses.replace(config, save_state=True))
-            config = dataclasses.replace(config, max_steps=args.long_steps, resume=True)
-            final, gad_s = timed(gad_stage.train, config)
-            gad_s += first_s
-        else:
-            final, gad_s = timed(gad_stage.train, dataclasses.replace(config, stage="gad"))
-        if method == "gad" and long:
-            # Step times from the run's own timers: the held-out evaluations are not training.
-            steps = [r for r in read_metrics(folder / "gad") if "time/step" in r]
-            per_step = statistics.mean(r["time/step"] for r in steps)
-            main_s = sum(r["time/step"] for r in steps if r["step"] <= args.gad_steps)
-            main_at = checkpoint_at(folder / "gad", args.gad_steps)
-            offsets = {"offset_s": seqkd_s + warm_s, "per_step_s": per_step}
-            stats = stage_stats(folder / "gad")
-            systems["gad_long"] = Trained(str(final), seqkd_s + warm_s + gad_s, offsets | stats)
-            stats = stage_stats(folder / "gad", args.gad_steps)
-            systems["gad"] = Trained(str(main_at), seqkd_s + warm_s + main_s, stats)
-            selection = json.loads((folder / "gad" / "selection.json").read_text())
-            if selection.get("model"):
-                step = selection["chosen_step"]
-                systems["gad_selected"] = Trained(
-                    selection["model"],
-                    seqkd_s + warm_s + gad_s,
-                    {"chosen_step": step, "val_reverse_kl": selection["value"]},
-                )
-        else:
-            stats = stage_stats(folder / "gad")
-            systems[method] = Trained(str(final), seqkd_s + warm_s + gad_s, stats)
+            # The warmup's generator is a fresh (zero) adapter on SeqKD's merged model: it
+            # samples exactly as SeqKD does.
+            _, s, peak = measured(gad_stage.train, config)
+            self._dwarm = (run / "warmup" / "final" / "discriminator", s, peak)
+        return self._dwarm
 
-    if "gad_equal_exposure" in methods:
-        # SeqKD after k-1 epochs, then GAD: k epochs of teacher data in all, as SeqKD.
-        spe = args.steps_per_epoch
-        init = checkpoint_at(run / "seqkd", (k - 1) * spe) if k > 1 else Path(args.student)
-        config = gad_config(args, data_file, str(init), run / "gad_equal_exposure", seed)
-        final, s = timed(gad_stage.train, dataclasses.replace(config, stage="all"))
-        stats = stage_stats(run / "gad_equal_exposure" / "gad")
-        systems["gad_equal_exposure"] = Trained(str(final), seqkd_s * (k - 1) / k + s, stats)
+    def gad(self, name: str, settings: dict[str, Any], long: bool) -> Trained:
+        seqkd = self.seqkd()
+        d_folder, d_s, d_peak = self.d_warmup()
+        run = self.run / name
+        start_from(Path(seqkd.folder), run, d_folder)
+        extra: dict[str, Any] = dict(discriminator=self.args.student, **settings)
+        if long:
+            # Held-out curves (exact reverse KL on validation prompts, on their own random
+            # stream, so training is unchanged) and a full checkpoint at the main length, from
+            # which `gad_long` continues.
+            extra |= dict(
+                eval_every=self.args.curve_every,
+                eval_data=str(self.args.val_file),
+                teacher_model=self.args.teacher,
+                teacher_context=self.args.teacher_contexts,
+                save_state=True,
+            )
+        config = gad_config(self.args, run, self.seed, **extra)
+        final, s, peak = measured(gad_stage.train, config)
+        total = seqkd.train_s + d_s + s
+        peaks = [p for p in (seqkd.peak_mib, d_peak, peak) if p is not None]
+        self.last_gad = config
+        return Trained(str(final), total, max(peaks, default=None), stage_stats(run / "gad"))
 
-    if "gad_lora" in methods:
-        # Single-base LoRA: the SeqKD model is the frozen base of every role; the discriminator
-        # is an adapter and head on it, so it needs its own warmup (the same length as gad's).
-        scale, rank = args.lora_lr_scale, args.lora_rank
+    def gad_long(self, main: Trained) -> Trained:
+        config = dataclasses.replace(self.last_gad, max_steps=self.args.long_steps, resume=True)
+        final, s, peak = measured(gad_stage.train, config)
+        stats = stage_stats(Path(config.output_dir) / "gad")
+        return Trained(str(final), main.train_s + s, main.peak_mib, stats)
+
+    def whitebox(self) -> Trained:
+        seqkd = self.seqkd()
+        run = self.run / "whitebox"
+        start_from(Path(seqkd.folder), run)
         config = gad_config(
-            args,
-            data_file,
-            str(seqkd_final),
-            run / "gad_lora",
-            seed,
-            lora_rank=rank,
-            lora_alpha=2.0 * rank,
-            single_base=True,
-        )
-        config = dataclasses.replace(config, lr=args.gad_lr * scale, d_lr=args.d_lr * scale)
-        final, s = timed(gad_stage.train, dataclasses.replace(config, stage="all"))
-        stats = stage_stats(run / "gad_lora" / "gad")
-        systems["gad_lora"] = Trained(str(final), seqkd_s + s, stats)
-
-    if "whitebox" in methods and setting == "context":
-        config = gad_config(
-            args,
-            data_file,
-            str(seqkd_final),
-            run / "whitebox",
-            seed,
+            self.args,
+            run,
+            self.seed,
             method="whitebox",
-            teacher_model=args.teacher,
-            teacher_context=str(context_file),
+            teacher_model=self.args.teacher,
+            teacher_context=self.args.teacher_contexts,
         )
-        final, s = timed(gad_stage.train, dataclasses.replace(config, stage="gad"))
-        stats = stage_stats(run / "whitebox" / "gad")
-        systems["whitebox"] = Trained(str(final), seqkd_s + s, stats)
+        final, s, peak = measured(gad_stage.train, config)
+        return Trained(str(final), seqkd.train_s + s, peak, stage_stats(run / "gad"))
 
-    if "offpolicy" in methods:
+    def soda(self) -> Trained:
+        """SODA from the untouched student (the paper's start): its snapshot is the
+        untouched student's answers."""
+        run = self.run / "soda"
         config = gad_config(
-            args, data_file, str(seqkd_final), run / "offpolicy", seed, method="offpolicy"
+            self.args,
+            run,
+            self.seed,
+            method="soda",
+            soda_beta=self.args.soda_beta,
+            lr=self.args.soda_lr,
+            epochs=float(self.args.soda_epochs),
+            max_steps=None,
+            batch_prompts=self.args.soda_batch,
         )
-        config = dataclasses.replace(config, offpolicy_d_epochs=args.d_warmup_epochs)
-        final, s = timed(gad_stage.train, dataclasses.replace(config, stage="all"))
-        systems["offpolicy"] = Trained(str(final), seqkd_s + s)
-
-    if long and "gad_long" in systems:
-        # Equal wall time: SeqKD given as long as GAD's main run took, in whole epochs.
-        target = systems["gad"].train_s
-        epochs = max(k + 1, round(target / (seqkd_s / k)))
-        # About 4 checkpoints: each is a point of the equal-time curve.
-        config = sft_config(args, data_file, run / "seqkd_long", seed, epochs, max(1, epochs // 4))
-        final, s = timed(sft.train, config)
-        systems["seqkd_equal_time"] = Trained(str(final), s, {"epochs": epochs})
-    return systems
+        final, s, peak = measured(gad_stage.train, config)
+        return Trained(str(final), s, peak, stage_stats(run / "soda"))
 
 
-# ------------------------------------------------------------------ one setting
+# ------------------------------------------------------------------ the run
 
 
-def curve(
-    run: Path,
-    offset_s: float,
-    seconds_per_step: float,
-    val: list[data.Record],
-    val_context: tuple[Any, Any, list[dict[str, str]]],
-    args: argparse.Namespace,
-    out: Path,
-    name: str,
-) -> list[dict[str, float]]:
-    """Exact reverse KL, length and finish rate of every checkpoint of `run` on the validation
-    prompts (one answer each), against wall time: the seed-0 curves."""
-    teacher_model, _, context = val_context
-    points = []
-    for folder in sorted((run / "checkpoints").glob("step-*")):
-        step = int(folder.name.split("-")[1])
-        answers = sample(str(folder), val, out / f"curve-{name}-{step}.jsonl", args, 99, 1)
-        student = models.load(str(folder))
-        rev = exact_token_kl(student[0], teacher_model, student[1], answers, p_context=context)
-        points.append(
-            {
-                "step": step,
-                "wall_s": offset_s + seconds_per_step * step,
-                "reverse_kl": rev["kl"],
-                "length": rev["tokens"],
-                "finished": finished(answers),
-            }
+def teacher_data(args: argparse.Namespace, contexts: list[mixture.Component]) -> dict[str, Any]:
+    """The teacher's answers (train, validation, evaluation), sampled once and cached."""
+    folder = Path(args.out) / "teacher"
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = split_prompts(args)
+    pair: list[Any] = []
+
+    def teacher() -> tuple[Any, Any]:
+        if not pair:
+            pair.extend(models.load(args.teacher))
+        return pair[0], pair[1]
+
+    def answers(name: str, n: int, seed: int) -> list[Answer]:
+        return cached_answers(
+            folder / f"{name}.jsonl",
+            lambda: sample(teacher(), splits[name], n, seed, args, contexts),
         )
-        print(json.dumps({"curve": name, **points[-1]}), flush=True)
-    return points
 
-
-def plot_equal_time(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    for name, points in curves.items():
-        if points:
-            ax[0].plot([p["wall_s"] for p in points], [p["reverse_kl"] for p in points], "o-")
-            ax[1].plot([p["wall_s"] for p in points], [p["length"] for p in points], "o-")
-            ax[0].lines[-1].set_label(name)
-    ax[0].set(xlabel="wall time from the untouched student (s)", ylabel="exact reverse KL")
-    ax[1].set(xlabel="wall time (s)", ylabel="mean answer tokens")
-    ax[0].legend()
-    fig.suptitle("lab v2, context setting, seed 0, validation prompts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def run_setting(
-    setting: str, args: argparse.Namespace, out: Path, results: dict[str, Any], meta: dict
-) -> None:
-    spec = SETTINGS[setting]
-    out = out / setting
-    out.mkdir(parents=True)
-    exact = spec["exact"]
-    if args.tiny:
-        args.teacher = str(models.build_tiny(out / "tiny-teacher", seed=1, num_layers=4))
-        args.student = (
-            args.teacher if exact else str(models.build_tiny(out / "tiny-student", seed=2))
-        )
-    else:
-        args.teacher, args.student = spec["teacher"], spec["student"]
-    context_file = Path(args.context) if exact else None
-    context = load_context(context_file) if context_file else None
-    # Context setting: the student is the teacher's model without the context.
-    methods = args.methods if exact else [m for m in args.methods if m in args.cross_methods]
-    seeds = args.seeds if exact else args.cross_seeds
-    splits = prompt_splits(args.n_test, args.n_val, args.n_train)
-    started = time.perf_counter()
-    teacher_train = sample(
-        args.teacher, splits["train"], out / "teacher_train.jsonl", args, 1234, 1, context
+    train = answers("train", args.answers_per_prompt, 1234)
+    val = answers("val", 1, 1236)
+    evaluation = cached_answers(
+        folder / f"{args.split}-eval.jsonl",
+        lambda: sample(
+            teacher(), splits[args.split], args.teacher_eval_answers, 1235, args, contexts
+        ),
     )
-    teacher_test = sample(
-        args.teacher,
-        splits["test"],
-        out / "teacher_test.jsonl",
-        args,
-        1235,
-        args.eval_samples,
-        context,
-    )
-    # The long run's held-out evaluation (context setting only) reads teacher answers.
-    teacher_val = (
-        sample(args.teacher, splits["val"], out / "teacher_val.jsonl", args, 1236, 1, context)
-        if exact
-        else []
-    )
-    args.val_data = str(out / "teacher_val.jsonl")
-    meta[setting] = {
-        "teacher_s": time.perf_counter() - started,
-        "teacher_train_finished": finished(teacher_train),
-        "teacher_test_finished": finished(teacher_test),
-        "teacher_val_finished": finished(teacher_val) if teacher_val else None,
-        "seeds": seeds,
-        "methods": methods,
+    args.train_file = folder / "train.records.jsonl"
+    args.val_file = folder / "val.records.jsonl"
+    data.write_records(args.train_file, training_records("train", splits["train"], train))
+    data.write_records(args.val_file, training_records("val", splits["val"], val))
+    args.n_answers = len(train)
+    args.steps_per_epoch = math.ceil(len(train) / args.sft_batch)
+    stats = {
+        name: {
+            "answers": len(a),
+            "finished": statistics.mean(x.finished for x in a),
+            "length": statistics.mean(len(x.ids) for x in a),
+            "mode_shares": [sum(x.mode == k for x in a) / len(a) for k in range(len(contexts))],
+            "finished_by_mode": [
+                statistics.mean(x.finished for x in a if x.mode == k)
+                if any(x.mode == k for x in a)
+                else None
+                for k in range(len(contexts))
+            ],
+        }
+        for name, a in (("train", train), ("val", val), ("eval", evaluation))
     }
-    data_file = out / "teacher_train.jsonl"
-    args.n_train_ok = len(teacher_train)
-    args.steps_per_epoch = math.ceil(len(teacher_train) / args.sft_batch)  # SeqKD's
-    teacher_pair = models.load(args.teacher)
-    results[setting] = {}
-    for seed in seeds:
-        first = seed == seeds[0]
-        systems = train_seed(setting, methods, data_file, out, args, seed, context_file, first)
-        for system, trained in systems.items():
-            answers = sample(
-                trained.folder,
-                splits["test"],
-                out / f"s{seed}" / f"answers-{system}.jsonl",
-                args,
-                seed,
-                args.eval_samples,
-            )
-            student = models.load(trained.folder)
-            row = {"seed": seed, "train_s": trained.train_s, **trained.extra}
-            row |= score(student, answers, teacher_test, teacher_pair, context, exact)
-            results[setting].setdefault(system, []).append(row)
-            print(json.dumps({"setting": setting, "system": system, **row}), flush=True)
-        add_gap_closed(results[setting], seed)
-        write_results(Path(args.out), results, meta, args)
-        if "gad_long" in systems and context is not None:
-            first_dir = out / f"s{seed}"
-            long, eq = systems["gad_long"], systems["seqkd_equal_time"]
-            val_ctx = (teacher_pair[0], teacher_pair[1], context)
-            eq_per_step = eq.train_s / (eq.extra["epochs"] * args.steps_per_epoch)
-            evals = [r for r in read_metrics(first_dir / "gad" / "gad") if "eval/reverse_kl" in r]
-            curves = {
-                "gad (from SeqKD)": [
-                    {
-                        "step": r["step"],
-                        "wall_s": long.extra["offset_s"] + long.extra["per_step_s"] * r["step"],
-                        "reverse_kl": r["eval/reverse_kl"],
-                        "length": r["eval/length_mean"],
-                        "finished": r["eval/finished_share"],
-                    }
-                    for r in evals
-                ],
-                "seqkd": curve(
-                    first_dir / "seqkd_long",
-                    0.0,
-                    eq_per_step,
-                    splits["val"],
-                    val_ctx,
-                    args,
-                    out,
-                    "seqkd",
-                ),
-            }
-            meta[setting]["curves_seed0"] = curves
-            plot_equal_time(curves, Path(args.out) / "lab-v2-equal-time.png")
-            report.plot_curves("lab-v2-context-gad", read_metrics(first_dir / "gad" / "gad"), out)
-            for png in out.glob("*.png"):
-                shutil.copy(png, Path(args.out) / png.name)
-            write_results(Path(args.out), results, meta, args)
-        if not args.keep_models:
-            prune(out / f"s{seed}")
+    return {"splits": splits, "eval_answers": evaluation, "stats": stats, "pair": teacher}
+
+
+def row_path(args: argparse.Namespace, seed: int, method: str) -> Path:
+    return Path(args.out) / "rows" / args.split / f"s{seed}" / f"{method}.json"
+
+
+def score_system(
+    args: argparse.Namespace,
+    trained: Trained,
+    seed: int,
+    method: str,
+    contexts: list[mixture.Component],
+    teach: dict[str, Any],
+) -> dict[str, Any]:
+    prompts = teach["splits"][args.split]
+    student = load_system(trained.folder, args.student)
+    answers = sample(student, prompts, args.eval_samples, 10_000 + seed, args)
+    teacher_model = teach["pair"]()[0]
+    tok = student[1]
+    stats = answer_stats(student[0], teacher_model, tok, contexts, prompts, answers)
+    fwd = answer_stats(
+        student[0], teacher_model, tok, contexts, prompts, teach["eval_answers"], forward=True
+    )
+    row = {"seed": seed, "method": method, "train_s": trained.train_s}
+    row |= {"peak_mib": trained.peak_mib} | trained.extra
+    row |= system_row(stats, fwd, answers, teach["eval_answers"], len(prompts))
+    path = row_path(args, seed, method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row) + "\n")
+    shown = {k: v for k, v in row.items() if k != "per_prompt"}
+    print(json.dumps(shown), flush=True)
+    return row
+
+
+def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out = {}
+    have = {f.name for f in dataclasses.fields(cfg.GADConfig)}
+    for spec in args.gad_variant or []:
+        name, _, text = spec.partition("=")
+        try:
+            settings = json.loads(text)
+        except ValueError as err:
+            raise Refused(f"lab: --gad-variant {spec}: not NAME=JSON ({err})") from err
+        unknown = set(settings) - have
+        if not name or not isinstance(settings, dict) or unknown:
+            raise Refused(f"lab: --gad-variant {spec}: unknown GAD settings {sorted(unknown)}")
+        out[f"gad-{name}"] = settings
+    return out
+
+
+def run_seed(args, seed, contexts, teach, first) -> None:
+    s = Seed(args, seed)
+    todo = [m for m in args.methods if not (m == "before" and not first)]
+
+    def done(method: str) -> bool:
+        return row_path(args, seed, method).exists()
+
+    for method in todo:
+        if method == "before" and not done("before"):
+            score_system(args, Trained(args.student, 0.0), seed, "before", contexts, teach)
+        elif method == "seqkd":
+            if not done("seqkd"):
+                score_system(args, s.seqkd(), seed, "seqkd", contexts, teach)
+            if args.score_every_epoch:
+                for name, trained in s.seqkd_epochs().items():
+                    if not done(name):
+                        score_system(args, trained, seed, name, contexts, teach)
+        elif method == "gad":
+            long = first and args.long_steps > args.gad_steps
+            if not done("gad") or (long and not done("gad_long")):
+                main = s.gad("gad", {}, long)
+                if not done("gad"):
+                    score_system(args, main, seed, "gad", contexts, teach)
+                if long:
+                    score_system(args, s.gad_long(main), seed, "gad_long", contexts, teach)
+            for name, settings in variants(args).items():
+                if not done(name):
+                    score_system(args, s.gad(name, settings, False), seed, name, contexts, teach)
+        elif method in ("soda", "whitebox") and not done(method):
+            trained = s.soda() if method == "soda" else s.whitebox()
+            score_system(args, trained, seed, method, contexts, teach)
+    if not args.keep_models:
+        prune(s.run)
 
 
 def prune(run: Path) -> None:
-    """Delete a finished seed's weights and optimizer states (GBs per run); metrics, configs
-    and answers stay."""
-    for pattern in ("*.safetensors", "trainer_state.pt", "*.bin"):
+    """A finished seed's weights and optimizer states go (GBs); metrics and configs stay."""
+    for pattern in ("*.safetensors", "*.pt", "*.bin"):
         for path in run.rglob(pattern):
             if not path.is_symlink() and path.is_file():
                 path.unlink()
 
 
-def add_gap_closed(by_method: dict[str, list[dict[str, Any]]], seed: int) -> None:
-    """(KL_seqkd - KL_m) / (KL_seqkd - KL_whitebox) on exact reverse KL, within one seed."""
-
-    def at(method: str) -> dict[str, Any] | None:
-        return next((r for r in by_method.get(method, []) if r["seed"] == seed), None)
-
-    seqkd, ceiling = at("seqkd"), at("whitebox")
-    if seqkd is None or ceiling is None:
-        return
-    gap = seqkd["reverse_kl"] - ceiling["reverse_kl"]
-    for method in by_method:
-        row = at(method)
-        if row is not None and gap != 0:
-            row["gap_closed"] = (seqkd["reverse_kl"] - row["reverse_kl"]) / gap
-
-
 # ------------------------------------------------------------------ output
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    out = {}
-    for key in (*METRICS, "gap_closed"):
-        values = [r[key] for r in rows if key in r]
-        if values:
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            out[key] = {"mean": statistics.mean(values), "std": std, "n": len(values)}
-    return out
+def collect_rows(outs: list[Path], split: str) -> dict[str, list[dict]]:
+    by_method: dict[str, dict[int, dict]] = {}
+    for out in outs:
+        for path in sorted((out / "rows" / split).glob("s*/*.json")):
+            row = json.loads(path.read_text())
+            by_method.setdefault(row["method"], {})[row["seed"]] = row
+    return {m: [rows[s] for s in sorted(rows)] for m, rows in by_method.items()}
 
 
-def table(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
-    keys = (*METRICS, "gap_closed")
-    parts = []
-    for setting, by_method in results.items():
-        lines = [f"### {setting}", "", "| system | " + " | ".join(keys) + " |"]
-        lines.append("|---|" + "---:|" * len(keys))
-        for method, rows in by_method.items():
-            s = summarise(rows)
-            cells = [
-                f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f} (n={s[k]['n']})" if k in s else "—"
-                for k in keys
-            ]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+def analyse(rows: dict[str, list[dict]]) -> dict[str, Any]:
+    paired: dict[str, Any] = {}
+    for method, mine in rows.items():
+        for base in ("seqkd",) + (("gad",) if method.startswith("gad-") else ()):
+            if method != base and base in rows:
+                paired[f"{method} - {base}"] = {
+                    m: paired_difference(mine, rows[base], m) for m in PAIRED_METRICS
+                }
+    gaps = {}
+    if "seqkd" in rows and "whitebox" in rows:
+        gaps = {m: gap_closed(r, rows["seqkd"], rows["whitebox"]) for m, r in rows.items()}
+    return {"paired": paired, "gap_closed": gaps}
+
+
+SUMMARY = (
+    "reverse_kl", "reverse_kl_token_pooled", "forward_kl", "length", "finished",
+    "mode_purity", "best_mode_logp", "train_s", "peak_mib",
+)  # fmt: skip
+
+
+def table(rows: dict[str, list[dict]], analysis: dict[str, Any]) -> str:
+    lines = ["| system | seeds | " + " | ".join(SUMMARY) + " |", "|---|---:|" + "---:|" * 9]
+    for method, mine in rows.items():
+        cells = []
+        for key in SUMMARY:
+            values = [r[key] for r in mine if r.get(key) is not None]
+            if not values:
+                cells.append("—")
+                continue
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.3f} ± {sd:.3f}")
+        lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells) + " |")
+    lines += ["", "| comparison | Δ reverse KL / answer [95% CI] | Δ per token | Δ length |"]
+    lines.append("|---|---:|---:|---:|")
+    for name, by_metric in analysis["paired"].items():
+        cells = []
+        for m in ("reverse_kl", "reverse_kl_token", "length"):
+            d = by_metric.get(m)
+            cells.append(
+                f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "—"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if analysis["gap_closed"]:
+        lines += [
+            "",
+            "| system | share of the SeqKD → white-box gap closed [95% CI] |",
+            "|---|---:|",
+        ]
+        for m, g in analysis["gap_closed"].items():
+            if g and g["ci95"]:
+                lines.append(f"| {m} | {g['mean']:.2f} [{g['ci95'][0]:.2f}, {g['ci95'][1]:.2f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict[str, list[dict]], analysis: dict[str, Any], out: Path, long_dir: Path | None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2 if long_dir else 1, figsize=(11 if long_dir else 6, 3.8))
+    ax = ax if long_dir else [ax]
+    names = list(rows)
+    means = [statistics.mean(r["reverse_kl"] for r in rows[m]) for m in names]
+    errs = [[0.0, 0.0] for _ in names]
+    for i, m in enumerate(names):
+        d = analysis["paired"].get(f"{m} - seqkd", {}).get("reverse_kl")
+        if d:
+            errs[i] = [d["mean"] - d["ci95"][0], d["ci95"][1] - d["mean"]]
+    ax[0].bar(names, means, yerr=list(zip(*errs, strict=True)), capsize=4, color="tab:blue")
+    ax[0].set(
+        ylabel="exact reverse KL per answer (nats)", title="error bars: paired 95% CI vs SeqKD"
+    )
+    ax[0].tick_params(axis="x", rotation=45)
+    if long_dir:
+        evals = [r for r in read_metrics(long_dir) if "eval/reverse_kl" in r]
+        steps = [r["step"] for r in evals]
+        per_answer = [r["eval/reverse_kl"] * r["eval/length_mean"] for r in evals]
+        ax[1].plot(steps, per_answer, "o-", label="reverse KL per answer")
+        twin = ax[1].twinx()
+        held = [(r["step"], r["eval/d_accuracy"]) for r in evals if "eval/d_accuracy" in r]
+        if held:
+            twin.plot(*zip(*held, strict=True), "s--", color="tab:red", label="D held-out acc.")
+        train = [r for r in read_metrics(long_dir) if "d/accuracy" in r]
+        twin.plot(
+            [r["step"] for r in train],
+            [r["d/accuracy"] for r in train],
+            color="tab:red",
+            alpha=0.3,
+            label="D batch acc.",
+        )
+        twin.set(ylabel="discriminator accuracy", ylim=(0, 1))
+        ax[1].set(
+            xlabel="GAD step", ylabel="nats per answer (validation)", title="long GAD run, seed 0"
+        )
+        ax[1].legend(loc="upper left")
+        twin.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
 
 
 def code_version() -> str:
@@ -814,59 +893,60 @@ def code_version() -> str:
         return "unknown"
 
 
-def write_results(out: Path, results: dict, meta: dict, args: argparse.Namespace) -> None:
-    (out / "lab-v2.json").write_text(json.dumps(results, indent=2) + "\n")
-    skip = {"teacher", "student", "n_train_ok", "steps_per_epoch", "val_data"}
-    run = {
-        "args": {k: v for k, v in vars(args).items() if k not in skip},
-        "code": code_version(),
-        "threads": torch.get_num_threads(),
-        # Speed figures (train_s, equal wall time) hold for this CPU and precision only.
-        "machine": precision.machine(),
-        "precision": precision.resolve("auto").reason,
-        "context": load_context(args.context),
-        "settings": meta,
-    }
-    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    (out / "table.md").write_text(table(results))
-
-
-# ------------------------------------------------------------------ main
+def write_results(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    out = Path(args.out)
+    rows = collect_rows([out, *map(Path, args.merge or [])], args.split)
+    analysis = analyse(rows)
+    results = {"split": args.split, "systems": rows, **analysis, "run": meta}
+    (out / "lab-v3.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "table.md").write_text(table(rows, analysis))
+    long_dir = out / "runs" / f"s{args.seeds[0]}" / "gad" / "gad"
+    has_long = "gad_long" in rows and long_dir.exists()
+    plot(rows, analysis, out / "lab-v3.png", long_dir if has_long else None)
+    return results
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     add = parser.add_argument
-    add("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
-    add("--methods", nargs="+", choices=ALL_METHODS, default=list(DEFAULT_METHODS))
+    add("--out", required=True, help="the run's folder; a rerun resumes it")
+    add("--split", choices=("test", "val"), default="test", help="what systems are scored on")
+    add("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
     add("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    add("--out", required=True, help="a new or empty folder")
-    add("--context", default=str(CONTEXT_FILE), help="the hidden context (JSON messages)")
-    add("--validate", action="store_true", help="measure candidate contexts on validation")
-    add("--contexts", nargs="+", help="--validate: candidate names (default: all)")
-    add("--n-test", type=int, default=12, help="held-out prompts (the table)")
-    add("--n-val", type=int, default=16, help="validation prompts (choices, curves)")
-    add("--n-train", type=int, default=32, help="prompts the teacher answers for training")
-    add("--eval-samples", type=int, default=2, help="answers per test prompt")
+    add("--teacher", default="smollm2-135m")
+    add("--student", default="smollm2-135m")
+    add("--teacher-contexts", default=str(TEACHER_FILE), help="a gad.mixture JSON file")
+    add("--prompts", nargs="+", default=["self-instruct", "bundled"], help="sets or files")
+    add("--n-test", type=int, default=48)
+    add("--n-val", type=int, default=24)
+    add("--n-train", type=int, default=135)
+    add("--answers-per-prompt", type=int, default=2, help="teacher answers per train prompt")
+    add("--eval-samples", type=int, default=4, help="answers per evaluation prompt")
+    add("--teacher-eval-answers", type=int, default=2, help="forward KL: per evaluation prompt")
     add("--max-tokens", type=int, default=64, help="every answer's budget")
-    add("--gen-batch", type=int, default=48, help="answers generated together")
-    add("--batch-prompts", type=int, default=2, help="prompts per GAD step")
-    add("--sft-batch", type=int, default=4, help="answers per SeqKD step")
-    add("--n-samples", type=int, default=4, help="GAD: samples per prompt (the group)")
-    add("--seqkd-epochs", type=int, default=2, help="k")
-    add("--d-warmup-epochs", type=float, default=0.25, help="discriminator-only warmup")
-    add("--gad-steps", type=int, default=10, help="GAD-stage steps of the main table")
-    add("--long-steps", type=int, default=100, help="seed 0's long GAD run (context)")
-    add("--curve-every", type=int, default=25, help="long run: held-out evaluation period")
-    add("--lr", type=float, default=5e-5, help="SeqKD")
-    add("--gad-lr", type=float, default=1e-5, help="GAD stage and white-box generator")
-    add("--d-lr", type=float, default=5e-5, help="discriminator")
-    add("--keep-models", action="store_true", help="keep every run's weights (GBs per run)")
-    add("--lora-rank", type=int, default=16, help="gad_lora: adapter rank")
-    add("--lora-lr-scale", type=float, default=10.0, help="gad_lora: x both learning rates")
-    add("--stabiliser-seeds", choices=("first", "all"), default="first")
-    add("--cross-seeds", type=int, nargs="+", default=[0], help="cross-tokenizer seeds")
-    add("--cross-methods", nargs="+", choices=ALL_METHODS, default=["seqkd", "gad"])
+    add("--gen-batch", type=int, default=64, help="answers generated together")
+    add("--lora-rank", type=int, default=2, help="the student's parametrisation")
+    add("--lora-alpha", type=float, default=16.0)
+    add("--seqkd-epochs", type=int, default=2)
+    add("--seqkd-lr", type=float, default=1e-3)
+    add("--score-every-epoch", action="store_true", help="score each SeqKD epoch (tuning)")
+    add("--sft-batch", type=int, default=8)
+    add("--batch-prompts", type=int, default=4, help="prompts per GAD step")
+    add("--n-samples", type=int, default=8, help="GAD group size")
+    add("--d-warmup-epochs", type=float, default=0.1)
+    add("--gad-steps", type=int, default=20)
+    add("--gad-lr", type=float, default=2e-4)
+    add("--d-lr", type=float, default=2e-4)
+    add("--kl-coef", type=float, default=0.001)
+    add("--gad-variant", action="append", help="NAME='{\"setting\": value}' (GADConfig)")
+    add("--long-steps", type=int, default=0, help="first seed: continue GAD to this many")
+    add("--curve-every", type=int, default=10)
+    add("--soda-beta", type=float, default=0.1)
+    add("--soda-lr", type=float, default=2e-4)
+    add("--soda-epochs", type=int, default=2)
+    add("--soda-batch", type=int, default=8)
+    add("--keep-models", action="store_true")
+    add("--merge", nargs="+", help="other runs' folders whose rows join this table")
     add("--tiny", action="store_true", help="tiny random models and sizes: a smoke test")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -875,41 +955,56 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Sizes of --tiny: every path of the benchmark in seconds.
 TINY = {
+    "prompts": ["bundled"],
     "n_test": 3,
     "n_val": 2,
     "n_train": 4,
-    "eval_samples": 1,
+    "eval_samples": 2,
+    "teacher_eval_answers": 1,
     "max_tokens": 6,
+    "sft_batch": 4,
     "batch_prompts": 2,
-    "sft_batch": 2,
     "n_samples": 2,
-    "seqkd_epochs": 2,
     "d_warmup_epochs": 0.5,
     "gad_steps": 2,
     "long_steps": 4,
     "curve_every": 2,
+    "soda_epochs": 1,
+    "soda_batch": 4,
 }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the lab; returns what `lab-v2.json` holds."""
+    """Run (or resume) the lab; returns what `lab-v3.json` holds."""
     args = parse(argv)
     out = Path(args.out)
-    check_out(out)
-    if args.validate:
-        validate(args, out)
-        return {}
-    check_product(args.methods)
-    results: dict[str, Any] = {}
-    meta: dict[str, Any] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        tiny = out / "tiny-model"
+        if not (tiny / "config.json").exists():
+            models.build_tiny(tiny, seed=1, num_layers=2)
+        args.teacher = args.student = str(tiny)
+    contexts = check_inputs(args)
+    variants(args)
+    check_tokenizers(args.teacher, args.student)
     started = time.perf_counter()
-    for setting in args.settings:
-        run_setting(setting, args, out, results, meta)
-        meta[setting]["wall_s"] = time.perf_counter() - started
-        write_results(out, results, meta, args)
-    print(table(results))
+    teach = teacher_data(args, contexts)
+    meta = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "code": code_version(),
+        "machine": precision.machine(),
+        "precision": precision.resolve("auto").reason,
+        "threads": torch.get_num_threads(),
+        "teacher_data": teach["stats"],
+        "contexts": [dataclasses.asdict(c) for c in contexts],
+    }
+    for seed in args.seeds:
+        run_seed(args, seed, contexts, teach, seed == args.seeds[0])
+        meta["wall_s"] = time.perf_counter() - started
+        write_results(args, meta)
+    results = write_results(args, meta)
+    print((out / "table.md").read_text())
     return results
 
 

@@ -514,3 +514,24 @@ def test_global_std_is_the_sample_std():
     values = torch.tensor([0.5, -1.0, 2.0, 0.25])
     assert engine.global_std(one, values) == pytest.approx(values.std().item(), rel=1e-6)
     assert engine.global_std(one, torch.tensor([3.0])) == 0.0
+
+
+def test_d_update_every_k_updates_the_discriminator_on_every_kth_step_only(
+    tiny_dir, teacher_file, tmp_path
+):
+    """k generator steps per discriminator step: between updates the discriminator only scores
+    (its weights stay those of the last update) and its scores are still the rewards."""
+    config = gad_config(tiny_dir, teacher_file, tmp_path / "k", max_steps=2, d_update_every=2)
+    gad_stage.train(config)
+    rows = read_metrics(tmp_path / "k/gad")
+    assert ["d/loss" in r for r in rows] == [True, False]
+    assert "d/student_score" in rows[1] and "reward/mean" in rows[1]
+    assert "time/score" in rows[1] and "time/update_d" not in rows[1]
+    once = gad_config(tiny_dir, teacher_file, tmp_path / "once", max_steps=1)
+    gad_stage.train(once)
+    for run in ("k", "once"):
+        assert (tmp_path / run / "gad/final/discriminator").exists()
+    a, b = (weights(tmp_path / run / "gad/final/discriminator") for run in ("k", "once"))
+    assert same(a, b), "the discriminator changed on a step without its update"
+    with pytest.raises(cfg.ConfigError, match="d_update_every"):
+        gad_config(tiny_dir, teacher_file, tmp_path / "bad", d_update_every=0)

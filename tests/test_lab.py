@@ -1,5 +1,6 @@
-"""benchmarks/lab.py (lab v2): the exact KL against hand-computed values, the --tiny path end to
-end, its JSON, and the refusal to reuse an earlier run's folder."""
+"""benchmarks/lab.py (lab v3): the exact per-answer KL against a two-context teacher computed
+by hand, the paired statistics by hand, and the --tiny path end to end (every method, resume,
+merge)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gad import data, models
+from gad import data, mixture, models
 
 LAB_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "lab.py"
 
 
 def _load_lab():
-    spec = importlib.util.spec_from_file_location("lab_v2", LAB_PATH)
+    spec = importlib.util.spec_from_file_location("lab_v3", LAB_PATH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["lab_v2"] = module
+    sys.modules["lab_v3"] = module
     spec.loader.exec_module(module)
     return module
 
@@ -45,112 +46,128 @@ class Bigram(torch.nn.Module):
         return SimpleNamespace(logits=logits[:, -logits_to_keep:])
 
 
-def _hand_kl(q, p, q_ids, p_ids, q_start, p_start, n):
-    """Σ over response positions of KL(q||p), one position at a time, no batching."""
-    total, logp = 0.0, 0.0
-    for j in range(n):
-        qi, pi = q_ids[: q_start + j], p_ids[: p_start + j]
-        lq = torch.log_softmax(q(torch.tensor([qi]), None, None, 1).logits[0, -1], -1)
-        lp = torch.log_softmax(p(torch.tensor([pi]), None, None, 1).logits[0, -1], -1)
-        total += float((lq.exp() * (lq - lp)).sum())
-        logp += float(lp[p_ids[p_start + j]])
-    return total, logp
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return models.load_tokenizer(models.build_tiny(tmp_path_factory.mktemp("tiny"), seed=3))
 
 
-def test_exact_token_kl_matches_hand_computed_values_with_a_hidden_context(tokenizer):
+def _next(model, ids):
+    return torch.log_softmax(model(torch.tensor([ids]), None, None, 1).logits[0, -1].double(), -1)
+
+
+def test_per_answer_kl_against_a_two_context_teacher_by_hand(tokenizer):
     vocab = len(tokenizer)
     gen = torch.Generator().manual_seed(0)
-    context = [{"role": "system", "content": "hidden words"}]
     prompt = [{"role": "user", "content": "hello there"}]
-    records = [
-        data.Record("a", prompt + [{"role": "assistant", "content": "a b c"}], {}),
-        # Cut at its limit: no end-of-turn position is scored.
-        data.Record(
-            "b",
-            prompt + [{"role": "assistant", "content": "b c"}],
-            {"finish_reason": "length"},
-        ),
+    contexts = [
+        mixture.Component(0.25, []),
+        mixture.Component(0.75, [{"role": "system", "content": "hidden words"}]),
     ]
     plain = set(data.encode_prompt(tokenizer, prompt))
-    for r in records:
-        plain |= set(data.encode_response(tokenizer, r.prompt, r.response))
-    only_in_context = set(data.encode_prompt(tokenizer, context + prompt)) - plain
-    assert only_in_context, "the test needs a token that only the hidden context has"
-    marker = min(only_in_context)
-    q = Bigram(torch.randn(vocab, vocab, generator=gen))
-    p = Bigram(
+    marker = min(set(data.encode_prompt(tokenizer, contexts[1].messages + prompt)) - plain)
+    student = Bigram(torch.randn(vocab, vocab, generator=gen))
+    teacher = Bigram(
         torch.randn(vocab, vocab, generator=gen), marker, 3 * torch.randn(vocab, generator=gen)
     )
+    answers = [lab.Answer(0, 0, [5, 9, 7], "", True), lab.Answer(0, 1, [11, 4], "", False)]
 
-    got = lab.exact_token_kl(q, p, tokenizer, records, p_context=context)
-
-    kl, logp, tokens = 0.0, 0.0, 0
-    eot = data.end_of_turn_id(tokenizer)
-    for r in records:
-        response = data.encode_response(tokenizer, r.prompt, r.response)
-        if r.meta.get("finish_reason") == "length":
-            assert response[-1] == eot
-            response = response[:-1]
-        q_prompt = data.encode_prompt(tokenizer, r.prompt)
-        p_prompt = data.encode_prompt(tokenizer, context + r.prompt)
-        k, lp = _hand_kl(
-            q,
-            p,
-            q_prompt + response,
-            p_prompt + response,
-            len(q_prompt),
-            len(p_prompt),
-            len(response),
+    for forward in (False, True):
+        got = lab.answer_stats(
+            student, teacher, tokenizer, contexts, [prompt], answers, forward=forward
         )
-        kl, logp, tokens = kl + k, logp + lp, tokens + len(response)
-    assert got["kl"] == pytest.approx(kl / tokens, rel=1e-4)
-    assert got["p_logp"] == pytest.approx(logp / tokens, rel=1e-4)
-    assert got["tokens"] == tokens / len(records)
-    # The context reaches the p side only: without it the marker's bias never applies.
-    without = lab.exact_token_kl(q, p, tokenizer, records)
-    assert not math.isclose(without["kl"], got["kl"], rel_tol=1e-3)
-    # KL of a model against itself is zero.
-    assert lab.exact_token_kl(q, q, tokenizer, records)["kl"] == pytest.approx(0.0, abs=1e-6)
+        for a, row in zip(answers, got, strict=True):
+            q_prompt = data.encode_prompt(tokenizer, prompt)
+            t_prompts = [data.encode_prompt(tokenizer, c.messages + prompt) for c in contexts]
+            weights = [c.weight for c in contexts]
+            kl, seq = 0.0, [0.0, 0.0]
+            for t, y in enumerate(a.ids):
+                s = _next(student, q_prompt + a.ids[:t]).exp()
+                p_k = [_next(teacher, tp + a.ids[:t]).exp() for tp in t_prompts]
+                post = [w * math.exp(x) for w, x in zip(weights, seq, strict=True)]
+                p = sum(w / sum(post) * pk for w, pk in zip(post, p_k, strict=True))
+                q_, p_ = (p, s) if forward else (s, p)
+                kl += float((q_ * (q_.log() - p_.log())).sum())
+                seq = [x + math.log(float(pk[y])) for x, pk in zip(seq, p_k, strict=True)]
+            assert row["kl"] == pytest.approx(kl, rel=1e-6)
+            assert row["length"] == len(a.ids) and row["finished"] == float(a.finished)
+            assert row["best_mode_logp"] == pytest.approx(max(seq) / len(a.ids))
+            mode = max(range(2), key=lambda k: math.log(weights[k]) + seq[k])
+            assert row["mode"] == mode
+            mixed = math.log(sum(w * math.exp(x) for w, x in zip(weights, seq, strict=True)))
+            assert row["teacher_logp"] == pytest.approx(mixed / len(a.ids))
 
 
-def test_tiny_lab_end_to_end_writes_per_seed_json_and_refuses_a_used_out(tmp_path, capsys):
+def _rows(method, values):
+    return [{"seed": s, "method": method, "per_prompt": {"reverse_kl": v}} for s, v in values]
+
+
+def test_paired_difference_and_gap_closed_by_hand():
+    seqkd = _rows("seqkd", [(0, [4.0, 6.0]), (1, [5.0, 7.0])])
+    gad = _rows("gad", [(0, [3.0, 6.0]), (1, [5.0, 5.0]), (2, [0.0, 0.0])])
+    ceiling = _rows("whitebox", [(0, [2.0, 4.0]), (1, [3.0, 5.0])])
+    d = lab.paired_difference(gad, seqkd, "reverse_kl", reps=500)
+    # Seed 2 has no SeqKD row: only seeds both have are paired.
+    assert d["seeds"] == [0, 1] and d["prompts"] == 2
+    assert d["mean"] == pytest.approx(((3 - 4) + 0 + 0 + (5 - 7)) / 4)
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    g = lab.gap_closed(gad, seqkd, ceiling, reps=500)
+    # A ratio of means: (5.5 - 4.75) / (5.5 - 3.5), not a mean of per-seed ratios.
+    assert g["mean"] == pytest.approx(0.375)
+    same = lab.paired_difference(seqkd, seqkd, "reverse_kl", reps=100)
+    assert same["mean"] == 0 and same["ci95"] == [0, 0]
+
+
+def test_tiny_lab_runs_every_method_resumes_and_merges(tmp_path):
     out = tmp_path / "lab"
-    results = lab.main(["--tiny", "--out", str(out), "--seeds", "0"])
+    args = ["--tiny", "--out", str(out), "--seeds", "0", "--score-every-epoch"]
+    args += ["--gad-variant", 'tm={"loss_agg": "token-mean"}']
+    results = lab.main(args)
+    written = json.loads((out / "lab-v3.json").read_text())
+    assert written["split"] == "test"
+    systems = written["systems"]
+    expected = {"before", "seqkd", "seqkd@e1", "gad", "gad_long", "gad-tm", "soda", "whitebox"}
+    assert set(systems) == expected
+    for method, rows in systems.items():
+        assert [r["seed"] for r in rows] == [0], method
+        row = rows[0]
+        for key in ("reverse_kl", "forward_kl", "length", "finished", "mode_purity"):
+            assert isinstance(row[key], float), (method, key)
+            assert len(row["per_prompt"][key]) == 3, (method, key)  # --tiny: 3 test prompts
+    assert written["gap_closed"]["seqkd"]["mean"] == pytest.approx(0.0)
+    assert written["gap_closed"]["whitebox"]["mean"] == pytest.approx(1.0)
+    assert {"gad - seqkd", "soda - seqkd", "gad-tm - gad"} <= set(written["paired"])
+    teacher = written["run"]["teacher_data"]["train"]
+    assert teacher["answers"] == 4 * 2 and len(teacher["mode_shares"]) == 2
+    assert (out / "lab-v3.png").exists() and "| gad |" in (out / "table.md").read_text()
+    # The training data carries no trace of the hidden contexts.
+    for record in data.read_records(out / "teacher" / "train.records.jsonl").records:
+        assert [m["role"] for m in record.messages] == ["user", "assistant"]
 
-    written = json.loads((out / "lab-v2.json").read_text())
-    assert written == json.loads(json.dumps(results))
-    assert set(written) == {"context", "cross-tokenizer"}
-    context = written["context"]
-    for method in ("before", "seqkd", "gad", "gad_equal_exposure", "whitebox", "gad_long"):
-        assert method in context, method
-    for method in lab.STABILISERS:
-        assert method in context, method
-    assert "whitebox" not in written["cross-tokenizer"]
-    # The budget runs SeqKD and GAD only in the cross-tokenizer setting (--cross-methods).
-    assert set(written["cross-tokenizer"]) == {"before", "seqkd", "gad"}
-    for by_method in written.values():
-        for rows in by_method.values():
-            assert isinstance(rows, list) and [r["seed"] for r in rows] == [0]
-            for key in lab.METRICS:
-                assert isinstance(rows[0][key], float), key
-    # The gap share is 0 for SeqKD and 1 for the ceiling by definition.
-    assert context["seqkd"][0]["gap_closed"] == pytest.approx(0.0)
-    assert context["whitebox"][0]["gap_closed"] == pytest.approx(1.0)
-    run = json.loads((out / "run.json").read_text())
-    assert run["context"] == json.loads(lab.CONTEXT_FILE.read_text())
-    assert "| seqkd |" in (out / "table.md").read_text()
-
-    with pytest.raises(SystemExit, match="not empty"):
-        lab.main(["--tiny", "--out", str(out), "--seeds", "0"])
+    # A rerun finds every row and trains nothing; a second seed elsewhere merges in.
+    before = {p: p.read_text() for p in (out / "rows").rglob("*.json")}
+    again = lab.main(args)
+    assert {p: p.read_text() for p in (out / "rows").rglob("*.json")} == before
+    assert again["systems"] == json.loads(json.dumps(results))["systems"]
+    other = tmp_path / "other"
+    lab.main(["--tiny", "--out", str(other), "--seeds", "1", "--methods", "seqkd", "gad"])
+    merged = lab.main(["--tiny", "--out", str(out), "--seeds", "0", "--merge", str(other)])
+    assert [r["seed"] for r in merged["systems"]["gad"]] == [0, 1]
+    assert merged["paired"]["gad - seqkd"]["reverse_kl"]["seeds"] == [0, 1]
 
 
-def test_a_method_whose_config_field_is_missing_is_refused_before_any_work(monkeypatch, tmp_path):
+def test_bad_inputs_are_refused_before_any_model_loads(tmp_path, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load", no_load)
+    bad = tmp_path / "contexts.json"
+    bad.write_text(json.dumps({"mixture": [{"weight": -1, "messages": []}]}))
+    with pytest.raises(SystemExit, match="weight"):
+        lab.main(["--tiny", "--out", str(tmp_path / "a"), "--teacher-contexts", str(bad)])
+    with pytest.raises(SystemExit, match="not NAME=JSON"):
+        lab.main(["--tiny", "--out", str(tmp_path / "b"), "--gad-variant", "x={"])
+    with pytest.raises(SystemExit, match="unknown GAD settings"):
+        lab.main(["--tiny", "--out", str(tmp_path / "c"), "--gad-variant", 'x={"no": 1}'])
     monkeypatch.setitem(lab.NEEDS, "gad", ("no_such_field",))
-    with pytest.raises(SystemExit, match="gad needs no_such_field"):
-        lab.main(["--tiny", "--out", str(tmp_path / "x"), "--methods", "seqkd", "gad"])
-    assert not any((tmp_path / "x").iterdir())
+    with pytest.raises(SystemExit, match="no_such_field"):
+        lab.main(["--tiny", "--out", str(tmp_path / "d")])

@@ -30,6 +30,8 @@ SHOWN = {
     "rouge_l": "ROUGE-L",
     "ngram_f1_1": "unigram F1",
     "teacher_logprob": "teacher logp/token",
+    # Per answer beside per token: a per-token KL falls when answers merely get longer.
+    "reverse_kl": "reverse KL/answer",
     "reverse_kl_per_token": "reverse KL/token",
     "length_mean": "length",
 }

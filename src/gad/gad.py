@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from gad import config as cfg
-from gad import data, discriminator, engine, losses, samples
+from gad import data, discriminator, engine, losses, samples, whitebox
 from gad.gad_state import Models, Stage, frozen_reward, local_prompts
 from gad.rollout import Completion, Sampling
 from gad.tracking import PhaseTimer
@@ -137,21 +137,6 @@ def ref_logprobs(config: cfg.GADConfig, accelerator: Any, m: Models, students: l
         )
 
 
-def teacher_logprobs(
-    accelerator: Any, m: Models, teacher_prompts: list[list[int]], students: list[data.Example]
-) -> list[torch.Tensor]:
-    """`method=whitebox`: the frozen teacher's log-probs (temperature 1) of each sample's
-    sampled ids, after the teacher's own prompt (the hidden context + the prompt): one [L_i]
-    tensor per sample, L_i its response length. Needs the student's tokenizer."""
-    examples = [
-        data.Example(e.id, tp + e.input_ids[e.prompt_len :], len(tp), e.truncated)
-        for tp, e in zip(teacher_prompts, students, strict=True)
-    ]
-    parts = engine.length_sorted_chunks(examples, 8)
-    with accelerator.autocast():
-        return engine.logprobs(m.teacher, examples, engine.pad_id_of(m.tokenizer), parts, 1.0)
-
-
 def update_g(
     config: cfg.GADConfig,
     accelerator: Any,
@@ -252,7 +237,7 @@ def score_and_update_d(
     config, acc, m, n = stage.config, stage.accelerator, stage.models, stage.config.n_samples
     d_students = _student_d_inputs(stage, indices, groups)
     d_rows: list[dict[str, float]] = []
-    if m.d_opt is not None:
+    if m.d_opt is not None and step % config.d_update_every == 0:
         with timer("update_d"):
             d_teacher = [stage.d_teacher[i] for i in indices]
             replayed = []
@@ -277,7 +262,8 @@ def score_and_update_d(
                 stage.replay = samples.replay_push(stage.replay, fresh, config.d_replay_size)
     else:
         with timer("score"), acc.autocast():
-            # A frozen scorer (reward model, off-policy D) needs only the samples' scores.
+            # A frozen scorer (reward model, off-policy D), or a discriminator between its
+            # updates (`d_update_every`), needs only the samples' scores.
             pad = engine.pad_id_of(m.d_tokenizer)
             reward_b = engine.scores(m.discriminator, d_students, pad, config.micro_batch_size)
             d_rows.append({"d/student_score": reward_b.mean().item()})
@@ -366,7 +352,9 @@ def gad_step(stage: Stage, step: int, timer: PhaseTimer) -> dict[str, Any]:
     if config.method == "whitebox":
         with timer("teacher_logp"):
             teacher_prompts = [stage.teacher_prompts[i] for i in indices for _ in range(n)]
-            teacher_logp = teacher_logprobs(acc, m, teacher_prompts, students)
+            teacher_logp = whitebox.teacher_logprobs(
+                acc, m, teacher_prompts, students, stage.teacher_mixture
+            )
     else:
         reward_b, d_stats = score_and_update_d(stage, step, indices, groups, timer)
         lengths_b = torch.tensor(

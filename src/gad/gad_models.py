@@ -9,7 +9,6 @@ reference (the policy's adapter as it entered the GAD stage, or the bare base).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,23 +31,6 @@ def tokenizer_of(folder: str, fallback: Any) -> Any:
         console.print(f"[yellow]{folder} has no tokenizer: using the student's[/]")
         return fallback
     return models.load_tokenizer(folder)
-
-
-def teacher_context(path: str | None) -> list[dict[str, str]]:
-    """The hidden messages the white-box teacher sees before every prompt (a JSON list)."""
-    if not path:
-        return []
-    try:
-        messages = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise cfg.ConfigError(f"teacher_context: cannot read {path}: {err}") from err
-    if not isinstance(messages, list) or not all(
-        isinstance(x, dict) and {"role", "content"} <= set(x) for x in messages
-    ):
-        raise cfg.ConfigError(
-            f"teacher_context: {path} must hold a JSON list of {{'role', 'content'}} messages"
-        )
-    return [{"role": x["role"], "content": x["content"]} for x in messages]
 
 
 def load_teacher(config: cfg.GADConfig, tokenizer: Any, accelerator: Any) -> Any:

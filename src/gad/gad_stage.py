@@ -1,7 +1,8 @@
 """The GAD training stages' runner: setup, resume, health checks, checkpoints (SPEC §3).
 
 `train` runs the warmup and the GAD stage (`stage`), each a loop of the method's steps
-(`gad.warmup_step`, `gad.gad_step`) over a fixed batch plan. What a stage loads is a typed
+(`gad.warmup_step`, `gad.gad_step`) over a fixed batch plan; `method=soda` runs one stage of
+its own instead (`soda_stage`: the snapshot, then `soda.soda_step`). What a stage loads is a typed
 `StageInit`; its live state a `Stage`. Every checkpoint holds the models, both optimizers and
 what the health checks, the replay pool and the model selection need, so a resumed stage
 matches an uninterrupted one bit for bit. After the warmup, `final_optimizers.pt` keeps both
@@ -29,8 +30,10 @@ from gad import (
     health,
     labels,
     lora,
+    mixture,
     models,
     precision,
+    soda,
 )
 from gad import config as cfg
 from gad.gad_state import Selection, Stage, StageInit, frozen_reward
@@ -100,9 +103,12 @@ def setup(
         )
     if config.method == "whitebox" and name == "gad":
         m.teacher = gad_models.load_teacher(config, m.tokenizer, accelerator)
-        context = gad_models.teacher_context(config.teacher_context)
+        stage.teacher_mixture = mixture.load(config.teacher_context)
         stage.teacher_prompts = [
-            data.encode_prompt(m.tokenizer, context + prepared.records[e.id].prompt)
+            [
+                data.encode_prompt(m.tokenizer, c.messages + prepared.records[e.id].prompt)
+                for c in stage.teacher_mixture
+            ]
             for e in prepared.examples
         ]
     if config.report_to != "none":
@@ -309,10 +315,10 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
         m.reward_model = rm.to(accelerator.device).eval().requires_grad_(False)
     held_out = None
     if config.eval_every:
-        teacher, context = None, gad_models.teacher_context(config.teacher_context)
+        teacher, contexts = None, mixture.load(config.teacher_context)
         if config.teacher_model:
             teacher = m.teacher or gad_models.load_teacher(config, m.tokenizer, accelerator)
-        held_out = HeldOut.load(stage, teacher, context, lambda f: save_generator(stage, f))
+        held_out = HeldOut.load(stage, teacher, contexts, lambda f: save_generator(stage, f))
 
     def step_fn(stage: Stage, step: int, timer: PhaseTimer) -> dict[str, Any]:
         row = gad.gad_step(stage, step, timer)
@@ -332,7 +338,18 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
     return finish(stage)
 
 
+def soda_stage(config: cfg.GADConfig, accelerator: Any) -> Path:
+    """`method=soda` (SPEC §5), one stage in `soda/`: the starting student's snapshot, then
+    DPO steps (`soda.soda_step`) from `model` itself: SODA has no warmup."""
+    stage = setup(config, "soda", accelerator, epochs=config.epochs, init=StageInit(config.model))
+    total = min(len(stage.plan), config.max_steps) if config.max_steps else len(stage.plan)
+    pairs = soda.snapshot(stage)
+    run_loop(stage, total, lambda s, step, timer: soda.soda_step(s, step, timer, pairs), soda.SHOW)
+    return finish(stage)
+
+
 def _check(config: cfg.GADConfig) -> None:
+    soda.check(config)
     gad_models.check(config)
     if config.reward_model and config.method == "offpolicy":
         raise cfg.ConfigError("reward_model and method=offpolicy exclude each other")
@@ -363,6 +380,11 @@ def train(config: cfg.GADConfig) -> Path:
         name = "config.yaml" if config.stage == "all" else f"config.{config.stage}.yaml"
         cfg.save(config, out / name, {"mixed_precision": choice.reason})
     _check(config)
+    if config.method == "soda":
+        started, final = time.time(), soda_stage(config, accelerator)
+        console.print(f"SODA done in {time.time() - started:.0f}s: {final}")
+        accelerator.end_training()
+        return final
     stage_configs = {"warmup": config, "gad": config}
     if config.method == "reward-distill":
         # `data` is `gad label` output: the warmup learns the teacher responses labelled good,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gad import config as cfg
-from gad import data, engine
+from gad import data, engine, mixture
 from gad.health import Health
 from gad.rollout import TransformersRollout
 from gad.tracking import MetricsLog
@@ -63,8 +63,11 @@ class Stage:
     """The records behind `examples`, by id (their prompts and text, for re-encoding)."""
     d_teacher: list[data.Example] = field(default_factory=list)
     """The teacher answers as the discriminator sees them, aligned with `examples`."""
-    teacher_prompts: list[list[int]] = field(default_factory=list)
-    """`method=whitebox`: the teacher's prompt ids (hidden context + prompt) per example."""
+    teacher_prompts: list[list[list[int]]] = field(default_factory=list)
+    """`method=whitebox`: per example, the teacher's prompt ids under each of its hidden
+    contexts (context + prompt), in `teacher_mixture`'s order."""
+    teacher_mixture: list[mixture.Component] = field(default_factory=list)
+    """`method=whitebox`: the teacher's hidden contexts and their prior weights."""
     replay: list[dict[str, Any]] = field(default_factory=list)
     """The discriminator's replay pool of past student samples (`d_replay_size`)."""
     selection: Selection = field(default_factory=Selection)

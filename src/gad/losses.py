@@ -1,4 +1,5 @@
-"""Loss functions for GAD: discriminator losses, GRPO advantages and the clipped policy loss.
+"""Loss functions for GAD: discriminator losses, GRPO advantages, the clipped policy loss, and
+SODA's DPO loss.
 
 Pure functions of tensors; no model code. Suffixes name the shape of a tensor:
 ``_p`` = [prompts], ``_pn`` = [prompts, N samples per prompt], ``_b`` = [batch of sequences],
@@ -375,6 +376,43 @@ def policy_loss(
         "ratio_mean": masked_mean(ratio_bt.detach(), mask_bt),
     }
     return loss, stats
+
+
+def dpo_loss(
+    policy_chosen_b: torch.Tensor,
+    policy_rejected_b: torch.Tensor,
+    ref_chosen_b: torch.Tensor,
+    ref_rejected_b: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO loss, SODA's objective (SPEC §5): the teacher's answer y_w is chosen, the student's
+    snapshot answer y_l rejected. Implicit rewards ``r = β·(log πθ(y) - log π_ref(y))``; the
+    loss is ``mean_b -log σ(r_w - r_l)``.
+
+    Args:
+        policy_chosen_b, policy_rejected_b: [B] sequence log-probs (sums over response tokens)
+            of the chosen / rejected answers under the policy being trained.
+        ref_chosen_b, ref_rejected_b: [B] the same under the frozen reference; constants.
+        beta: β > 0, the inverse strength of the implicit KL to the reference.
+
+    Returns:
+        ``(loss, stats)``: the scalar loss and detached scalars ``margin`` (mean ``r_w - r_l``),
+        ``accuracy`` (share of pairs with ``r_w - r_l > 0``), ``chosen_reward`` (mean ``r_w``)
+        and ``rejected_reward`` (mean ``r_l``).
+    """
+    shapes = {tuple(t.shape) for t in (policy_chosen_b, policy_rejected_b, ref_chosen_b)}
+    if len(shapes | {tuple(ref_rejected_b.shape)}) != 1 or policy_chosen_b.dim() != 1:
+        raise ValueError("dpo_loss: the four log-prob tensors must all be [B]")
+    chosen_b = beta * (_upcast(policy_chosen_b) - _upcast(ref_chosen_b.detach()))
+    rejected_b = beta * (_upcast(policy_rejected_b) - _upcast(ref_rejected_b.detach()))
+    margin_b = chosen_b - rejected_b
+    stats = {
+        "margin": margin_b.detach().mean(),
+        "accuracy": (margin_b.detach() > 0).float().mean(),
+        "chosen_reward": chosen_b.detach().mean(),
+        "rejected_reward": rejected_b.detach().mean(),
+    }
+    return -F.logsigmoid(margin_b).mean(), stats
 
 
 def _gather_logprobs_rows(

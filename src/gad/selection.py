@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from gad import config as cfg
-from gad import data, engine, evalsets, losses
+from gad import data, engine, evalsets, losses, mixture
 from gad.gad_state import Stage
 from gad.rollout import Completion, Sampling
 from gad.samples import discriminator_inputs, teacher_discriminator_inputs
@@ -37,7 +37,9 @@ class HeldOut:
     save_best: Callable[[Path], None]
     """Writes the current generator (and discriminator) as HF folders into a folder."""
     teacher: Any | None = None
-    teacher_prompt_ids: list[list[int]] = field(default_factory=list)
+    teacher_prompt_ids: list[list[list[int]]] = field(default_factory=list)
+    """Per record, the teacher's prompt ids under each of its hidden contexts."""
+    contexts: list[mixture.Component] = field(default_factory=list)
     d_teacher: list[data.Example] = field(default_factory=list)
 
     @classmethod
@@ -45,11 +47,12 @@ class HeldOut:
         cls,
         stage: Stage,
         teacher: Any | None,
-        context: list[dict[str, str]],
+        contexts: list[mixture.Component],
         save_best: Callable[[Path], None],
     ) -> HeldOut:
-        """The held-out records of `eval_data`, scored by `teacher` (a local model under the
-        hidden `context`) when given, else by the stage's discriminator."""
+        """The held-out records of `eval_data`, scored by `teacher` (a local model under its
+        hidden `contexts`, a mixture when several) when given, and by the stage's
+        discriminator's accuracy when it has one."""
         config, m = stage.config, stage.models
         if not config.eval_data:
             raise cfg.ConfigError(
@@ -61,12 +64,13 @@ class HeldOut:
             raise cfg.ConfigError(f"eval_data: {config.eval_data} has no teacher answer")
         evalsets.refuse_overlap(list(stage.records.values()), config.eval_data, config.data)
         prompt_ids = [data.encode_prompt(m.tokenizer, r.prompt) for r in records]
-        held = cls(stage, records, prompt_ids, save_best, teacher)
+        held = cls(stage, records, prompt_ids, save_best, teacher, contexts=contexts)
         if teacher is not None:
             held.teacher_prompt_ids = [
-                data.encode_prompt(m.tokenizer, context + r.prompt) for r in records
+                [data.encode_prompt(m.tokenizer, c.messages + r.prompt) for c in contexts]
+                for r in records
             ]
-        elif m.discriminator is not None:
+        if m.discriminator is not None:
             held.d_teacher = teacher_discriminator_inputs(
                 m.d_tokenizer, records, config.max_response_tokens
             )
@@ -93,7 +97,9 @@ class HeldOut:
         }
         if self.teacher is not None:
             row["eval/reverse_kl"] = self._exact_reverse_kl(samples)
-        elif self.d_teacher:
+        if self.d_teacher:
+            # Teacher answers the discriminator never trained on against fresh samples: a
+            # batch accuracy near 1 beside a held-out one near 0.5 is memorising, not judging.
             prompts = [r.prompt for r in self.records]
             d_samples = discriminator_inputs(
                 m.d_tokenizer, prompts, [[c] for c in samples], config.max_response_tokens
@@ -108,21 +114,31 @@ class HeldOut:
 
     @torch.no_grad()
     def _exact_reverse_kl(self, samples: list[Completion]) -> float:
-        """KL(student || teacher) per sampled token, exact over the full vocabulary."""
+        """KL(student || teacher) per sampled token, exact over the full vocabulary; a mixture
+        teacher's next-token distribution is its exact posterior-weighted mixture."""
         m, acc = self.stage.models, self.stage.accelerator
+        log_w = mixture.log_weights(self.contexts)
         total, tokens = 0.0, 0
-        for prompt, teacher_prompt, c in zip(
+        for prompt, teacher_prompts, c in zip(
             self.prompt_ids, self.teacher_prompt_ids, samples, strict=True
         ):
             rows = []
-            for model, ids in ((m.generator, prompt), (self.teacher, teacher_prompt)):
+            for model, ids in [(m.generator, prompt)] + [
+                (self.teacher, p) for p in teacher_prompts
+            ]:
                 example = data.Example("", ids + c.token_ids, len(ids), False)
                 batch = engine.on_device([example], engine.pad_id_of(m.tokenizer), acc.device)
                 with acc.autocast():
                     logits_btv, _, mask_bt = engine.response_logits(model, batch)
-                rows.append(logits_btv[0][mask_bt[0] != 0])
+                rows.append(logits_btv[0][mask_bt[0] != 0].float())
+            teacher_tv = rows[1]
+            if len(rows) > 2:
+                logp_ktv = torch.log_softmax(torch.stack(rows[1:]), -1)
+                tokens_t = torch.tensor(c.token_ids, device=logp_ktv.device)
+                teacher_tv = mixture.next_token_logprobs(logp_ktv, tokens_t, log_w)
             ones = torch.ones(rows[0].shape[:1], device=rows[0].device)
-            total += float(losses.token_kl_from_logits(rows[0][None], rows[1][None], ones[None]))
+            kl = losses.token_kl_from_logits(rows[0][None], teacher_tv[None], ones[None])
+            total += float(kl)
             tokens += len(c.token_ids)
         return total / max(1, tokens)
 

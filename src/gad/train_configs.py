@@ -148,13 +148,15 @@ class GADConfig:
     """Run folder; the stages write `warmup/` and `gad/` inside it."""
     stage: Literal["warmup", "gad", "all"] = "all"
     """Which stage to run; `gad` starts from `warmup/final` when it exists."""
-    method: Literal["gad", "offpolicy", "reward-distill", "whitebox"] = "gad"
+    method: Literal["gad", "offpolicy", "reward-distill", "whitebox", "soda"] = "gad"
     """`gad`: the discriminator learns online. `offpolicy` (paper Fig. 6): SeqKD warmup, then
     the discriminator trains on the frozen student's samples, then RL against it frozen.
     `reward-distill` (SPEC §4): `data` is `gad label` output; SFT on the teacher responses
     labelled good, then RL against the frozen `reward_model`. `whitebox` (not black-box: the
     ceiling a black-box method is measured against): SFT warmup, then on-policy distillation
-    with the local `teacher_model`'s exact log-probs as per-token reward, no discriminator."""
+    with the local `teacher_model`'s exact log-probs as per-token reward, no discriminator.
+    `soda` (SPEC §5): one snapshot of the starting `model`'s answers, then DPO with the teacher's
+    answer as chosen and the snapshot answer as rejected; no warmup, rollouts or discriminator."""
     warmup_epochs: float = 1.0
     """Warmup length in passes over the data (paper: 1); `warmup_max_steps` bounds it."""
     warmup_generator: bool = True
@@ -165,6 +167,9 @@ class GADConfig:
     """The first warmup steps train only the discriminator (paper: 10)."""
     offpolicy_d_epochs: float = 2.0
     """`offpolicy`: discriminator epochs on the frozen post-SFT student's samples (paper: 2)."""
+    soda_beta: float = 0.1
+    """`soda`: DPO's β, the scale of the implicit reward β·log(π/π_ref) (the DPO paper's and
+    TRL's usual 0.1); higher keeps the student nearer its starting model."""
     epochs: float = 2.0
     """GAD-stage length in passes over the prompts (paper: 2); `max_steps` bounds it."""
     max_steps: int | None = None
@@ -207,6 +212,10 @@ class GADConfig:
     """Discriminator loss: Bradley–Terry (Eq. 3) or the cross-entropy ablation (Eq. 4)."""
     d_steps: int = 1
     """Discriminator updates per GAD step (paper: 1)."""
+    d_update_every: int = 1
+    """The discriminator updates on every k-th GAD step only and just scores on the others
+    (paper: 1): k generator steps per discriminator step keep a fast discriminator from
+    running away from the student."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Autocast precision (weights and optimizer state stay float32). `auto`: bf16 where the
     hardware computes it natively (a GPU from Ampere on; a CPU where a bf16 matmul measures
