@@ -55,8 +55,8 @@ from typing import Any
 from gad import config as cfg
 from gad import (
     data,
+    eval_run,
     evalsets,
-    evaluate,
     gad_stage,
     label,
     models,
@@ -165,7 +165,7 @@ def accuracy(model: str, name: str, test: Path, truth: Path, out: Path, s: dict)
         )
     )
     teacher.collect(job, progress=False)
-    result = evaluate.run_eval(
+    result = eval_run.run_eval(
         cfg.EvalConfig(
             answers=str(answers), metric="accuracy", ground_truth=str(truth), bootstrap_reps=200
         )

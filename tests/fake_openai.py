@@ -57,6 +57,9 @@ class Fault:
     """How long a `hang` holds the request (make it longer than the client's timeout)."""
     echo_auth: bool = False
     """Put the request's Authorization header into the error body (a careless server)."""
+    body: dict[str, Any] | None = None
+    """The error response's JSON body as sent (e.g. vLLM's `{"object": "error", "message": ...}`),
+    instead of the default OpenAI-style `{"error": {...}}`."""
 
 
 BODY_FAULTS = ("bad_json", "truncated", "cut", "html", "no_choices", "no_content", "not_object")
@@ -327,7 +330,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if fault.echo_auth:
                     message += f" (you sent Authorization: {self.headers.get('Authorization')})"
                 error = {"message": message, "type": "fake_fault", "code": fault.status}
-                self._send_json(fault.status, {"error": error}, headers)
+                body = {"error": error} if fault.body is None else fault.body
+                self._send_json(fault.status, body, headers)
             elif fault.kind in BODY_FAULTS:
                 record.outcome = fault.kind
                 self._send_body_fault(fault.kind, fake._answer(body))

@@ -234,7 +234,7 @@ def _bad_inputs(tmp_path):
         ("latin1", ["split", "latin1.jsonl"], "latin1.jsonl:1: not UTF-8 text (byte 0xe9"),
         ("gzip", ["split", "gz.jsonl"], "gz.jsonl: is gzip-compressed"),
         ("parquet", ["split", "bad.parquet"], "bad.parquet: not a readable Parquet file"),
-        ("directory", ["split", "folder.jsonl"], "folder.jsonl: is a directory"),
+        ("directory", ["split", "folder.jsonl"], "prompts: folder.jsonl: is a folder, not a file"),
         ("record", ["split", "record.jsonl"], "record.jsonl:2: field 'messages[0].content'"),
         ("sharegpt", ["split", "share.jsonl"], "share.jsonl:1: field 'conversations[0].from'"),
         ("range-cli", ["split", "good.jsonl", "--fraction", "-1"], "'fraction' must be in [0"),

@@ -37,19 +37,22 @@ def test_ngram_f1_clips_counts_and_is_asymmetric_in_p_and_r():
     assert ev.ngram_f1("the the the", "the cat", 2) == 0.0
 
 
-def test_ngram_f1_empty_and_short_sides_are_zero():
-    assert ev.ngram_f1("", "the cat", 1) == 0.0
-    assert ev.ngram_f1("the cat", "", 1) == 0.0
-    assert ev.ngram_f1("", "", 1) == 0.0
-    assert ev.ngram_f1("!!! ...", "!!!", 1) == 0.0  # punctuation only: no tokens
-    assert ev.ngram_f1("the cat", "the cat", 3) == 0.0  # fewer than n tokens: no 3-grams
+def test_ngram_f1_is_not_measurable_when_a_side_has_fewer_than_n_words():
+    # No n-gram on a side is nothing to compare, not a miss: None ("n/a"), never 0.
+    assert ev.ngram_f1("", "the cat", 1) is None
+    assert ev.ngram_f1("the cat", "", 1) is None
+    assert ev.ngram_f1("", "", 1) is None
+    assert ev.ngram_f1("!!! ...", "!!!", 1) is None  # punctuation only: no tokens
+    assert ev.ngram_f1("the cat", "the cat", 3) is None  # fewer than n tokens: no 3-grams
+    assert ev.ngram_f1("the cat sat", "a dog ran", 3) == 0.0  # both have one: no overlap
     with pytest.raises(ValueError):
         ev.ngram_f1("a", "a", 0)
 
 
 def test_ngram_f1_all():
+    # A file compared with itself: three words have no 4-gram, which is n/a, not F1 = 0.
     scores = ev.ngram_f1_all("the cat sat", "the cat sat")
-    assert scores == {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.0}
+    assert scores == {1: 1.0, 2: 1.0, 3: 1.0, 4: None}
 
 
 def test_rouge_l_by_hand():
@@ -62,10 +65,12 @@ def test_rouge_l_by_hand():
     assert ev.rouge_l("a c e", "a b c d") == pytest.approx(4 / 7)
 
 
-def test_rouge_l_empty():
-    assert ev.rouge_l("", "the cat") == 0.0
-    assert ev.rouge_l("the cat", "") == 0.0
-    assert ev.rouge_l("", "") == 0.0
+def test_rouge_l_without_tokens_is_not_measurable():
+    assert ev.rouge_l("", "the cat") is None
+    assert ev.rouge_l("the cat", "") is None
+    assert ev.rouge_l("", "") is None
+    assert ev.rouge_l("кошка", "the cat") is None  # rouge-score tokenises ASCII only
+    assert ev.rouge_l("dog", "the cat") == 0.0
 
 
 # ---------------------------------------------------------------- length stats, bootstrap
@@ -118,9 +123,9 @@ def _rec(record_id: str, answer: str | None, prompt_id: str | None = None) -> Re
 def test_compare_to_teacher_matches_by_prompt_id_and_reports_unmatched():
     teacher = [_rec("p1", "the cat sat"), _rec("p2", "hello world"), _rec("p3", "unused")]
     student = [
-        _rec("s1", "the cat sat", prompt_id="p1"),  # all n: 1 (1 trigram, no 4-gram -> 0)
-        _rec("s2", "goodbye world", prompt_id="p2"),  # unigram F1 1/2, ROUGE-L 1/2, rest 0
-        _rec("p2", "hello world"),  # no meta: matched by its id; n=1,2: 1, n>=3: 0
+        _rec("s1", "the cat sat", prompt_id="p1"),  # n <= 3: 1 (1 trigram, no 4-gram: n/a)
+        _rec("s2", "goodbye world", prompt_id="p2"),  # unigram F1 1/2, ROUGE-L 1/2, bigram 0
+        _rec("p2", "hello world"),  # no meta: matched by its id; n=1,2: 1, n>=3: n/a
         _rec("s9", "orphan", prompt_id="p9"),  # no teacher for p9
     ]
     out = ev.compare_to_teacher(student, teacher)
@@ -128,8 +133,8 @@ def test_compare_to_teacher_matches_by_prompt_id_and_reports_unmatched():
     assert out["rouge_l"] == pytest.approx((1 + 0.5 + 1) / 3)
     assert out["ngram_f1"][1] == pytest.approx((1 + 0.5 + 1) / 3)
     assert out["ngram_f1"][2] == pytest.approx((1 + 0 + 1) / 3)
-    assert out["ngram_f1"][3] == pytest.approx((1 + 0 + 0) / 3)
-    assert out["ngram_f1"][4] == 0.0
+    assert out["ngram_f1"][3] == 1.0 and len(out["ngram_f1_values"][3]) == 1
+    assert out["ngram_f1"][4] is None and out["ngram_f1_values"][4] == []
     assert out["unmatched_student"] == ["s9"]
     assert out["unmatched_teacher"] == ["p3"]
     assert out["no_response"] == []

@@ -462,7 +462,8 @@ def test_unusable_200s_are_retried_and_sigkill_restart_redoes_nothing(tmp_path):
         time.sleep(0.5)
         mark = len(server.requests)
         rerun = subprocess.run(command, env=env, capture_output=True, text=True)
-        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        # 3: every question but q7 was scored, q7 is listed as an error (README, exit codes).
+        assert rerun.returncode == 3, rerun.stderr[-2000:]
         asked_again = [r for r in server.requests[mark:] if r.outcome == "ok"]
 
     entries = [json.loads(line) for line in cache.read_text().splitlines()]

@@ -12,7 +12,7 @@ from fake_openai import FakeOpenAI, last_user_content
 
 from gad import answers as A
 from gad import config as cfg
-from gad import data, evaluate, rating, tasks
+from gad import data, eval_run, rating, tasks
 from gad import label as L
 
 KEY_ENV = "GAD_TEST_LABEL_KEY"
@@ -323,13 +323,13 @@ def test_eval_accuracy_against_ground_truth(tmp_path):
         ground_truth=str(truth),
         bootstrap_reps=200,
     )
-    result = evaluate.run_eval(config)
+    result = eval_run.run_eval(config)
     assert result["metrics"]["accuracy"]["mean"] == pytest.approx(2 / 3)
     assert result["metrics"]["accuracy"]["n"] == 3
     assert result["metrics"]["answered_share"] == 0.75
     assert result["no_truth"] == 1
     with pytest.raises(cfg.ConfigError, match="ground_truth"):
-        evaluate.run_eval(cfg.EvalConfig(answers=config.answers, metric="accuracy"))
+        eval_run.run_eval(cfg.EvalConfig(answers=config.answers, metric="accuracy"))
 
 
 def test_reasoning_gym_tasks_keep_the_truth_aside(tmp_path):

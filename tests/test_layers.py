@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "__init__": 0,
     "config": 0,
     "train_configs": 0,
+    "setting_types": 0,
     "data_configs": 0,
     "tracking": 0,
     "losses": 0,
@@ -30,6 +31,7 @@ LAYERS: dict[str, int] = {
     "data": 1,
     "dataset": 1,
     "evalsets": 1,
+    "preflight": 1,
     "labels": 1,
     "tasks": 1,
     "models": 1,
@@ -44,6 +46,7 @@ LAYERS: dict[str, int] = {
     "rollout": 2,
     "samples": 2,
     "chat": 2,
+    "api_errors": 2,
     # 3 stages
     "sft": 3,
     "gad": 3,
@@ -62,6 +65,7 @@ LAYERS: dict[str, int] = {
     "toy": 3,
     # 4 evaluation and report
     "evaluate": 4,
+    "eval_run": 4,
     "report": 4,
     # 5 CLI
     "demo": 5,

@@ -18,14 +18,17 @@ exactly like a dropped connection), waiting `retry-after-ms` / `Retry-After` (se
 date) when the server gives one of at most 120 s, else exponential backoff 0.5 s * 2^k capped at
 8 s with up to 25% jitter. A `Retry-After` above 120 s makes the client give up at once. A
 request that still fails becomes a reply with its error (`describe`); errors no request can get
-past (bad key, no permission, unknown model: `refusals`) stop the run with `Refused`.
+past (bad key, no permission, unknown model, a request setting the server rejects every time:
+see `gad.api_errors`) stop the run with `Refused` once the requests in flight have finished
+(their replies still reach `on_reply`, so they are journaled).
 
 Local backend: `gad.models.load` + `TransformersRollout`; conversations longer than
 `max_prompt_tokens` after the chat template are replies with an error, never cut; the rest is
 generated in batches of similar length.
 
 The API key is read from the environment variable `api_key_env` (`api_key`) and never logged or
-returned: a server that echoes it has it replaced by `***` in every text and error.
+returned: a server that echoes it has it replaced by `***` in every text and error (as a whole
+token: a key `x` leaves `max_tokens` alone, see `api_errors.redact`).
 """
 
 from __future__ import annotations
@@ -42,24 +45,23 @@ from typing import Any, Literal, Protocol
 
 from gad import config as cfg
 from gad import data
-
-MAX_ERROR_CHARS = 1000
-"""Error texts are cut to this length (an HTML error page can be huge)."""
+from gad.api_errors import (
+    Refused as Refused,
+)
+from gad.api_errors import (
+    SameRejection,
+    completion_problem,
+    describe,
+    redact,
+    refusals,
+    refused,
+)
 
 Messages = list[dict[str, str]]
 
 
 class ChatError(cfg.UserError, RuntimeError):
     """The chat client cannot start (no API key); stages pass their own error type instead."""
-
-
-class Refused(Exception):
-    """The API refused the run with an error every other request would hit too (bad key, no
-    access, unknown model). `detail` is that error, with the key redacted."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -168,48 +170,6 @@ def api_key(env_name: str, error: type[Exception]) -> str:
     return key
 
 
-def describe(err: BaseException) -> str:
-    """`Type: message`, with the low-level cause of a connection error (else it says little)."""
-    cause = err.__cause__
-    if cause is not None and type(cause).__name__ == "MalformedResponse":
-        return f"MalformedResponse: {cause}"[:MAX_ERROR_CHARS]
-    text = f"{type(err).__name__}: {err}"
-    if cause is not None and str(cause) not in text:
-        text += f" ({type(cause).__name__}: {cause})"
-    return text[:MAX_ERROR_CHARS]
-
-
-def completion_problem(body: bytes) -> str | None:
-    """What makes a 200 body unusable as a chat completion, or None when it is one: not JSON
-    (cut off, an HTML page, garbage), not an object, no choices, or no text in the first."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        head = body[:200].decode("utf-8", "replace").strip()
-        preview = " ".join(head.split())[:80]
-        if head.startswith("<"):
-            return f"an HTML page, not JSON ({preview!r})"
-        if head.startswith("{"):
-            return f"a body that is not valid JSON, cut off or garbled ({len(body)} bytes)"
-        return f"a body that is not JSON ({len(body)} bytes: {preview!r})"
-    if not isinstance(obj, dict):
-        return f"a JSON {type(obj).__name__}, not a completion object"
-    choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices:
-        error = obj.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return f"an error object ({str(error['message'])[:200]})"
-        return "no choices"
-    choice = choices[0]
-    message = choice.get("message") if isinstance(choice, dict) else None
-    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
-        return f"no content in the first choice (finish_reason={reason})"
-    if not isinstance(obj.get("usage"), dict | None):
-        return "a malformed usage field"
-    return None
-
-
 @cache
 def _malformed_type(http_error: type[Exception]) -> type[Exception]:
     """A subclass of the HTTP library's decoding error, which the SDK retries as it retries a
@@ -258,14 +218,6 @@ def api_client(settings: ChatSettings, key: str, on_request: Callable[[Any], Any
     )
 
 
-def refusals() -> tuple[type[BaseException], ...]:
-    """API errors that every other request would hit too (bad key, no access, unknown model):
-    they stop a run instead of filling its failures with a configuration problem."""
-    import openai
-
-    return (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
-
-
 async def run_pool(
     client: Any,
     items: Iterable[Any],
@@ -308,7 +260,7 @@ class ApiClient:
         self.retried = 0
 
     def redact(self, text: str) -> str:
-        return text.replace(self.key, "***") if self.key else text
+        return redact(text, self.key)
 
     def complete(
         self, conversations: list[Messages], sampling: Sampling, on_reply: OnReply | None = None
@@ -331,6 +283,7 @@ class ApiClient:
         client = api_client(self.settings, self.key, count_attempt)
         replies: list[Reply | None] = [None] * len(conversations)
         fatal: list[BaseException] = []
+        same = SameRejection(len(conversations))
         # Sent only when the caller sets it: a judge never sent top_p.
         extra = {} if sampling.top_p is None else {"top_p": sampling.top_p}
 
@@ -350,8 +303,11 @@ class ApiClient:
                 return
             except openai.APIError as err:
                 reply = Reply(error=self.redact(describe(err)))
+                if same.failed(err):
+                    fatal.append(err)
             else:
                 reply = self._reply(response)
+                same.succeeded()
             finally:
                 self.retried += max(0, box[0] - 1)
                 _attempts.reset(token)
@@ -359,7 +315,7 @@ class ApiClient:
 
         await run_pool(client, range(len(conversations)), ask, self.settings.concurrency, fatal)
         if fatal:
-            raise Refused(self.redact(describe(fatal[0])))
+            raise refused(fatal[0], self.key)
         return replies  # type: ignore[return-value]
 
     def _reply(self, response: Any) -> Reply:

@@ -44,20 +44,23 @@ def _option_type(tp: Any) -> Any:
     return tp
 
 
-def _quiet_libraries() -> None:
-    """Our own progress and summaries say what happens; silence per-file load/save chatter."""
+def _quiet_libraries(verbose: bool = False) -> None:
+    """Our own progress and summaries say what happens; silence per-file load/save chatter and
+    the HTTP library's line per request (`--verbose` shows them: 200,000 lines for a large
+    collection would bury the progress bar)."""
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("gad").setLevel(logging.INFO)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = cfg.EXIT_USER_ERROR) -> typer.Exit:
     typer.secho(f"error: {' '.join(message.split())}", err=True, fg="red")
-    return typer.Exit(code=2)
+    return typer.Exit(code=code)
 
 
 def _os_error(err: OSError) -> str:
@@ -74,16 +77,34 @@ def _os_error(err: OSError) -> str:
 def error_boundary() -> Iterator[None]:
     """Where every command ends: a problem with the user's input or environment (UserError, or
     an OSError such as a missing path, no permission, a full disk) is one line on stderr and
-    exit code 2; anything else is a bug in gad and keeps its traceback."""
+    exit code 2 (or the error's own, `cfg.UserError.exit_code`); anything else is a bug in gad
+    and keeps its traceback."""
     try:
         yield
     except cfg.UserError as err:
-        raise _fail(str(err)) from err
+        raise _fail(str(err), err.exit_code) from err
     except OSError as err:
         raise _fail(_os_error(err)) from err
     except KeyboardInterrupt as err:
         typer.secho("interrupted", err=True, fg="red")
         raise typer.Exit(code=130) from err
+
+
+COMMANDS: dict[str, type] = {}
+"""Every stage command's config class, by command name (the preflight test walks them)."""
+
+
+def _run_options() -> list[inspect.Parameter]:
+    """The options of every stage command that are no config field."""
+    config_file = typer.Option(None, "--config", help="YAML file of field: value.")
+    verbose = typer.Option(
+        False, "--verbose", help="Also log every HTTP request and library message."
+    )
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return [
+        inspect.Parameter("config_file", keyword, default=config_file, annotation=Optional[Path]),  # noqa: UP045
+        inspect.Parameter("verbose", keyword, default=verbose, annotation=bool),
+    ]
 
 
 def stage_command(
@@ -112,14 +133,7 @@ def stage_command(
                     annotation=Optional[str],  # noqa: UP045 (typer needs a runtime type)
                 )
             )
-        params.append(
-            inspect.Parameter(
-                "config_file",
-                inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(None, "--config", help="YAML file of field: value."),
-                annotation=Optional[Path],  # noqa: UP045
-            )
-        )
+        params += _run_options()
         for field in dataclasses.fields(config_cls):
             tp = _option_type(hints[field.name])
             flag = "--" + field.name.replace("_", "-")
@@ -150,22 +164,33 @@ def stage_command(
 
         def command(**kwargs: Any) -> None:
             config_file = kwargs.pop("config_file")
+            verbose = kwargs.pop("verbose")
             overrides = {k: v for k, v in kwargs.items() if v is not None}
             given = overrides.pop("positional_value", None)
             if given is not None:
                 overrides[positional] = given
             with error_boundary():
                 config = cfg.load(config_cls, config_file, overrides)
-                _quiet_libraries()
+                from gad import preflight
+
+                preflight.check(config)  # every path and rule, before any model is loaded
+                _quiet_libraries(verbose)
                 run(config)
 
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.__doc__ = run.__doc__
         app.command(name)(command)
+        COMMANDS[name] = config_cls
         return run
 
     return register
+
+
+def _exit_with(code: int) -> None:
+    """End a run that went through with its outcome (README, "Exit codes")."""
+    if code:
+        raise typer.Exit(code=code)
 
 
 @stage_command("collect", cfg.CollectConfig, positional="prompts")
@@ -174,8 +199,7 @@ def collect(config: cfg.CollectConfig) -> None:
     from gad import teacher
 
     summary = teacher.collect(config)
-    if summary.failed:
-        raise typer.Exit(code=3)
+    _exit_with(cfg.outcome_code(summary.done + summary.already_done, summary.failed))
 
 
 @stage_command("sft", cfg.SFTConfig, positional="data")
@@ -200,7 +224,8 @@ def label(config: cfg.LabelConfig) -> None:
     majority vote (verifiable tasks) or its 1-10 judgement (open-ended)."""
     from gad import label as label_module
 
-    label_module.run(config)
+    summary = label_module.run(config)
+    _exit_with(cfg.outcome_code(summary.labelled_prompts, summary.missing_responses))
 
 
 @stage_command("reward-model", cfg.RewardConfig, positional="data")
@@ -228,8 +253,7 @@ def generate(config: cfg.GenerateConfig) -> None:
     from gad import evalsets, teacher
 
     summary = teacher.collect(evalsets.generation_job(config))
-    if summary.failed:
-        raise typer.Exit(code=3)
+    _exit_with(cfg.outcome_code(summary.done + summary.already_done, summary.failed))
 
 
 @stage_command("split", cfg.SplitConfig, positional="prompts")
@@ -237,7 +261,7 @@ def split(config: cfg.SplitConfig) -> None:
     """Split a prompt file into train and held-out parts (deterministic, by prompt content)."""
     from gad import data, evalsets
 
-    records = data.read_records(config.prompts).records
+    records = evalsets.records_of(config.prompts, "prompts").records
     train_part, held = evalsets.split(records, config.fraction, config.seed)
     out = Path(config.output_dir)
     data.write_records(out / "train.jsonl", train_part)
@@ -256,16 +280,23 @@ def evaluate(config: cfg.EvalConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gad import evaluate as evaluate_module
+    from gad import eval_run
     from gad.report import format_cell
 
-    result = evaluate_module.run_eval(config)
+    result = eval_run.run_eval(config)
     table = Table(title=f"{result['name']}: {result['records']} answers")
     table.add_column("metric")
-    table.add_column("value [95% CI]", justify="right")
+    table.add_column("value [95% CI] (n = records behind it)", justify="right")
     for key, value in result["metrics"].items():
         table.add_row(key, format_cell(value))
     Console().print(table)
+    typer.echo(f"lengths in {result['length_unit']}")
+    if config.reference:
+        typer.echo(
+            f"matched to the reference by id: {result['matched']}; answers without a reference: "
+            f"{result['unmatched_answers']}; references without an answer: "
+            f"{result['unmatched_references']}"
+        )
     typer.echo(f"results: {result['output']}")
 
 
@@ -274,7 +305,8 @@ def judge(config: cfg.JudgeConfig) -> None:
     """LLM judge (API or local model): scores vs. its own reference, or pairwise A vs. B."""
     from gad import judge as judge_module
 
-    judge_module.judge(config)
+    summary = judge_module.judge(config)["summary"]
+    _exit_with(cfg.outcome_code(summary["scored"], summary["questions"] - summary["scored"]))
 
 
 @stage_command("report", cfg.ReportConfig)

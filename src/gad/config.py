@@ -35,12 +35,36 @@ from gad.data_configs import (
     SplitConfig,
     TasksConfig,
 )
+from gad.setting_types import LIST
 from gad.train_configs import DemoConfig, GADConfig, RewardConfig, SFTConfig, ToyConfig
+
+EXIT_USER_ERROR = 2
+"""A setting, an input or the environment is wrong; the one-line message names it."""
+EXIT_SOME_FAILED = 3
+"""Some items were produced and some failed; the failed ones are listed (failures file, result
+status), and a rerun retries them."""
+EXIT_NOTHING_PRODUCED = 4
+"""The run produced nothing: every item failed, or a server refused every request (the message
+gives the server's words and the setting to change)."""
 
 
 class UserError(Exception):
     """A problem with the user's input or environment whose message says all there is to say:
-    the CLI prints it on one line, without a traceback."""
+    the CLI prints it on one line, without a traceback, and exits with `exit_code`."""
+
+    exit_code = EXIT_USER_ERROR
+
+    def __init__(self, *args: Any, exit_code: int | None = None) -> None:
+        super().__init__(*args)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+def outcome_code(produced: int, failed: int) -> int:
+    """The exit code of a run that produced `produced` items and failed `failed`."""
+    if not failed:
+        return 0
+    return EXIT_SOME_FAILED if produced else EXIT_NOTHING_PRODUCED
 
 
 class ConfigError(UserError, ValueError):
@@ -68,10 +92,27 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _joined(key: str, items: list[Any], where: str) -> str:
+    """A YAML list of a comma-separated setting as the command line writes it (`[q, v]` is
+    `q,v`): peft and LoRA recipes write target modules as lists."""
+    for item in items:
+        if (
+            isinstance(item, bool)
+            or not isinstance(item, str | int | float)
+            or (isinstance(item, str) and ("," in item or not item.strip()))
+        ):
+            raise ConfigError(f"{where}: '{key}' must be a list of names or numbers, got {item!r}")
+    return ",".join(str(item) for item in items)
+
+
 def _check_value(key: str, value: Any, tp: Any, where: str) -> Any:
     """Return `value` converted to `tp` where lossless (int -> float, list -> tuple), else raise."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Annotated:
+        if LIST in args[1:] and isinstance(value, list):
+            value = _joined(key, value, where)
+        return _check_value(key, value, args[0], where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -154,7 +195,7 @@ def _warn_renamed(where: str, cls_name: str, old: str, new: str) -> None:
 
 def build(cls: type[C], values: dict[str, Any], where: str) -> C:
     """Make a `cls` from `values`, naming `where` and the key in any error."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     checked = {}
     for key, value in values.items():
@@ -340,6 +381,7 @@ RANGES: dict[type, dict[str, Range]] = {
     },
     GADConfig: {
         **_TRAINING,
+        "warmup_max_steps": AT_LEAST_1,
         "reward_mix_alpha": UNIT,
         "warmup_epochs": NON_NEGATIVE,
         "warmup_d_only_steps": NON_NEGATIVE,

@@ -8,18 +8,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from gad.setting_types import (
+    JudgeModel,
+    LocalModel,
+    Model,
+    OutputDir,
+    OutputFile,
+    PromptSet,
+    ReadDirs,
+    ReadFile,
+    ReadFiles,
+)
+
 
 @dataclass(frozen=True)
 class CollectConfig:
     """`gad collect`: a teacher answers a prompt file; results are journaled exactly once."""
 
-    prompts: str = ""
+    prompts: ReadFile = ""
     """Chat-record file (JSONL or Parquet) whose prompts the teacher answers."""
-    output: str = "runs/collect/teacher.jsonl"
+    output: OutputFile = "runs/collect/teacher.jsonl"
     """Output JSONL of chat records (prompt + teacher answer). Also the resume journal."""
     backend: Literal["openai", "local"] = "local"
     """`openai`: any OpenAI-compatible chat-completions endpoint; `local`: a local model."""
-    model: str = "qwen2.5-coder-0.5b"
+    model: LocalModel = "qwen2.5-coder-0.5b"
     """API model name (openai backend) or built-in name / HF folder (local backend)."""
     base_url: str | None = None
     """Endpoint of the OpenAI-compatible API; None uses the client default or OPENAI_BASE_URL."""
@@ -53,7 +65,7 @@ class CollectConfig:
     """Skip malformed input records (counted in the summary) instead of stopping."""
     limit: int | None = None
     """Only the first `limit` prompts of the file (for quick trials)."""
-    exclude: str | None = None
+    exclude: ReadFile | None = None
     """Held-out chat-record file: refuse to run if any record overlaps it (by prompt or id)."""
 
 
@@ -61,11 +73,11 @@ class CollectConfig:
 class GenerateConfig:
     """`gad generate`: a local model (a student) answers a prompt set, resumably."""
 
-    model: str = "smollm2-135m"
+    model: Model = "smollm2-135m"
     """Model that answers: built-in name, HF folder, or a run's checkpoint/final folder."""
-    prompts: str = "mt-bench"
+    prompts: PromptSet = "mt-bench"
     """Built-in set (`mt-bench`, `self-instruct`) or a chat-record file."""
-    output: str = "runs/generate/answers.jsonl"
+    output: OutputFile = "runs/generate/answers.jsonl"
     """Output JSONL of chat records with finish reason and token count in `meta`; the journal."""
     n: int = 1
     """Samples per prompt."""
@@ -91,9 +103,9 @@ class GenerateConfig:
 class SplitConfig:
     """`gad split`: a deterministic held-out split of a prompt file (by prompt content)."""
 
-    prompts: str = ""
+    prompts: ReadFile = ""
     """Chat-record file to split."""
-    output_dir: str = "data"
+    output_dir: OutputDir = "data"
     """Folder for `train.jsonl` and `held_out.jsonl`."""
     fraction: float = 0.1
     """Share of prompts held out for evaluation."""
@@ -105,11 +117,11 @@ class SplitConfig:
 class ReportConfig:
     """`gad report`: Markdown report and PNG plots from runs and evaluation results."""
 
-    runs: str = ""
+    runs: ReadDirs = ""
     """Comma-separated run folders (SFT runs, or GAD runs with warmup/ and gad/ inside)."""
-    results: str = ""
+    results: ReadFiles = ""
     """Comma-separated result files of `gad eval` / `gad judge` (one JSON per system)."""
-    output_dir: str = "runs/report"
+    output_dir: OutputDir = "runs/report"
     """Folder for report.md and its PNGs."""
     title: str = "gad report"
     """Heading of the report."""
@@ -119,23 +131,23 @@ class ReportConfig:
 class EvalConfig:
     """`gad eval`: judge-free (and, with local models, lab) metrics of one system's answers."""
 
-    answers: str = ""
+    answers: ReadFile = ""
     """The system's answers: chat records from `gad generate` or `gad collect`."""
     name: str = ""
     """System name in the results and the report (default: the answers file's stem)."""
-    reference: str | None = None
+    reference: ReadFile | None = None
     """Teacher answers to the same prompts (chat records) for ROUGE-L and n-gram F1."""
-    teacher_model: str | None = None
+    teacher_model: Model | None = None
     """Local teacher (built-in name or folder): its mean per-token log-likelihood of the answers."""
-    student_model: str | None = None
+    student_model: Model | None = None
     """The model that wrote the answers; with `teacher_model`, a reverse-KL(student||teacher)
     estimate from these samples (unbiased only for samples at temperature 1)."""
-    output: str | None = None
+    output: OutputFile | None = None
     """Result JSON (default: `<answers>.eval.json`)."""
     metric: Literal["text", "accuracy"] = "text"
     """`text`: the metrics above; `accuracy`: also the share of answers whose extracted final
     answer equals the ground truth (needs `ground_truth`)."""
-    ground_truth: str | None = None
+    ground_truth: ReadFile | None = None
     """Accuracy: truth file of `{"id", "answer"}` lines (`gad tasks` writes one)."""
     extractor: Literal["number", "choice", "boxed"] = "number"
     """Accuracy: how the final answer is read, as in `gad label`."""
@@ -149,19 +161,19 @@ class EvalConfig:
 class JudgeConfig:
     """`gad judge`: an LLM judge rates answers against its own reference, or two systems."""
 
-    answers: str = ""
+    answers: ReadFile = ""
     """Chat-record file of the candidate's answers (`gad generate` / `gad collect` output)."""
-    baseline: str | None = None
+    baseline: ReadFile | None = None
     """Pairwise mode: chat-record file of a second system (B) compared with `answers` (A)."""
-    questions: str | None = None
+    questions: ReadFile | None = None
     """Optional chat-record file fixing which prompt ids are judged (default: all answered)."""
-    output: str = "runs/judge/results.json"
+    output: OutputFile = "runs/judge/results.json"
     """Results JSON: per-question scores, verdict texts and status, and the summary."""
-    cache_dir: str = "runs/judge/cache"
+    cache_dir: OutputDir = "runs/judge/cache"
     """Folder of the judgement cache (`judge_cache.jsonl`); shared by runs, safe to keep."""
     backend: Literal["openai", "local"] = "openai"
     """`openai`: any OpenAI-compatible chat-completions endpoint; `local`: a local model."""
-    model: str = "gpt-4o"
+    model: LocalModel = "gpt-4o"
     """Judge: API model name (openai backend) or built-in name / HF folder (local backend)."""
     base_url: str | None = None
     """Endpoint of the OpenAI-compatible API; None uses the client default or OPENAI_BASE_URL."""
@@ -204,9 +216,9 @@ class LabelConfig:
     """`gad label`: teacher and student responses per prompt, labelled with the teacher's
     judgement (majority vote on verifiable tasks, 1-10 judge scores on open-ended ones)."""
 
-    prompts: str = ""
+    prompts: ReadFile = ""
     """Chat-record file of the prompts to label."""
-    output_dir: str = "runs/label"
+    output_dir: OutputDir = "runs/label"
     """Folder for the collected responses, `labels.jsonl`, `set_aside.jsonl`, `summary.json`."""
     task: Literal["verifiable", "open"] = "verifiable"
     """`verifiable`: a final answer is extracted and checked against the teacher's majority vote;
@@ -225,9 +237,9 @@ class LabelConfig:
     """Student samples per prompt (None = `k`; 0 = no student responses)."""
     backend: Literal["openai", "local"] = "local"
     """Teacher backend: an OpenAI-compatible API or a local model."""
-    teacher: str = "qwen2.5-coder-0.5b"
+    teacher: LocalModel = "qwen2.5-coder-0.5b"
     """Teacher: API model name (openai backend) or built-in name / HF folder (local backend)."""
-    student: str | None = "smollm2-135m"
+    student: Model | None = "smollm2-135m"
     """Local student whose samples are labelled too (built-in name or folder); None = none."""
     base_url: str | None = None
     """Endpoint of the OpenAI-compatible API; None uses the client default or OPENAI_BASE_URL."""
@@ -235,7 +247,7 @@ class LabelConfig:
     """Name of the environment variable holding the API key (the key itself is never stored)."""
     judge_backend: Literal["openai", "local"] | None = None
     """Open: the judge's backend (None = the teacher's)."""
-    judge_model: str | None = None
+    judge_model: JudgeModel | None = None
     """Open: the judge model (None = the teacher)."""
     temperature: float = 0.8
     """Teacher sampling temperature (samples must differ for a vote to mean anything)."""
@@ -259,14 +271,14 @@ class LabelConfig:
     """Local models: weight dtype."""
     seed: int = 0
     """Seed of local sampling."""
-    ground_truth: str | None = None
+    ground_truth: ReadFile | None = None
     """Verifiable: truth file (`gad tasks` writes one) read after labelling, only to report the
     pseudo-labels' accuracy; never used to label."""
     limit: int | None = None
     """Only the first `limit` prompts (for quick trials)."""
     skip_invalid: bool = False
     """Skip malformed prompt records (counted) instead of stopping."""
-    exclude: str | None = None
+    exclude: ReadFile | None = None
     """Held-out chat-record file: refuse to run if any prompt overlaps it (by prompt or id)."""
 
 
@@ -288,5 +300,5 @@ class TasksConfig:
     """The dataset's own settings as a YAML mapping, e.g. "{min_terms: 2, max_terms: 3}"."""
     instruction: str = ""
     """Text appended to every question (e.g. how to state the final answer)."""
-    output: str = "data/tasks.jsonl"
+    output: OutputFile = "data/tasks.jsonl"
     """Prompt records; the ground truth goes to `<output stem>.truth.jsonl` beside it."""

@@ -156,7 +156,7 @@ def _generate_and_evaluate(
     teacher_model: str,
 ) -> list[dict[str, Any]]:
     """Each system answers the held-out prompts; each is scored against the teacher."""
-    from gad import evalsets, evaluate, teacher
+    from gad import eval_run, evalsets, teacher
 
     out = Path(config.output_dir)
     answers: dict[str, Path] = {}
@@ -178,7 +178,7 @@ def _generate_and_evaluate(
     with clock("eval", "judge-free metrics vs the teacher, and the lab metrics"):
         for name, model in systems.items():
             results.append(
-                evaluate.run_eval(
+                eval_run.run_eval(
                     cfg.EvalConfig(
                         answers=str(answers[name]),
                         name=name,

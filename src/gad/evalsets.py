@@ -95,6 +95,16 @@ def unpack_self_instruct(sdist: str | Path) -> Path:
     return target
 
 
+def records_of(path: str, setting: str, *, skip_invalid: bool = False) -> data.Loaded:
+    """The chat records of the file the setting `setting` names; a file that holds none (empty,
+    or every record skipped as invalid) is an error naming both, not an empty run."""
+    loaded = data.read_records(path, skip_invalid=skip_invalid)
+    if not loaded.records:
+        valid = " valid" if loaded.skipped else ""
+        raise data.DataError(f"{setting}: {path} holds no{valid} chat records")
+    return loaded
+
+
 def load_set(name_or_path: str) -> list[data.Record]:
     """A built-in set by name, or any chat-record file."""
     if name_or_path == "mt-bench":
@@ -102,7 +112,7 @@ def load_set(name_or_path: str) -> list[data.Record]:
     if name_or_path == "self-instruct":
         return self_instruct()
     if Path(name_or_path).exists():
-        return data.read_records(name_or_path).records
+        return records_of(name_or_path, "prompts").records
     raise SetNotFoundError(
         f"unknown set '{name_or_path}': not a file, nor one of {', '.join(BUILTIN_SETS)}"
     )
@@ -130,7 +140,7 @@ def refuse_overlap(records: list[data.Record], exclude: str | None, source: str)
     """Raise if any record's prompt (by content) or id appears in the `exclude` file."""
     if not exclude:
         return
-    held = data.read_records(exclude).records
+    held = records_of(exclude, "exclude").records
     held_prompts = {data.prompt_key(r.prompt) for r in held}
     held_ids = {r.id for r in held}
     clash = [r.id for r in records if r.id in held_ids or data.prompt_key(r.prompt) in held_prompts]

@@ -52,12 +52,18 @@ def _scorer() -> Any:
     return _rouge_scorer
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F-measure of `candidate` against `reference` (0 when either has no tokens).
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def rouge_l(candidate: str, reference: str) -> float | None:
+    """ROUGE-L F-measure of `candidate` against `reference`; None (not measurable, "n/a")
+    when either has no tokens, e.g. an answer in a script rouge-score does not tokenise.
 
     LCS-based: P = LCS / candidate tokens, R = LCS / reference tokens, F = 2PR / (P + R), on the
     `rouge-score` tokenisation (lowercase, ``[a-z0-9]+`` runs, no stemming).
     """
+    if not _ROUGE_TOKEN.search(candidate.lower()) or not _ROUGE_TOKEN.search(reference.lower()):
+        return None
     # rouge-score's argument order is (target, prediction).
     return float(_scorer().score(reference, candidate)["rougeL"].fmeasure)
 
@@ -79,12 +85,13 @@ def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
-def ngram_f1(candidate: str, reference: str, n: int) -> float:
+def ngram_f1(candidate: str, reference: str, n: int) -> float | None:
     """F1 of clipped n-gram overlap between `candidate` and `reference` (tokens: `tokenize`).
 
     overlap = Σ_g min(count_cand(g), count_ref(g)) (clipped counts, as BLEU);
     precision = overlap / #candidate n-grams, recall = overlap / #reference n-grams,
-    F1 = 2PR / (P + R). 0 when either side has no n-grams (fewer than n tokens) or no overlap.
+    F1 = 2PR / (P + R); 0 when there is no overlap. None (not measurable, "n/a") when either
+    side has fewer than n tokens: three words have no 4-gram to compare, which is not a miss.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -92,7 +99,7 @@ def ngram_f1(candidate: str, reference: str, n: int) -> float:
     ref = _ngrams(tokenize(reference), n)
     n_cand, n_ref = sum(cand.values()), sum(ref.values())
     if n_cand == 0 or n_ref == 0:
-        return 0.0
+        return None
     overlap = sum((cand & ref).values())  # Counter & = element-wise min: the clipping
     if overlap == 0:
         return 0.0
@@ -100,7 +107,7 @@ def ngram_f1(candidate: str, reference: str, n: int) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def ngram_f1_all(candidate: str, reference: str) -> dict[int, float]:
+def ngram_f1_all(candidate: str, reference: str) -> dict[int, float | None]:
     """`ngram_f1` for n = 1..4, keyed by n."""
     return {n: ngram_f1(candidate, reference, n) for n in range(1, 5)}
 
@@ -143,9 +150,10 @@ def compare_to_teacher(student: list[Record], teacher: list[Record]) -> dict[str
     error (which answer would be the reference?). Nothing is dropped silently: student records
     with no teacher are listed by id in `unmatched_student`, teacher prompts no student answered
     in `unmatched_teacher`, and records of either side without a final assistant turn in
-    `no_response` (as "student:<id>" / "teacher:<id>"). Means are None when nothing matched.
-    The per-pair values are returned too (`rouge_l_values`, `ngram_f1_values`, in student
-    order), for confidence intervals.
+    `no_response` (as "student:<id>" / "teacher:<id>"). A pair a metric cannot measure (see
+    `rouge_l`, `ngram_f1`) is left out of that metric's mean; means are None when nothing was
+    measured. The per-pair values are returned too (`rouge_l_values`, `ngram_f1_values`, in
+    student order, the unmeasurable left out), for confidence intervals.
     """
     teacher_by_key: dict[str, Record] = {}
     for record in teacher:
@@ -162,6 +170,7 @@ def compare_to_teacher(student: list[Record], teacher: list[Record]) -> dict[str
     unmatched_student: list[str] = []
     no_response: list[str] = []
     answered: set[str] = set()
+    matched = 0
     for record in student:
         key = _prompt_id(record)
         ref = teacher_by_key.get(key)
@@ -174,9 +183,13 @@ def compare_to_teacher(student: list[Record], teacher: list[Record]) -> dict[str
             continue
         if ref.response is None:
             continue  # reported once below, with the teacher records
-        rouge.append(rouge_l(record.response, ref.response))
+        matched += 1
+        value = rouge_l(record.response, ref.response)
+        if value is not None:
+            rouge.append(value)
         for n, value in ngram_f1_all(record.response, ref.response).items():
-            f1[n].append(value)
+            if value is not None:
+                f1[n].append(value)
     no_response += [f"teacher:{r.id}" for r in teacher if r.response is None]
     unmatched_teacher = [r.id for k, r in teacher_by_key.items() if k not in answered]
 
@@ -184,7 +197,7 @@ def compare_to_teacher(student: list[Record], teacher: list[Record]) -> dict[str
         return statistics.fmean(values) if values else None
 
     return {
-        "matched": len(rouge),
+        "matched": matched,
         "rouge_l": mean(rouge),
         "ngram_f1": {n: mean(v) for n, v in f1.items()},
         "rouge_l_values": rouge,
@@ -353,95 +366,3 @@ def reverse_kl_estimate(
         "per_token": float(diffs.sum() / tokens),
         "per_char": float(diffs.sum() / chars) if chars else math.nan,
     }
-
-
-# ---------------------------------------------------------------- `gad eval`
-
-
-def _with_ci(values: list[float], reps: int, seed: int) -> dict[str, float | int | None]:
-    if not values:
-        return {"mean": None, "low": None, "high": None, "n": 0}
-    mean, low, high = bootstrap_ci(values, reps=reps, seed=seed)
-    return {"mean": mean, "low": low, "high": high, "n": len(values)}
-
-
-def run_eval(config: Any) -> dict[str, Any]:
-    """Metrics of one system's answers (an `EvalConfig`), written as a result JSON that
-    `gad report` tabulates. Every value that averages over prompts carries a 95% bootstrap CI."""
-    import json
-    from pathlib import Path
-
-    from gad import data
-
-    answers = data.read_records(config.answers).records
-    name = config.name or Path(config.answers).stem
-    metrics: dict[str, Any] = {}
-    counts = [int(r.meta.get("completion_tokens", 0)) for r in answers]
-    cut = [r.meta.get("finish_reason") == "length" for r in answers]
-    lengths = length_stats(counts, cut)
-    metrics["length_mean"] = _with_ci(
-        [float(c) for c in counts], config.bootstrap_reps, config.seed
-    )
-    metrics["length_median"] = lengths["median"]
-    metrics["length_p95"] = lengths["p95"]
-    metrics["truncated_share"] = lengths["truncated_share"]
-    notes = {}
-    if config.metric == "accuracy":
-        from gad import answers as extract
-        from gad.config import ConfigError
-
-        if not config.ground_truth:
-            raise ConfigError("metric 'accuracy' needs 'ground_truth' (a truth file)")
-        scored = extract.accuracy(
-            answers, extract.read_truth(config.ground_truth), extract.EXTRACTORS[config.extractor]
-        )
-        metrics["accuracy"] = _with_ci(scored["values"], config.bootstrap_reps, config.seed)
-        metrics["answered_share"] = scored["answered"] / len(answers) if answers else None
-        notes["no_truth"] = len(scored["no_truth"])
-    if config.reference:
-        summary = compare_to_teacher(answers, data.read_records(config.reference).records)
-        notes["unmatched"] = len(summary["unmatched_student"])
-        metrics["rouge_l"] = _with_ci(summary["rouge_l_values"], config.bootstrap_reps, config.seed)
-        for n, values in summary["ngram_f1_values"].items():
-            metrics[f"ngram_f1_{n}"] = _with_ci(values, config.bootstrap_reps, config.seed)
-    if config.teacher_model:
-        from gad import models
-
-        teacher_model, teacher_tok = models.load(config.teacher_model)
-        scored = [a for a in answers if a.response is not None]
-        prompts = [a.prompt for a in scored]
-        responses = [a.response for a in scored]
-        finished = [data.record_finished(a) for a in scored]
-        values = teacher_logprob(teacher_model, teacher_tok, prompts, responses, finished=finished)
-        metrics["teacher_logprob"] = _with_ci(values, config.bootstrap_reps, config.seed)
-        if config.student_model:
-            student_model, student_tok = models.load(config.student_model)
-            kl = reverse_kl_estimate(
-                student_model,
-                student_tok,
-                teacher_model,
-                teacher_tok,
-                prompts,
-                responses,
-                finished=finished,
-            )
-            metrics["reverse_kl"] = {
-                "mean": kl["mean"],
-                "low": kl["mean"] - 1.96 * kl["stderr"],
-                "high": kl["mean"] + 1.96 * kl["stderr"],
-                "n": kl["n"],
-            }
-            metrics["reverse_kl_per_token"] = kl["per_token"]
-    result = {
-        "name": name,
-        "answers": config.answers,
-        "reference": config.reference,
-        "records": len(answers),
-        "metrics": metrics,
-        **notes,
-    }
-    output = Path(config.output or str(Path(config.answers).with_suffix("")) + ".eval.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    result["output"] = str(output)
-    return result

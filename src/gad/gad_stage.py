@@ -229,8 +229,27 @@ def warmup(config: cfg.GADConfig, accelerator: Any) -> Path:
     stage.sft_steps = len(
         engine.batch_plan(n, config.warmup_epochs, config.batch_prompts, config.seed)
     )
-    run_loop(stage, len(stage.plan), gad.warmup_step, ("d/loss", "d/accuracy", "g/sft_loss"))
+    total = planned_steps(stage, config.warmup_max_steps, "warmup_epochs", "warmup_max_steps")
+    run_loop(stage, total, gad.warmup_step, ("d/loss", "d/accuracy", "g/sft_loss"))
     return finish(stage)
+
+
+def planned_steps(stage: Stage, limit: int | None, length: str, limit_name: str) -> int:
+    """The stage's steps (its plan, cut at `limit`), printed at its start and noted at the end
+    of the run's config YAML, so that which setting bounded which stage is never a guess."""
+    total = min(len(stage.plan), limit) if limit else len(stage.plan)
+    why = f"{len(stage.plan)} from {length}" + (f", cut by {limit_name}={limit}" if limit else "")
+    line = f"{stage.name} stage: {total} steps planned ({why})"
+    if stage.accelerator.is_main_process:
+        console.print(line)
+        run = stage.config.stage
+        config_file = Path(stage.config.output_dir) / (
+            "config.yaml" if run == "all" else f"config.{run}.yaml"
+        )
+        if config_file.exists():
+            with open(config_file, "a", encoding="utf-8") as f:
+                f.write(f"# planned: {line}\n")
+    return total
 
 
 def _gad_init(config: cfg.GADConfig, accelerator: Any) -> StageInit:
@@ -287,7 +306,7 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
     stage = setup(
         config, "gad", accelerator, epochs=config.epochs, init=_gad_init(config, accelerator)
     )
-    total = min(len(stage.plan), config.max_steps) if config.max_steps else len(stage.plan)
+    total = planned_steps(stage, config.max_steps, "epochs", "max_steps")
     m = stage.models
     if config.reward_mix_alpha is not None:
         rm = discriminator.load(config.reward_model)  # type: ignore[arg-type]

@@ -30,13 +30,14 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gad import chat, data
+from gad import chat, data, evalsets
 from gad import config as cfg
 from gad.config import JudgeConfig
 from gad.rating import Cache, Judge, make_backend
@@ -98,8 +99,8 @@ def prompt_id(record: data.Record) -> str:
     return str(key) if key is not None else record.id
 
 
-def _answered(path: str) -> list[data.Record]:
-    records = data.read_records(path).records
+def _answered(path: str, setting: str) -> list[data.Record]:
+    records = evalsets.records_of(path, setting).records
     for record in records:
         if record.response is None:
             raise record.error("messages", "no final assistant answer to judge")
@@ -110,7 +111,7 @@ def _select(records: list[data.Record], config: JudgeConfig) -> tuple[list[data.
     """Records restricted to (and ordered like) `config.questions`; also how many are missing."""
     missing = 0
     if config.questions:
-        wanted = data.read_records(config.questions).records
+        wanted = evalsets.records_of(config.questions, "questions").records
         by_id: dict[str, list[data.Record]] = {}
         for record in records:
             by_id.setdefault(prompt_id(record), []).append(record)
@@ -145,7 +146,7 @@ def _round(x: float | None) -> float | None:
 
 
 def _single(judge: Judge, config: JudgeConfig) -> tuple[list[dict], dict[str, Any]]:
-    records, missing = _select(_answered(config.answers), config)
+    records, missing = _select(_answered(config.answers, "answers"), config)
     refs = judge.references([r.prompt for r in records])
     items, where = [], []
     for i, (record, ref) in enumerate(zip(records, refs, strict=True)):
@@ -199,9 +200,9 @@ def _single(judge: Judge, config: JudgeConfig) -> tuple[list[dict], dict[str, An
 
 def _pairwise(judge: Judge, config: JudgeConfig) -> tuple[list[dict], dict[str, Any]]:
     assert config.baseline is not None
-    a_records, missing = _select(_answered(config.answers), config)
+    a_records, missing = _select(_answered(config.answers, "answers"), config)
     b_by_id: dict[str, data.Record] = {}
-    for record in _answered(config.baseline):
+    for record in _answered(config.baseline, "baseline"):
         key = prompt_id(record)
         if key in b_by_id:
             raise data.DataError(f"{config.baseline}: prompt id '{key}' is answered twice")
@@ -276,15 +277,21 @@ def judge(config: JudgeConfig, *, backend: chat.Client | None = None, quiet: boo
     if config.attempts < 1:
         raise cfg.ConfigError(f"'attempts' must be at least 1, got {config.attempts}")
     if backend is None:
+        # A file with nothing to judge fails before the judge's model loads, not after.
+        for setting in ("answers", "baseline", "questions"):
+            if getattr(config, setting):
+                evalsets.records_of(getattr(config, setting), setting)
         backend = make_backend(config)
     cache = Cache(config.cache_dir)
+    protocol = Judge(backend, cache, config)
+    protocol.progress = _progress_bar(quiet)
     try:
-        protocol = Judge(backend, cache, config)
         if config.baseline:
             rows, summary = _pairwise(protocol, config)
         else:
             rows, summary = _single(protocol, config)
     finally:
+        protocol.progress.close()
         cache.close()
     summary.update(
         judge=protocol.identity,
@@ -300,7 +307,19 @@ def judge(config: JudgeConfig, *, backend: chat.Client | None = None, quiet: boo
     os.replace(tmp, output)
     if not quiet:
         print_summary(summary, output)
+        errors = [str(r["error"]) for r in rows if r.get("error")]
+        if errors:
+            text, count = Counter(errors).most_common(1)[0]
+            print(f"most common error ({count} of {len(errors)}): {text}")
     return result
+
+
+def _progress_bar(quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    # disable=None: off where stderr is not a terminal (logs, CI); requests, not questions,
+    # since a question takes one to `attempts` + 1 of them.
+    return tqdm(desc="judge", unit="req", dynamic_ncols=True, disable=True if quiet else None)
 
 
 def print_summary(summary: dict[str, Any], output: Path | str) -> None:

@@ -376,7 +376,7 @@ def run(config: LabelConfig, *, judge_backend: Any = None) -> LabelSummary:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(config, out / "config.yaml")
-    loaded = data.read_records(config.prompts, skip_invalid=config.skip_invalid)
+    loaded = evalsets.records_of(config.prompts, "prompts", skip_invalid=config.skip_invalid)
     prompts = loaded.records if config.limit is None else loaded.records[: config.limit]
     evalsets.refuse_overlap(prompts, config.exclude, config.prompts)
     if config.ground_truth:

@@ -15,6 +15,10 @@ LABEL_FIELDS = ("prompt_id", "source", "label", "good")
 def read_labels(path: str) -> list[data.Record]:
     """Labelled records of `path`; a record without the label fields stops with its id."""
     records = data.read_records(path).records
+    if not records:
+        raise data.DataError(
+            f"data: {path} holds no labelled records (the labels.jsonl of `gad label`)"
+        )
     for record in records:
         missing = [k for k in LABEL_FIELDS if k not in record.meta]
         if missing:

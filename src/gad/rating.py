@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gad import chat, journal
+from gad import api_errors, chat, journal
 from gad import config as cfg
 from gad.chat import Messages
 from gad.config import JudgeConfig
@@ -222,21 +222,35 @@ class Judge:
         self.config = config
         self.identity = identity(config)
         self.cache_hits = 0
+        self.progress: Any = None
+        """A tqdm bar that `judge` sets (None: no bar)."""
 
-    def _ask(
-        self, conversations: list[Messages], max_response_tokens: int, on_reply: chat.OnReply
-    ) -> None:
+    def _ask(self, conversations: list[Messages], budget: str, on_reply: chat.OnReply) -> None:
+        """Send `conversations` with the answer budget of the setting named `budget`."""
         sampling = chat.Sampling(
-            temperature=self.config.temperature, max_response_tokens=max_response_tokens
+            temperature=self.config.temperature,
+            max_response_tokens=getattr(self.config, budget),
         )
         try:
-            self.backend.complete(conversations, sampling, on_reply)
+            self.backend.complete(conversations, sampling, self._counted(on_reply))
         except chat.Refused as err:
+            change = api_errors.what_to_change(err, self.config.api_key_env, budget)
             raise JudgeError(
-                f"the judge API refused the run ({err.detail}); check base_url, model and the "
-                f"key in ${self.config.api_key_env}. Finished judgements are cached; rerun to "
-                f"continue."
+                f"the judge API stopped the run: HTTP {err.status}: {err.message} (every "
+                f"request would get this); change {change} and rerun. Finished judgements are "
+                "cached.",
+                exit_code=cfg.EXIT_NOTHING_PRODUCED,
             ) from None
+
+    def _counted(self, on_reply: chat.OnReply) -> chat.OnReply:
+        """`on_reply` that also moves the progress bar (one per request, not a log line)."""
+
+        def counted(i: int, reply: chat.Reply) -> None:
+            on_reply(i, reply)
+            if self.progress is not None:
+                self.progress.update(1)
+
+        return counted
 
     def references(self, questions: list[Messages]) -> list[dict[str, Any]]:
         """The judge's reference answer for each question (`status` ok, or error)."""
@@ -264,7 +278,7 @@ class Judge:
             self.cache.put(entry)
             out[key] = entry
 
-        self._ask([q for _, q in todo], self.config.max_response_tokens, done)
+        self._ask([q for _, q in todo], "max_response_tokens", done)
         return [out[key] for key in keys]
 
     def verdicts(self, items: list[tuple[Messages, str, str]]) -> list[dict[str, Any]]:
@@ -307,7 +321,7 @@ class Judge:
                     self.cache.put(v.result)
 
             messages = [rating_messages(v.question, v.answer_1, v.answer_2) for v in batch]
-            self._ask(messages, self.config.verdict_max_tokens, done)
+            self._ask(messages, "verdict_max_tokens", done)
             pending = [v for v in batch if v.result is None]
         return [unique[v.key].result or {"status": "error", "error": "not run"} for v in verdicts]
 

@@ -75,12 +75,14 @@ def plot_curves(name: str, rows: list[dict[str, Any]], out: Path) -> Path | None
 
 
 def format_cell(value: Any) -> str:
+    """A metric as a cell: a mean with its interval and the count of records behind it."""
+    count = f" (n={value['n']})" if isinstance(value, dict) and "n" in value else ""
     if isinstance(value, dict) and value.get("mean") is None and "mean" in value:
-        return "n/a"
+        return "n/a" + count
     if isinstance(value, dict) and "mean" in value:
         if value.get("low") is not None and value.get("high") is not None:
-            return f"{value['mean']:.3g} [{value['low']:.3g}, {value['high']:.3g}]"
-        return f"{value['mean']:.3g}"
+            return f"{value['mean']:.3g} [{value['low']:.3g}, {value['high']:.3g}]{count}"
+        return f"{value['mean']:.3g}{count}"
     if isinstance(value, float):
         return f"{value:.3g}"
     return "" if value is None else str(value)
@@ -129,6 +131,9 @@ def as_result(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _read_result(path: Path) -> dict[str, Any]:
     """A result file's JSON object; anything else is the user's file, named."""
+    if not path.is_file():
+        what = "a folder, not a result file" if path.is_dir() else "no such file"
+        raise UserError(f"results: {path}: {what}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -137,6 +142,24 @@ def _read_result(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or not isinstance(raw.get("metrics", raw.get("summary")), dict):
         raise UserError(f"{path}: not a result of `gad eval` or `gad judge` (no metrics)")
     return raw
+
+
+def _runs_metrics(runs: list[str | Path]) -> list[list[tuple[str, Path]]]:
+    """Each run's metric folders; a run that holds none is refused by name (a typo must not
+    give a report of nothing)."""
+    found = []
+    for run in runs:
+        path = Path(run)
+        if not path.is_dir():
+            raise UserError(f"runs: {path}: no such run folder")
+        stages = _stage_dirs(path)
+        if not stages:
+            raise UserError(
+                f"runs: {path}: holds no metrics.jsonl (an SFT run has one, a GAD run one in "
+                "warmup/ or gad/)"
+            )
+        found.append(stages)
+    return found
 
 
 def write_report(
@@ -148,10 +171,13 @@ def write_report(
 ) -> Path:
     """Write `report.md` and its PNGs into `out_dir`; returns the report's path. `preface`
     (Markdown) goes under the title: what was run, with which budget."""
+    if not runs and not results:
+        raise UserError("nothing to report: give run folders (runs) and/or result files (results)")
+    stages = _runs_metrics(runs)
+    loaded = [as_result(_read_result(Path(p))) for p in results]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}", ""] + ([preface, ""] if preface else [])
-    loaded = [as_result(_read_result(Path(p))) for p in results]
     if loaded:
         parts += ["## Systems compared", "", comparison_table(loaded), ""]
         parts += ["Values are means; brackets give the 95% bootstrap confidence interval.", ""]
@@ -159,8 +185,8 @@ def write_report(
         parts += notes + ([""] if notes else [])
     if runs:
         parts += ["## Training curves", ""]
-    for run in runs:
-        for name, folder in _stage_dirs(Path(run)):
+    for run_stages in stages:
+        for name, folder in run_stages:
             rows = read_metrics(folder)
             png = plot_curves(name, rows, out)
             warned = [r for r in rows if r.get("warnings")]

@@ -29,7 +29,8 @@ Retries (openai backend) are the official client's own, with its backoff and `Re
 an unusable 200 body is retried like a dropped connection: see `gad.chat`. What this module adds:
 it counts attempts for the summary, records a request that still fails in the failures file and
 goes on, and stops the run on errors that no prompt can fix (bad key, no permission, unknown
-model). A `Retry-After` above 120 s makes the client give up at once; such a prompt lands in the
+model, the same 400 for every first request: `gad.api_errors`), naming the setting to change.
+A `Retry-After` above 120 s makes the client give up at once; such a prompt lands in the
 failures file and is retried by the next run.
 """
 
@@ -39,12 +40,13 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gad import chat, data, evalsets, journal
+from gad import api_errors, chat, data, evalsets, journal
 from gad import config as cfg
 from gad.config import CollectConfig
 
@@ -216,9 +218,13 @@ def _ask(config: CollectConfig, jobs: list[Job], recorder: _Recorder) -> None:
             lambda i, reply: recorder.reply(jobs[i], reply),
         )
     except chat.Refused as err:
+        done = recorder.summary.done
+        change = api_errors.what_to_change(err, config.api_key_env, "max_response_tokens")
         raise TeacherError(
-            f"the teacher API refused the run ({err.detail}); check base_url, model and the key "
-            f"in ${config.api_key_env}. Finished records are kept; rerun to continue."
+            f"the teacher API stopped the run: HTTP {err.status}: {err.message} (every request "
+            f"would get this); change {change} and rerun. {done} records written by this run "
+            f"are kept; the failed ones are in {failures_path(config.output)}",
+            exit_code=cfg.EXIT_SOME_FAILED if done else cfg.EXIT_NOTHING_PRODUCED,
         ) from None
     finally:
         recorder.summary.requests += client.requests
@@ -255,7 +261,7 @@ def collect(config: CollectConfig, *, progress: bool = True) -> CollectSummary:
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
 
-    loaded = data.read_records(config.prompts, skip_invalid=config.skip_invalid)
+    loaded = evalsets.records_of(config.prompts, "prompts", skip_invalid=config.skip_invalid)
     for reason in loaded.skipped:
         log.warning("skipped invalid prompt record: %s", reason)
     records = loaded.records if config.limit is None else loaded.records[: config.limit]
@@ -288,7 +294,8 @@ def collect(config: CollectConfig, *, progress: bool = True) -> CollectSummary:
     _beside(output, ".summary.json").write_text(
         json.dumps(dataclasses.asdict(summary), indent=2) + "\n"
     )
-    _print_summary(summary, failures_path(output))
+    common = commonest_error(str(e.get("error")) for e in failures.values())
+    _print_summary(summary, failures_path(output), common)
     return summary
 
 
@@ -318,7 +325,16 @@ def _resume(
     return todo, failures
 
 
-def _print_summary(summary: CollectSummary, fail_path: Path) -> None:
+def commonest_error(errors: Iterable[str]) -> tuple[str, int] | None:
+    """The error text most failures share, and how many: the server's reason, on the terminal
+    and not only inside the failures file."""
+    counts = Counter(errors)
+    return counts.most_common(1)[0] if counts else None
+
+
+def _print_summary(
+    summary: CollectSummary, fail_path: Path, common: tuple[str, int] | None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -344,3 +360,6 @@ def _print_summary(summary: CollectSummary, fail_path: Path) -> None:
     console.print(table)
     if summary.failed:
         console.print(f"[yellow]failures listed in {fail_path}; rerun the same command to retry")
+        if common:
+            text, count = common
+            console.print(f"[yellow]most common error ({count} of {summary.failed}): {text}")

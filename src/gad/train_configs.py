@@ -8,16 +8,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from gad.setting_types import Model, Names, OutputDir, ReadFile, ReadFileOrBundled
+
 
 @dataclass(frozen=True)
 class SFTConfig:
     """`gad sft`: supervised fine-tuning on chat records (the SeqKD baseline, GAD's warmup)."""
 
-    data: str = ""
+    data: ReadFile = ""
     """Chat-record file (JSONL or Parquet); the last assistant turn of each record is the target."""
-    model: str = "smollm2-135m"
+    model: Model = "smollm2-135m"
     """Student to train: built-in name or Hugging Face folder."""
-    output_dir: str = "runs/sft"
+    output_dir: OutputDir = "runs/sft"
     """Run folder: config, metrics, checkpoints, and the final model in `final/`."""
     epochs: int = 3
     """Passes over the data (paper SeqKD: 3)."""
@@ -63,7 +65,7 @@ class SFTConfig:
     """Continue from the latest checkpoint in `output_dir`."""
     skip_invalid: bool = False
     """Skip malformed records (counted in the summary) instead of stopping."""
-    exclude: str | None = None
+    exclude: ReadFile | None = None
     """Held-out chat-record file: refuse to run if any record overlaps it (by prompt or id)."""
     lora_rank: int = 0
     """LoRA rank: above 0 the stage trains peft LoRA adapters on a frozen base instead of every
@@ -73,7 +75,7 @@ class SFTConfig:
     """LoRA scale α (the adapter's update is multiplied by α / rank)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch's input."""
-    lora_target_modules: str = "all-linear"
+    lora_target_modules: Names = "all-linear"
     """Modules that get an adapter: `all-linear` (every linear layer but the LM head) or
     comma-separated module names (`q_proj,v_proj`)."""
 
@@ -87,13 +89,13 @@ class DemoConfig:
     Sizes are chosen so the whole run fits in 20 minutes on a 2-core CPU: a smoke test of the
     pipeline, not a result (the report says so)."""
 
-    output_dir: str = "runs/demo"
+    output_dir: OutputDir = "runs/demo"
     """Folder for every stage's output and the report."""
-    teacher: str = "qwen2.5-coder-0.5b"
+    teacher: Model = "qwen2.5-coder-0.5b"
     """Local teacher model (built-in name or HF folder)."""
-    student: str = "smollm2-135m"
+    student: Model = "smollm2-135m"
     """Student model (built-in name or HF folder)."""
-    prompts: str = ""
+    prompts: ReadFileOrBundled = ""
     """Prompt file; empty uses the 40 prompts bundled with gad (written for it, CC0)."""
     num_train: int = 24
     """Prompts (the first of the file) whose teacher answers both methods train on."""
@@ -129,20 +131,20 @@ class GADConfig:
     Defaults are the paper's (SPEC §3); the CPU-sized runs of the demo override the sizes.
     """
 
-    data: str = ""
+    data: ReadFile = ""
     """Teacher chat records (prompt + teacher answer), e.g. the output of `gad collect`."""
-    model: str = "smollm2-135m"
+    model: Model = "smollm2-135m"
     """Student (generator) to start from: built-in name or HF folder."""
-    discriminator: str | None = None
+    discriminator: Model | None = None
     """Causal-LM folder/name the discriminator starts from; None = the student's own weights.
     It may have its own tokenizer: both sides reach it as text, re-encoded with its tokenizer."""
-    reward_model: str | None = None
+    reward_model: Model | None = None
     """A trained scalar-head model used as a frozen reward in place of the discriminator (no D
     warmup, no D updates): the reward-distillation mode."""
     reward_mix_alpha: float | None = None
     """Combined reward α·D + (1-α)·R: D the online discriminator (still trained), R the frozen
     `reward_model`, each z-scored within its prompt's group first. None = no mixing."""
-    output_dir: str = "runs/gad"
+    output_dir: OutputDir = "runs/gad"
     """Run folder; the stages write `warmup/` and `gad/` inside it."""
     stage: Literal["warmup", "gad", "all"] = "all"
     """Which stage to run; `gad` starts from `warmup/final` when it exists."""
@@ -156,7 +158,7 @@ class GADConfig:
     `soda` (SPEC §5): one snapshot of the starting `model`'s answers, then DPO with the teacher's
     answer as chosen and the snapshot answer as rejected; no warmup, rollouts or discriminator."""
     warmup_epochs: float = 1.0
-    """Warmup length in passes over the data (paper: 1)."""
+    """Warmup length in passes over the data (paper: 1); `warmup_max_steps` bounds it."""
     warmup_generator: bool = True
     """Warmup trains the generator with SFT (ablation: off)."""
     warmup_discriminator: bool = True
@@ -169,9 +171,11 @@ class GADConfig:
     """`soda`: DPO's β, the scale of the implicit reward β·log(π/π_ref) (the DPO paper's and
     TRL's usual 0.1); higher keeps the student nearer its starting model."""
     epochs: float = 2.0
-    """GAD-stage length in passes over the prompts (paper: 2)."""
+    """GAD-stage length in passes over the prompts (paper: 2); `max_steps` bounds it."""
     max_steps: int | None = None
-    """Stop the GAD stage after this many steps."""
+    """Stop the GAD stage (not the warmup: see `warmup_max_steps`) after this many steps."""
+    warmup_max_steps: int | None = None
+    """Stop the warmup stage after this many steps (None: `warmup_epochs` of the data)."""
     batch_prompts: int = 256
     """Prompts per step, over all processes (paper: 256; one policy update per step)."""
     n_samples: int = 8
@@ -234,7 +238,7 @@ class GADConfig:
     """Continue each stage from its latest checkpoint."""
     skip_invalid: bool = False
     """Skip malformed records (counted) instead of stopping."""
-    exclude: str | None = None
+    exclude: ReadFile | None = None
     """Held-out chat-record file: refuse to run if any record overlaps it (by prompt or id)."""
     d_acc_warn: float = 0.95
     """Warn when discriminator accuracy stays above this for `d_acc_warn_steps` steps."""
@@ -258,16 +262,16 @@ class GADConfig:
     loss_agg: Literal["seq-mean-token-mean", "token-mean"] = "seq-mean-token-mean"
     """Policy-loss aggregation: per sequence then over sequences (the paper's Eq. 7), or over
     all tokens of the batch (verl's default, which the reference scripts run)."""
-    teacher_model: str | None = None
+    teacher_model: Model | None = None
     """A local teacher sharing the student's tokenizer (built-in name or folder): the reward of
     `method=whitebox`, and the exact reverse KL of the held-out evaluation."""
-    teacher_context: str | None = None
+    teacher_context: ReadFile | None = None
     """JSON file of chat messages the local teacher sees before every prompt and the student
     never does (a hidden system prompt, demonstrations): context distillation."""
     eval_every: int = 0
     """GAD stage: evaluate on `eval_data` every this many steps (and at step 0) and keep the
     best step's model in `gad/best/` (`gad/selection.json` says which and why). 0 = off."""
-    eval_data: str | None = None
+    eval_data: ReadFile | None = None
     """Held-out teacher chat records for `eval_every` (prompts not in `data`)."""
     eval_length_range: float = 1.5
     """Model selection only considers steps whose held-out mean length stays within this
@@ -280,7 +284,7 @@ class GADConfig:
     """LoRA scale α (the adapter's update is multiplied by α / rank)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch's input."""
-    lora_target_modules: str = "all-linear"
+    lora_target_modules: Names = "all-linear"
     """Modules that get an adapter: `all-linear` (every linear layer but the LM head) or
     comma-separated module names (`q_proj,v_proj`)."""
     single_base: bool = False
@@ -294,14 +298,14 @@ class GADConfig:
 class ToyConfig:
     """`gad toy`: the paper's Figure 5 toy, SeqKD (mode covering) vs GAD (mode seeking)."""
 
-    output_dir: str = "runs/toy"
+    output_dir: OutputDir = "runs/toy"
     """Folder for the figure (toy.png) and the numbers (toy.json)."""
     num_categories: int = 10
     """Number of categories 0..K-1 of the discrete distributions."""
-    teacher_modes: str = "2,7"
+    teacher_modes: Names = "2,7"
     """Comma-separated centres of the teacher's Gaussian modes (two: with three modes on 10
     categories even exact reverse-KL descent ends near uniform, see docs/benchmarks.md)."""
-    teacher_weights: str = "0.5,0.5"
+    teacher_weights: Names = "0.5,0.5"
     """Comma-separated mixture weights of the teacher's modes (normalised to sum to 1)."""
     teacher_std: float = 0.5
     """Std of every teacher mode (before discretisation)."""
@@ -332,12 +336,12 @@ class RewardConfig:
     """`gad reward-model`: a scalar-head reward model (the discriminator's architecture) trained
     on `gad label` output, teacher and student responses alike."""
 
-    data: str = ""
+    data: ReadFile = ""
     """Labelled records: the `labels.jsonl` of `gad label`."""
-    model: str = "smollm2-135m"
+    model: Model = "smollm2-135m"
     """Backbone the reward model starts from (built-in name or folder); use the student's
     tokenizer family, since RL scores the student's token ids."""
-    output_dir: str = "runs/reward"
+    output_dir: OutputDir = "runs/reward"
     """Run folder: config, metrics, checkpoints, summary and the model in `final/`."""
     loss: Literal["bt", "bce"] = "bt"
     """`bt`: Bradley–Terry on within-prompt pairs (higher label preferred); `bce`: pointwise
@@ -397,6 +401,6 @@ class RewardConfig:
     """LoRA scale α (the adapter's update is multiplied by α / rank)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch's input."""
-    lora_target_modules: str = "all-linear"
+    lora_target_modules: Names = "all-linear"
     """Modules that get an adapter: `all-linear` (every linear layer but the LM head) or
     comma-separated module names (`q_proj,v_proj`)."""
