@@ -578,6 +578,8 @@ class Seed:
         self.run = Path(args.out) / "runs" / f"s{seed}"
         self._seqkd: Trained | None = None
         self._dwarm: tuple[Path, float, float | None] | None = None
+        # The main GAD run's config, which `gad_long` resumes.
+        self.last_gad: cfg.GADConfig | None = None
 
     def seqkd(self) -> Trained:
         if self._seqkd is None:
@@ -651,6 +653,7 @@ class Seed:
         return Trained(str(final), total, max(peaks, default=None), stage_stats(run / "gad"))
 
     def gad_long(self, main: Trained) -> Trained:
+        assert self.last_gad is not None, "gad_long continues the main GAD run"
         config = dataclasses.replace(self.last_gad, max_steps=self.args.long_steps, resume=True)
         final, s, peak = measured(gad_stage.train, config)
         stats = stage_stats(Path(config.output_dir) / "gad")
