@@ -234,6 +234,13 @@ def warmup(config: cfg.GADConfig, accelerator: Any) -> Path:
     return finish(stage)
 
 
+def config_path(config: cfg.GADConfig) -> Path:
+    """Where a run's resolved config goes: stages run one by one may differ in settings (the
+    demo's learning rates), so each keeps its own."""
+    name = "config.yaml" if config.stage == "all" else f"config.{config.stage}.yaml"
+    return Path(config.output_dir) / name
+
+
 def planned_steps(stage: Stage, limit: int | None, length: str, limit_name: str) -> int:
     """The stage's steps (its plan, cut at `limit`), printed at its start and noted at the end
     of the run's config YAML, so that which setting bounded which stage is never a guess."""
@@ -242,10 +249,7 @@ def planned_steps(stage: Stage, limit: int | None, length: str, limit_name: str)
     line = f"{stage.name} stage: {total} steps planned ({why})"
     if stage.accelerator.is_main_process:
         console.print(line)
-        run = stage.config.stage
-        config_file = Path(stage.config.output_dir) / (
-            "config.yaml" if run == "all" else f"config.{run}.yaml"
-        )
+        config_file = config_path(stage.config)
         if config_file.exists():
             with open(config_file, "a", encoding="utf-8") as f:
                 f.write(f"# planned: {line}\n")
@@ -315,7 +319,7 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
         m.reward_model = rm.to(accelerator.device).eval().requires_grad_(False)
     held_out = None
     if config.eval_every:
-        teacher, contexts = None, mixture.load(config.teacher_context)
+        teacher, contexts = None, stage.teacher_mixture or mixture.load(config.teacher_context)
         if config.teacher_model:
             teacher = m.teacher or gad_models.load_teacher(config, m.tokenizer, accelerator)
         held_out = HeldOut.load(stage, teacher, contexts, lambda f: save_generator(stage, f))
@@ -342,7 +346,7 @@ def soda_stage(config: cfg.GADConfig, accelerator: Any) -> Path:
     """`method=soda` (SPEC §5), one stage in `soda/`: the starting student's snapshot, then
     DPO steps (`soda.soda_step`) from `model` itself: SODA has no warmup."""
     stage = setup(config, "soda", accelerator, epochs=config.epochs, init=StageInit(config.model))
-    total = min(len(stage.plan), config.max_steps) if config.max_steps else len(stage.plan)
+    total = planned_steps(stage, config.max_steps, "epochs", "max_steps")
     pairs = soda.snapshot(stage)
     run_loop(stage, total, lambda s, step, timer: soda.soda_step(s, step, timer, pairs), soda.SHOW)
     return finish(stage)
@@ -376,9 +380,7 @@ def train(config: cfg.GADConfig) -> Path:
     # restores the generator state from its checkpoint instead).
     torch.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
     if accelerator.is_main_process:
-        # Stages run one by one may differ in settings (the demo's learning rates): keep each.
-        name = "config.yaml" if config.stage == "all" else f"config.{config.stage}.yaml"
-        cfg.save(config, out / name, {"mixed_precision": choice.reason})
+        cfg.save(config, config_path(config), {"mixed_precision": choice.reason})
     _check(config)
     if config.method == "soda":
         started, final = time.time(), soda_stage(config, accelerator)
