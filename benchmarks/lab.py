@@ -28,8 +28,10 @@ SeqKD adapter, its discriminator initialised from the untouched student and warm
 SeqKD's samples; variants `--gad-variant NAME='{"setting": value}'` run as `gad-NAME`), `soda`
 (DPO against a snapshot of the untouched student's answers, from the untouched student),
 `whitebox` (the product's `--method whitebox` with the mixture as `teacher_context`: the
-ceiling). `--long-steps`: the first seed's GAD run continues to that many steps with held-out
-curves every `--curve-every` (`gad_long`).
+ceiling, at `--whitebox-lr`). The defaults of the learning rates, epochs and LoRA alpha are the
+choices of the validation pilot (docs/benchmarks.md, "Lab benchmark v3").
+`--long-steps`: the first seed's GAD run continues to that many steps with held-out curves every
+`--curve-every` (`gad_long`).
 
 Each (seed, method) writes `rows/<split>/s<seed>/<method>.json` when it finishes; a rerun with
 the same `--out` skips what is there (resumable per seed and method), and `--merge A B` folds
@@ -668,6 +670,7 @@ class Seed:
             run,
             self.seed,
             method="whitebox",
+            lr=self.args.whitebox_lr,
             teacher_model=self.args.teacher,
             teacher_context=self.args.teacher_contexts,
         )
@@ -796,7 +799,7 @@ def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def run_seed(args, seed, contexts, teach, first) -> None:
     s = Seed(args, seed)
-    todo = [m for m in args.methods if not (m == "before" and not first)]
+    todo = list(args.methods)
 
     def done(method: str) -> bool:
         return row_path(args, seed, method).exists()
@@ -994,7 +997,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-prompt-tokens", type=int, default=256, help="longer prompts are left out")
     add("--gen-batch", type=int, default=64, help="answers generated together")
     add("--lora-rank", type=int, default=2, help="the student's parametrisation")
-    add("--lora-alpha", type=float, default=16.0)
+    add("--lora-alpha", type=float, default=4.0)
     add("--seqkd-epochs", type=int, default=2)
     add("--seqkd-lr", type=float, default=1e-3)
     add("--score-every-epoch", action="store_true", help="score each SeqKD epoch (tuning)")
@@ -1004,14 +1007,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--d-warmup-epochs", type=float, default=0.1)
     add("--gad-steps", type=int, default=20)
     add("--gad-lr", type=float, default=2e-4)
+    add("--whitebox-lr", type=float, default=1e-3)
     add("--d-lr", type=float, default=2e-4)
     add("--kl-coef", type=float, default=0.001)
     add("--gad-variant", action="append", help="NAME='{\"setting\": value}' (GADConfig)")
     add("--long-steps", type=int, default=0, help="first seed: continue GAD to this many")
     add("--curve-every", type=int, default=10)
     add("--soda-beta", type=float, default=0.1)
-    add("--soda-lr", type=float, default=2e-4)
-    add("--soda-epochs", type=int, default=2)
+    add("--soda-lr", type=float, default=2e-5)
+    add("--soda-epochs", type=int, default=1)
     add("--soda-batch", type=int, default=8)
     add("--keep-models", action="store_true")
     add("--merge", nargs="+", help="other runs' folders whose rows join this table")
