@@ -681,16 +681,26 @@ class Seed:
         """SODA from the untouched student (the paper's start): its snapshot is the
         untouched student's answers."""
         run = self.run / "soda"
-        config = gad_config(
-            self.args,
-            run,
-            self.seed,
+        # Only what SODA reads: the product refuses GAD-only settings under method=soda.
+        config = cfg.GADConfig(
             method="soda",
+            data=str(self.args.train_file),
+            model=self.args.student,
+            output_dir=str(run),
+            stage="gad",
             soda_beta=self.args.soda_beta,
             lr=self.args.soda_lr,
             epochs=float(self.args.soda_epochs),
-            max_steps=None,
             batch_prompts=self.args.soda_batch,
+            micro_batch_size=8,
+            generation_batch_size=64,
+            temperature=1.0,
+            max_response_tokens=self.args.max_tokens,
+            seed=self.seed,
+            save_every=0,
+            save_state=False,
+            keep_checkpoints=0,
+            **lora_settings(self.args),
         )
         final, s, peak = measured(gad_stage.train, config)
         return Trained(str(final), s, peak, stage_stats(run / "soda"))

@@ -182,3 +182,32 @@ def test_whitebox_trains_against_a_mixture_teacher(tiny_dir, tmp_path):
     want = [r.get(k, math.nan) for r in rows["one"] for k in pick]
     assert len(got) == 9 and not any(math.isnan(x) for x in got[-3:])
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6, nan_ok=True)
+
+
+def test_a_shared_prefix_cache_gives_the_full_passes_numbers(tiny_dir):
+    """The white-box teacher reads its context once per call (`engine.SharedPrefix`): the
+    log-probs equal full passes over context + prompt + answer, whatever the prompts' and
+    answers' lengths in one padded batch."""
+    from gad import data, engine, models
+
+    model, tokenizer = models.load(str(tiny_dir))
+    context = [{"role": "system", "content": "A hidden context, long enough to be worth a cache."}]
+    questions = ("hi", "a much longer question than the first one", "third?")
+    prompts = [
+        data.encode_prompt(tokenizer, context + [{"role": "user", "content": q}]) for q in questions
+    ]
+    answers = ([5, 6, 7, 8, 9], [10], [11, 12, 13])
+    examples = [
+        data.Example(str(i), p + list(a), len(p), False)
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+    ]
+    prefix = engine.SharedPrefix(model, prompts)
+    assert prefix.cache is not None and prefix.length >= 16
+    parts = [[0, 1, 2], [2, 0]]
+    cached = prefix.logprobs(examples, engine.pad_id_of(tokenizer), parts, 0.8)
+    full = engine.logprobs(model, examples, engine.pad_id_of(tokenizer), parts, 0.8)
+    for a, b, answer in zip(cached, full, answers, strict=True):
+        assert a.shape == b.shape == (len(answer),)
+        assert torch.allclose(a, b, atol=1e-5)
+    # Prompts that share too little: plain full passes.
+    assert engine.SharedPrefix(model, [[1, 2, 3], [1, 2, 4]]).cache is None

@@ -232,6 +232,11 @@ def test_soda_settings_are_checked_and_reach_the_cli(tiny_dir, teacher_file, tmp
     with pytest.raises(cfg.ConfigError, match="single_base"):
         config = soda_config(tiny_dir, teacher_file, tmp_path / "sb", lora_rank=4, single_base=True)
         gad_stage.train(config)
+    # A GAD-only setting is refused by name, not silently ignored; its default passes.
+    for bad in ({"d_lr": 1e-4}, {"n_samples": 4}, {"kl_coef": 0.0}, {"discriminator": "x"}):
+        [(name, _)] = bad.items()
+        with pytest.raises(cfg.ConfigError, match=f"^{name}: method=soda does not use it"):
+            gad_stage.train(soda_config(tiny_dir, teacher_file, tmp_path / name, **bad))
 
     from gad.cli import app
 
@@ -242,6 +247,12 @@ def test_soda_settings_are_checked_and_reach_the_cli(tiny_dir, teacher_file, tmp
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli" / "soda" / "final" / "config.json").exists()
     assert "soda_beta: 0.2" in (tmp_path / "cli" / "config.yaml").read_text()
+    refused = ["train", str(teacher_file), "--method", "soda", "--d-lr", "1e-4", "--model"]
+    refused += [str(tiny_dir), "--output-dir", str(tmp_path / "c2"), "--max-steps", "1"]
+    result = CliRunner().invoke(app, refused)
+    assert result.exit_code != 0
+    assert "d_lr: method=soda does not use it" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_two_processes_match_one(tiny_dir, teacher_file, tmp_path):

@@ -7,7 +7,8 @@ module, so the rules below hold everywhere:
   `batch_plan` fixes every step's examples by the seed (a resumed run sees the same batches);
   `local_slice` is the one split of a step across processes (a contiguous slice each).
 - **Forward helpers.** `response_logits` (only the response positions go through the LM head),
-  `response_logprobs`, `response_nll_sum`, and the no-grad scorers `logprobs` and `scores`.
+  `response_logprobs`, `response_nll_sum`, and the no-grad scorers `logprobs` and `scores`;
+  `SharedPrefix` for a frozen model whose prompts all start alike (a teacher's context).
 - **One optimizer step.** `optimizer_step` runs a loss over micro-batches (each weighted by the
   caller to its share of the global mean, so any split into micro-batches and processes gives
   the same update), syncs gradients once, clips, and skips the update when the gradient is not
@@ -17,7 +18,9 @@ module, so the rules below hold everywhere:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -225,6 +228,69 @@ def logprobs(
             for row, i in enumerate(idx):
                 out[i] = logp_bt[row][mask_bt[row] != 0].float()
     return out
+
+
+class SharedPrefix:
+    """A frozen model's KV cache of the ids every prompt starts with (a teacher's hidden
+    context: ~10x an answer), computed once and reused by each micro-batch, so a batch then
+    costs its rows' own ids only. Built under the caller's autocast, used under the same.
+    `length` is 0, and `logprobs` the plain full passes, when the prompts share fewer than
+    `min_shared` ids or the model's forward takes no cache."""
+
+    def __init__(self, model: Any, prompts: Sequence[Sequence[int]], min_shared: int = 16):
+        params = inspect.signature(type(model).forward).parameters
+        self.kwarg = next((k for k in ("past_key_values", "cache") if k in params), None)
+        # One id short of the shortest prompt: every row keeps the position that predicts its
+        # first response token.
+        limit, shared = min(map(len, prompts)) - 1, 0
+        while shared < limit and len({p[shared] for p in prompts}) == 1:
+            shared += 1
+        self.model, self.length, self.cache = model, 0, None
+        if self.kwarg and shared >= min_shared:
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                ids = torch.tensor([list(prompts[0][:shared])], device=device)
+                out = model(input_ids=ids, use_cache=True)
+            self.length, self.cache = shared, out.past_key_values
+
+    @torch.no_grad()
+    def logprobs(
+        self, examples: list[data.Example], pad_id: int, parts: list[list[int]], temperature: float
+    ) -> list[torch.Tensor]:
+        """`logprobs` of the examples (each starting with the shared ids): one float32 [L_i]
+        tensor per example."""
+        if self.cache is None:
+            return logprobs(self.model, examples, pad_id, parts, temperature)
+        p, device = self.length, next(self.model.parameters()).device
+        out: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+        with frozen_weights(self.model, device):
+            for idx in parts:
+                tails = [
+                    data.Example(e.id, e.input_ids[p:], e.prompt_len - p, e.truncated)
+                    for e in (examples[i] for i in idx)
+                ]
+                batch = on_device(tails, pad_id, device)
+                rows, width = batch["input_ids"].shape
+                mask = torch.cat(
+                    [batch["attention_mask"].new_ones(rows, p), batch["attention_mask"]], 1
+                )
+                cache = copy.deepcopy(self.cache)
+                cache.batch_repeat_interleave(rows)
+                first = max(1, min(t.prompt_len for t in tails))
+                logits_btv = self.model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=mask,
+                    position_ids=torch.arange(p, p + width, device=device).expand(rows, -1),
+                    logits_to_keep=width - first + 1,
+                    **{self.kwarg: cache},
+                ).logits[:, :-1]
+                logp_bt = losses.gather_logprobs(
+                    logits_btv, batch["input_ids"][:, first:], temperature
+                )
+                keep_bt = batch["labels"][:, first:] != -100
+                for row, i in enumerate(idx):
+                    out[i] = logp_bt[row][keep_bt[row]].float()
+        return out
 
 
 @torch.no_grad()

@@ -48,6 +48,23 @@ def check(config: cfg.GADConfig) -> None:
         raise cfg.ConfigError("reward_model: method=soda trains on preference pairs, no reward")
     if config.eval_every:
         raise cfg.ConfigError("eval_every: method=soda has no held-out selection; set it to 0")
+    defaults = type(config)()
+    for name in UNUSED:
+        if getattr(config, name) != getattr(defaults, name):
+            raise cfg.ConfigError(
+                f"{name}: method=soda does not use it (no rollout groups, discriminator, "
+                "warmup or policy-gradient loss); remove it or use method gad"
+            )
+
+
+UNUSED = (
+    "discriminator", "reward_mix_alpha", "warmup_epochs", "warmup_generator",
+    "warmup_discriminator", "warmup_d_only_steps", "warmup_max_steps", "offpolicy_d_epochs",
+    "n_samples", "d_lr", "clip_eps", "kl_coef", "d_loss", "d_steps", "d_update_every",
+    "d_replay_size", "length_penalty", "score_clip", "loss_agg", "teacher_model",
+    "teacher_context",
+)  # fmt: skip
+"""GAD-family settings a SODA run would otherwise ignore without a word."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ def teacher_logprobs(
     own prompt (context + prompt; `teacher_prompts[i][k]`), and a mixture of contexts combines
     them exactly (`mixture.token_logprobs`). Needs the student's tokenizer."""
     per_context = []
+    pad = engine.pad_id_of(m.tokenizer)
     for k in range(len(contexts)):
         examples = [
             data.Example(e.id, tp[k] + e.input_ids[e.prompt_len :], len(tp[k]), e.truncated)
@@ -34,8 +35,9 @@ def teacher_logprobs(
         ]
         parts = engine.length_sorted_chunks(examples, 8)
         with accelerator.autocast():
-            pad = engine.pad_id_of(m.tokenizer)
-            per_context.append(engine.logprobs(m.teacher, examples, pad, parts, 1.0))
+            # The context is read once per call, not once per sample.
+            prefix = engine.SharedPrefix(m.teacher, [tp[k] for tp in teacher_prompts])
+            per_context.append(prefix.logprobs(examples, pad, parts, 1.0))
     if len(contexts) == 1:
         return per_context[0]
     log_w = mixture.log_weights(contexts)
