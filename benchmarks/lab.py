@@ -587,7 +587,9 @@ class Seed:
         if self._seqkd is None:
             config = seqkd_config(self.args, self.run / "seqkd", self.seed)
             final = self.run / "seqkd" / "final"
-            if (final / "config.json").exists():
+            # A finished seed's weights are pruned (only metrics and configs stay): then
+            # SeqKD is trained again (same seed, same numbers), as another method needs it.
+            if (final / "config.json").exists() and any(final.rglob("*.safetensors")):
                 # Trained by an earlier, interrupted invocation: its time is in its note.
                 note = json.loads((self.run / "seqkd" / "lab_time.json").read_text())
                 self._seqkd = Trained(str(final), note["train_s"], note["peak_mib"])
@@ -854,11 +856,13 @@ def prune(run: Path) -> None:
 
 
 def collect_rows(outs: list[Path], split: str) -> dict[str, list[dict]]:
+    """Every (method, seed) row of the folders; the first folder's row wins (`--out` over
+    `--merge`), so a merged run that retrained a method for another row overrides nothing."""
     by_method: dict[str, dict[int, dict]] = {}
     for out in outs:
         for path in sorted((out / "rows" / split).glob("s*/*.json")):
             row = json.loads(path.read_text())
-            by_method.setdefault(row["method"], {})[row["seed"]] = row
+            by_method.setdefault(row["method"], {}).setdefault(row["seed"], row)
     return {m: [rows[s] for s in sorted(rows)] for m, rows in by_method.items()}
 
 

@@ -153,6 +153,13 @@ def test_tiny_lab_runs_every_method_resumes_and_merges(tmp_path):
     merged = lab.main(["--tiny", "--out", str(out), "--seeds", "0", "--merge", str(other)])
     assert [r["seed"] for r in merged["systems"]["gad"]] == [0, 1]
     assert merged["paired"]["gad - seqkd"]["reverse_kl"]["seeds"] == [0, 1]
+    # A later session adds a variant to a finished (pruned) seed: SeqKD is trained again,
+    # the same numbers, and the rows already there stay as they were.
+    assert not any((out / "runs" / "s0" / "seqkd" / "final").rglob("*.safetensors"))
+    later = lab.main(
+        args[:-2] + ["--methods", "seqkd", "gad", "--gad-variant", 'k0={"kl_coef": 0.0}']
+    )
+    assert "gad-k0" in later["systems"] and later["systems"]["gad"] == again["systems"]["gad"]
 
 
 def test_bad_inputs_are_refused_before_any_model_loads(tmp_path, monkeypatch):
