@@ -48,9 +48,7 @@ variant minus GAD: mean and 95% bootstrap CI, resampling seeds then prompts) and
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import inspect
 import json
 import math
 import random
@@ -265,18 +263,8 @@ class Side:
         self.model, self.tokenizer, self.context, self.prompts = model, tokenizer, context, prompts
         encoded = [data.encode_prompt(tokenizer, context + p) for p in prompts]
         self.prompt_ids = encoded
-        params = inspect.signature(type(model).forward).parameters
-        self.cache_kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
-        shared = 0
-        # One position short of the shortest prompt: every row keeps a prompt token to predict
-        # its first answer token from.
-        while shared < min(map(len, encoded)) - 1 and len({e[shared] for e in encoded}) == 1:
-            shared += 1
-        self.shared, self.cache = shared, None
-        if self.cache_kwarg and shared:
-            with torch.no_grad():
-                out = model(input_ids=torch.tensor([encoded[0][:shared]]), use_cache=True)
-            self.cache = out.get("cache") or out.get("past_key_values")
+        self.prefix = engine.SharedPrefix(model, encoded, min_shared=1)
+        self.shared, self.cache = self.prefix.length, self.prefix.cache
 
     def log_dists(self, chunk: list[Answer]) -> list[torch.Tensor]:
         """[T_i, V] float64 next-token log-probs at each answer's positions."""
@@ -286,19 +274,11 @@ class Side:
         suffixes = [self.prompt_ids[a.pid][p:] + a.ids for a in chunk]
         width = max(map(len, suffixes))
         ids = torch.full((len(chunk), width), engine.pad_id_of(self.tokenizer))
-        mask = torch.zeros((len(chunk), p + width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, suffix in enumerate(suffixes):
             ids[row, : len(suffix)] = torch.tensor(suffix)
-            mask[row, : p + len(suffix)] = 1
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(len(chunk))
-        positions = torch.arange(p, p + width).expand(len(chunk), -1)
-        logits = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            **{self.cache_kwarg: cache},
-        ).logits
+            mask[row, : len(suffix)] = 1
+        logits = self.model(input_ids=ids, **self.prefix.inputs(mask)).logits
         out = []
         for row, a in enumerate(chunk):
             start = len(self.prompt_ids[a.pid]) - p - 1
@@ -514,32 +494,38 @@ def seqkd_config(args: argparse.Namespace, run: Path, seed: int) -> cfg.SFTConfi
     )
 
 
-def gad_config(args: argparse.Namespace, run: Path, seed: int, **extra: Any) -> cfg.GADConfig:
-    """A GAD-family stage on the untouched student's base with the lab's adapter."""
-    settings: dict[str, Any] = dict(
+def stage_settings(args: argparse.Namespace, run: Path, seed: int) -> dict[str, Any]:
+    """What every GAD-family stage of the lab shares, SODA's included: data, the student's
+    adapter, sampling at temperature 1 (the policy the exact KL scores is the one trained)."""
+    return dict(
         data=str(args.train_file),
         model=args.student,
         output_dir=str(run),
         stage="gad",
+        micro_batch_size=8,
+        generation_batch_size=64,
+        temperature=1.0,
+        max_response_tokens=args.max_tokens,
+        seed=seed,
+        save_every=0,
+        save_state=False,
+        keep_checkpoints=0,
+        **lora_settings(args),
+    )
+
+
+def gad_config(args: argparse.Namespace, run: Path, seed: int, **extra: Any) -> cfg.GADConfig:
+    """A GAD-family stage on the untouched student's base with the lab's adapter."""
+    settings = stage_settings(args, run, seed) | dict(
         warmup_epochs=args.d_warmup_epochs,
         warmup_d_only_steps=0,
         epochs=float(max(1, math.ceil(args.long_steps * args.batch_prompts / args.n_answers))),
         max_steps=args.gad_steps,
         batch_prompts=args.batch_prompts,
         n_samples=args.n_samples,
-        micro_batch_size=8,
-        generation_batch_size=64,
-        # Temperature 1: the policy the exact KL scores is the one trained.
-        temperature=1.0,
-        max_response_tokens=args.max_tokens,
         lr=args.gad_lr,
         d_lr=args.d_lr,
         kl_coef=args.kl_coef,
-        seed=seed,
-        save_every=0,
-        save_state=False,
-        keep_checkpoints=0,
-        **lora_settings(args),
     )
     return cfg.GADConfig(**(settings | extra))
 
@@ -685,24 +671,12 @@ class Seed:
         run = self.run / "soda"
         # Only what SODA reads: the product refuses GAD-only settings under method=soda.
         config = cfg.GADConfig(
+            **stage_settings(self.args, run, self.seed),
             method="soda",
-            data=str(self.args.train_file),
-            model=self.args.student,
-            output_dir=str(run),
-            stage="gad",
             soda_beta=self.args.soda_beta,
             lr=self.args.soda_lr,
             epochs=float(self.args.soda_epochs),
             batch_prompts=self.args.soda_batch,
-            micro_batch_size=8,
-            generation_batch_size=64,
-            temperature=1.0,
-            max_response_tokens=self.args.max_tokens,
-            seed=self.seed,
-            save_every=0,
-            save_state=False,
-            keep_checkpoints=0,
-            **lora_settings(self.args),
         )
         final, s, peak = measured(gad_stage.train, config)
         return Trained(str(final), s, peak, stage_stats(run / "soda"))

@@ -204,7 +204,7 @@ def test_a_shared_prefix_cache_gives_the_full_passes_numbers(tiny_dir):
     prefix = engine.SharedPrefix(model, prompts)
     assert prefix.cache is not None and prefix.length >= 16
     parts = [[0, 1, 2], [2, 0]]
-    cached = prefix.logprobs(examples, engine.pad_id_of(tokenizer), parts, 0.8)
+    cached = engine.logprobs(model, examples, engine.pad_id_of(tokenizer), parts, 0.8, prefix)
     full = engine.logprobs(model, examples, engine.pad_id_of(tokenizer), parts, 0.8)
     for a, b, answer in zip(cached, full, answers, strict=True):
         assert a.shape == b.shape == (len(answer),)

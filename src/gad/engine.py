@@ -146,7 +146,7 @@ def global_std(accelerator: Any, values_b: torch.Tensor) -> float:
 
 
 def response_logits(
-    model: Any, batch: dict[str, torch.Tensor]
+    model: Any, batch: dict[str, torch.Tensor], prefix: SharedPrefix | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token logits at the positions that predict response tokens, with their targets.
 
@@ -154,6 +154,7 @@ def response_logits(
     (`logits_to_keep`): the prompts' logits are never used, and the full-vocabulary head is the
     costliest layer of a small model. Returns `(logits_btv, targets_bt, mask_bt)` with
     T = width - (earliest response start); the mask is 1 on response tokens (from the labels).
+    With `prefix`, the batch holds the rows after its shared ids (`SharedPrefix.tail`).
     """
     width = batch["input_ids"].size(1)
     is_response_bt = batch["labels"] != -100
@@ -162,17 +163,26 @@ def response_logits(
         is_response_bt.any(dim=1), is_response_bt.int().argmax(dim=1), torch.tensor(width)
     )
     first = max(1, int(starts_b.min()))
+    mask_bt = batch["attention_mask"]
+    inputs = {
+        "attention_mask": mask_bt,
+        "position_ids": discriminator.position_ids_from_mask(mask_bt),
+    }
+    if prefix is not None:
+        inputs = prefix.inputs(mask_bt)
     logits_btv = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=discriminator.position_ids_from_mask(batch["attention_mask"]),
-        logits_to_keep=width - first + 1,
+        input_ids=batch["input_ids"], logits_to_keep=width - first + 1, **inputs
     ).logits[:, :-1]
     return logits_btv, batch["input_ids"][:, first:], is_response_bt[:, first:].float()
 
 
 def response_logprobs(
-    model: Any, batch: dict[str, torch.Tensor], temperature: float, *, entropy: bool = False
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    temperature: float,
+    *,
+    entropy: bool = False,
+    prefix: SharedPrefix | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens under `model` at the sampling temperature (as verl).
 
@@ -180,7 +190,7 @@ def response_logprobs(
     mask is 1 on response tokens. The entropy (detached) costs a full-vocabulary softmax, so
     it is computed only when asked for (the policy update logs it), else None.
     """
-    logits_btv, targets_bt, mask_bt = response_logits(model, batch)
+    logits_btv, targets_bt, mask_bt = response_logits(model, batch, prefix)
     logp_bt = losses.gather_logprobs(logits_btv, targets_bt, temperature)
     if not entropy:
         return logp_bt, mask_bt, None
@@ -216,15 +226,18 @@ def logprobs(
     pad_id: int,
     parts: list[list[int]],
     temperature: float = 1.0,
+    prefix: SharedPrefix | None = None,
 ) -> list[torch.Tensor]:
     """No-grad log-probs of each example's response tokens: one float32 [L_i] tensor per
-    example (L_i its response length), on the model's device, batched as `parts` say."""
+    example (L_i its response length), on the model's device, batched as `parts` say. With
+    `prefix` (every example starting with its ids), its cache stands for those ids."""
     device = next(model.parameters()).device
     out: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+    cut = prefix.tail if prefix is not None else (lambda e: e)
     with frozen_weights(model, device):
         for idx in parts:
-            batch = on_device([examples[i] for i in idx], pad_id, device)
-            logp_bt, mask_bt, _ = response_logprobs(model, batch, temperature)
+            batch = on_device([cut(examples[i]) for i in idx], pad_id, device)
+            logp_bt, mask_bt, _ = response_logprobs(model, batch, temperature, prefix=prefix)
             for row, i in enumerate(idx):
                 out[i] = logp_bt[row][mask_bt[row] != 0].float()
     return out
@@ -233,9 +246,9 @@ def logprobs(
 class SharedPrefix:
     """A frozen model's KV cache of the ids every prompt starts with (a teacher's hidden
     context: ~10x an answer), computed once and reused by each micro-batch, so a batch then
-    costs its rows' own ids only. Built under the caller's autocast, used under the same.
-    `length` is 0, and `logprobs` the plain full passes, when the prompts share fewer than
-    `min_shared` ids or the model's forward takes no cache."""
+    costs its rows' own ids only (`logprobs(..., prefix=)`). Built under the caller's
+    autocast, used under the same. `length` is 0 (nothing cut, plain full passes) when the
+    prompts share fewer than `min_shared` ids or the model's forward takes no cache."""
 
     def __init__(self, model: Any, prompts: Sequence[Sequence[int]], min_shared: int = 16):
         params = inspect.signature(type(model).forward).parameters
@@ -245,7 +258,7 @@ class SharedPrefix:
         limit, shared = min(map(len, prompts)) - 1, 0
         while shared < limit and len({p[shared] for p in prompts}) == 1:
             shared += 1
-        self.model, self.length, self.cache = model, 0, None
+        self.length, self.cache = 0, None
         if self.kwarg and shared >= min_shared:
             device = next(model.parameters()).device
             with torch.no_grad():
@@ -253,44 +266,27 @@ class SharedPrefix:
                 out = model(input_ids=ids, use_cache=True)
             self.length, self.cache = shared, out.past_key_values
 
-    @torch.no_grad()
-    def logprobs(
-        self, examples: list[data.Example], pad_id: int, parts: list[list[int]], temperature: float
-    ) -> list[torch.Tensor]:
-        """`logprobs` of the examples (each starting with the shared ids): one float32 [L_i]
-        tensor per example."""
+    def tail(self, example: data.Example) -> data.Example:
+        """The example after the shared ids."""
+        p = self.length
+        return data.Example(
+            example.id, example.input_ids[p:], example.prompt_len - p, example.truncated
+        )
+
+    def inputs(self, mask_bt: torch.Tensor) -> dict[str, Any]:
+        """The forward's mask, positions and cache for right-padded tails with mask [B, T]."""
+        positions_bt = discriminator.position_ids_from_mask(mask_bt)
         if self.cache is None:
-            return logprobs(self.model, examples, pad_id, parts, temperature)
-        p, device = self.length, next(self.model.parameters()).device
-        out: list[torch.Tensor] = [torch.empty(0)] * len(examples)
-        with frozen_weights(self.model, device):
-            for idx in parts:
-                tails = [
-                    data.Example(e.id, e.input_ids[p:], e.prompt_len - p, e.truncated)
-                    for e in (examples[i] for i in idx)
-                ]
-                batch = on_device(tails, pad_id, device)
-                rows, width = batch["input_ids"].shape
-                mask = torch.cat(
-                    [batch["attention_mask"].new_ones(rows, p), batch["attention_mask"]], 1
-                )
-                cache = copy.deepcopy(self.cache)
-                cache.batch_repeat_interleave(rows)
-                first = max(1, min(t.prompt_len for t in tails))
-                logits_btv = self.model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=mask,
-                    position_ids=torch.arange(p, p + width, device=device).expand(rows, -1),
-                    logits_to_keep=width - first + 1,
-                    **{self.kwarg: cache},
-                ).logits[:, :-1]
-                logp_bt = losses.gather_logprobs(
-                    logits_btv, batch["input_ids"][:, first:], temperature
-                )
-                keep_bt = batch["labels"][:, first:] != -100
-                for row, i in enumerate(idx):
-                    out[i] = logp_bt[row][keep_bt[row]].float()
-        return out
+            return {"attention_mask": mask_bt, "position_ids": positions_bt}
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(mask_bt.size(0))
+        return {
+            "attention_mask": torch.cat(
+                [mask_bt.new_ones(mask_bt.size(0), self.length), mask_bt], 1
+            ),
+            "position_ids": positions_bt + self.length,
+            self.kwarg: cache,
+        }
 
 
 @torch.no_grad()

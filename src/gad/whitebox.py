@@ -37,7 +37,7 @@ def teacher_logprobs(
         with accelerator.autocast():
             # The context is read once per call, not once per sample.
             prefix = engine.SharedPrefix(m.teacher, [tp[k] for tp in teacher_prompts])
-            per_context.append(prefix.logprobs(examples, pad, parts, 1.0))
+            per_context.append(engine.logprobs(m.teacher, examples, pad, parts, 1.0, prefix))
     if len(contexts) == 1:
         return per_context[0]
     log_w = mixture.log_weights(contexts)
