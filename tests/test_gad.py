@@ -189,6 +189,34 @@ def test_gad_stage_resume_is_bit_exact(tiny_dir, teacher_file, tmp_path):
     assert numbers("a") == numbers("b")
 
 
+@pytest.mark.parametrize("lora", [{}, {"lora_rank": 2, "lora_alpha": 4.0}], ids=["full", "lora"])
+def test_held_out_evaluation_leaves_the_training_as_it_was(tiny_dir, teacher_file, tmp_path, lora):
+    """`eval_every` loads a teacher, samples the held-out prompts and saves the best step (a
+    LoRA save loads a fresh adapter to merge); none of it may draw from the training's random
+    stream: with or without the evaluation, the same run."""
+    held = tmp_path / "held.jsonl"
+    records = [
+        data.Record(
+            f"h{i}",
+            [
+                {"role": "user", "content": f"Held out {i}?"},
+                {"role": "assistant", "content": "Ok."},
+            ],
+        )
+        for i in range(3)
+    ]
+    data.write_records(held, records)
+    gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "plain", max_steps=2, **lora))
+    evaluated = dict(eval_every=1, eval_data=str(held), teacher_model=str(tiny_dir), **lora)
+    gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "eval", max_steps=2, **evaluated))
+    assert any("eval/reverse_kl" in r for r in read_metrics(tmp_path / "eval/gad"))
+    assert (tmp_path / "eval/gad/best/model.safetensors").exists()
+    for part in ("", "discriminator"):
+        a = weights(tmp_path / "plain/gad/final" / part)
+        b = weights(tmp_path / "eval/gad/final" / part)
+        assert same(a, b), f"{part or 'generator'} differs with the held-out evaluation"
+
+
 def test_offpolicy_and_reward_model_modes_keep_the_discriminator_frozen(
     tiny_dir, teacher_file, tmp_path
 ):

@@ -429,7 +429,8 @@ def save_merged(view: LMView | ScalarView, folder: Path, tokenizer: Any) -> None
     adapter_dir = folder / ADAPTER_DIR
     view.save_pretrained(adapter_dir)
     source = view.adapters.base_source
-    # A fresh head is drawn when the folder loads (then overwritten): not from the run's stream.
+    # A fresh head and fresh LoRA matrices are drawn when the folder and the adapter load (then
+    # overwritten): not from the run's stream, which a save in mid-run must leave as it was.
     with torch.random.fork_rng(devices=[]):
         if isinstance(view, ScalarView):
             fresh = AutoModelForSequenceClassification.from_pretrained(
@@ -441,7 +442,7 @@ def save_merged(view: LMView | ScalarView, folder: Path, tokenizer: Any) -> None
             )
         else:
             fresh, _ = models.load(source, device="cpu")
-    merged = PeftModel.from_pretrained(fresh, adapter_dir).merge_and_unload()
+        merged = PeftModel.from_pretrained(fresh, adapter_dir).merge_and_unload()
     if isinstance(view, ScalarView):
         merged.score.load_state_dict(view.score.state_dict())
     merged.config.pad_token_id = tokenizer.pad_token_id

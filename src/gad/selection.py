@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from gad import checkpoint, data, engine, evalsets, losses, mixture
 from gad import config as cfg
-from gad import data, engine, evalsets, losses, mixture
 from gad.gad_state import Stage
 from gad.rollout import Completion, Sampling
 from gad.samples import discriminator_inputs, teacher_discriminator_inputs
@@ -84,12 +84,14 @@ class HeldOut:
         """One sample per held-out prompt at temperature 1 (own seed; the training's random
         stream is left as it was), scored; updates the selection and `best/`."""
         stage, config, m = self.stage, self.stage.config, self.stage.models
-        rng = torch.get_rng_state()
+        # Every generator, CUDA's too (manual_seed reseeds them all): on a GPU the training
+        # samples from CUDA's, which a CPU-only restore would leave reseeded.
+        rng = checkpoint.rng_state()
         torch.manual_seed(config.seed * 7_919 + step)
         groups = m.rollout.generate(  # type: ignore[union-attr]
             self.prompt_ids, 1, Sampling(1.0, 1.0, config.max_response_tokens)
         )
-        torch.set_rng_state(rng)
+        checkpoint.set_rng_state(rng)
         samples = [g[0] for g in groups]
         row = {
             "eval/length_mean": sum(len(c.token_ids) for c in samples) / len(samples),
