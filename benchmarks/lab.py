@@ -37,8 +37,11 @@ Each (seed, method) writes `rows/<split>/s<seed>/<method>.json` when it finishes
 the same `--out` skips what is there (resumable per seed and method), and `--merge A B` folds
 other runs' rows in (mergeable across sessions). `lab-v3.json`: split -> method -> per-seed
 rows (means and per-prompt values), plus `paired` (each method minus SeqKD, and each GAD
-variant minus GAD: mean and 95% bootstrap CI, resampling seeds then prompts) and `gap_closed`
-((SeqKD - method) / (SeqKD - white box), a ratio of means, with its CI).
+variant and the long run minus GAD: mean and 95% bootstrap CI, resampling seeds then prompts)
+and `gap_closed` ((SeqKD - method) / (SeqKD - white box), a ratio of means, with its CI).
+`lab-v3.png`: per-answer reverse KL with its paired CIs, each seed's main GAD run (sampled
+answer length and the discriminator's batch accuracy per step) and the long run's held-out
+curves, found in whichever folder (`--out` or `--merge`) ran them.
 
     python benchmarks/lab.py --out runs/lab-v3                       # the main run
     python benchmarks/lab.py --split val --out runs/lab-v3-val ...   # tuning, on validation
@@ -843,7 +846,8 @@ def collect_rows(outs: list[Path], split: str) -> dict[str, list[dict]]:
 def analyse(rows: dict[str, list[dict]]) -> dict[str, Any]:
     paired: dict[str, Any] = {}
     for method, mine in rows.items():
-        for base in ("seqkd",) + (("gad",) if method.startswith("gad-") else ()):
+        variant = method.startswith("gad-") or method == "gad_long"
+        for base in ("seqkd",) + (("gad",) if variant else ()):
             if method != base and base in rows:
                 paired[f"{method} - {base}"] = {
                     m: paired_difference(mine, rows[base], m) for m in PAIRED_METRICS
@@ -894,14 +898,23 @@ def table(rows: dict[str, list[dict]], analysis: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: dict[str, list[dict]], analysis: dict[str, Any], out: Path, long_dir: Path | None):
+def plot(
+    rows: dict[str, list[dict]],
+    analysis: dict[str, Any],
+    out: Path,
+    gad_runs: dict[int, Path],
+    long_dir: Path | None,
+) -> None:
+    """Per-answer reverse KL with CIs; each seed's GAD run (what it learnt: answer length,
+    drift from its reference, the discriminator's batch accuracy); the long run's curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2 if long_dir else 1, figsize=(11 if long_dir else 6, 3.8))
-    ax = ax if long_dir else [ax]
+    panels = 1 + bool(gad_runs) + bool(long_dir)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 3.9), squeeze=False)
+    ax = list(axes[0])
     names = list(rows)
     means = [statistics.mean(r["reverse_kl"] for r in rows[m]) for m in names]
     errs = [[0.0, 0.0] for _ in names]
@@ -914,32 +927,61 @@ def plot(rows: dict[str, list[dict]], analysis: dict[str, Any], out: Path, long_
         ylabel="exact reverse KL per answer (nats)", title="error bars: paired 95% CI vs SeqKD"
     )
     ax[0].tick_params(axis="x", rotation=45)
+    if gad_runs:
+        plot_gad_runs(ax[1], gad_runs, rows)
     if long_dir:
-        evals = [r for r in read_metrics(long_dir) if "eval/reverse_kl" in r]
-        steps = [r["step"] for r in evals]
-        per_answer = [r["eval/reverse_kl"] * r["eval/length_mean"] for r in evals]
-        ax[1].plot(steps, per_answer, "o-", label="reverse KL per answer")
-        twin = ax[1].twinx()
-        held = [(r["step"], r["eval/d_accuracy"]) for r in evals if "eval/d_accuracy" in r]
-        if held:
-            twin.plot(*zip(*held, strict=True), "s--", color="tab:red", label="D held-out acc.")
-        train = [r for r in read_metrics(long_dir) if "d/accuracy" in r]
-        twin.plot(
-            [r["step"] for r in train],
-            [r["d/accuracy"] for r in train],
-            color="tab:red",
-            alpha=0.3,
-            label="D batch acc.",
-        )
-        twin.set(ylabel="discriminator accuracy", ylim=(0, 1))
-        ax[1].set(
-            xlabel="GAD step", ylabel="nats per answer (validation)", title="long GAD run, seed 0"
-        )
-        ax[1].legend(loc="upper left")
-        twin.legend(loc="upper right")
+        plot_long_run(ax[-1], long_dir)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_gad_runs(ax: Any, gad_runs: dict[int, Path], rows: dict[str, list[dict]]) -> None:
+    """Each seed's main GAD run: sampled answer length per step against SeqKD's test length
+    (the per-answer sum falls with length), and the discriminator's batch accuracy."""
+    twin = ax.twinx()
+    for i, (seed, stage) in enumerate(sorted(gad_runs.items())):
+        train = [r for r in read_metrics(stage) if "response/length_mean" in r]
+        colour = f"C{i}"
+        steps = [r["step"] for r in train]
+        ax.plot(
+            steps, [r["response/length_mean"] for r in train], color=colour, label=f"seed {seed}"
+        )
+        twin.plot(steps, [r.get("d/accuracy") for r in train], ":", color=colour, alpha=0.6)
+    if "seqkd" in rows:
+        length = statistics.mean(r["length"] for r in rows["seqkd"])
+        ax.axhline(length, color="grey", ls="--", label="SeqKD (test)")
+    twin.set(ylabel="D batch accuracy (dotted)", ylim=(0, 1))
+    ax.set(xlabel="GAD step", ylabel="sampled answer length (tokens)", title="GAD runs")
+    ax.legend(loc="lower left", fontsize=8)
+
+
+def plot_long_run(ax: Any, long_dir: Path) -> None:
+    """Held-out reverse KL per answer every `--curve-every` steps, and the discriminator's
+    held-out and batch accuracy: memorising shows as the two parting."""
+    metrics = read_metrics(long_dir)
+    evals = [r for r in metrics if "eval/reverse_kl" in r]
+    per_answer = [r["eval/reverse_kl"] * r["eval/length_mean"] for r in evals]
+    ax.plot([r["step"] for r in evals], per_answer, "o-", label="reverse KL per answer")
+    twin = ax.twinx()
+    held = [(r["step"], r["eval/d_accuracy"]) for r in evals if "eval/d_accuracy" in r]
+    if held:
+        twin.plot(*zip(*held, strict=True), "s--", color="tab:red", label="D held-out acc.")
+    train = [r for r in metrics if "d/accuracy" in r]
+    twin.plot(
+        [r["step"] for r in train],
+        [r["d/accuracy"] for r in train],
+        color="tab:red",
+        alpha=0.3,
+        label="D batch acc.",
+    )
+    twin.set(ylabel="discriminator accuracy", ylim=(0, 1))
+    seed = long_dir.parts[-3][1:]
+    ax.set(
+        xlabel="GAD step", ylabel="nats per answer (validation)", title=f"long GAD run, seed {seed}"
+    )
+    ax.legend(loc="upper left")
+    twin.legend(loc="upper right")
 
 
 def code_version() -> str:
@@ -951,6 +993,28 @@ def code_version() -> str:
         return "unknown"
 
 
+def gad_run_dirs(outs: list[Path]) -> dict[int, Path]:
+    """Each seed's main GAD run (not the long one), the first folder's winning as rows do."""
+    found: dict[int, Path] = {}
+    for out in outs:
+        for stage in sorted(out.glob("runs/s*/gad/gad")):
+            metrics = stage / "metrics.jsonl"
+            if metrics.exists() and not any("eval/reverse_kl" in r for r in read_metrics(stage)):
+                found.setdefault(int(stage.parts[-3][1:]), stage)
+    return found
+
+
+def long_run_dir(outs: list[Path]) -> Path | None:
+    """The GAD run with held-out curves, in whichever folder (`--out` or `--merge`) ran it."""
+    for out in outs:
+        for stage in sorted(out.glob("runs/s*/gad/gad")):
+            if (stage / "metrics.jsonl").exists() and any(
+                "eval/reverse_kl" in r for r in read_metrics(stage)
+            ):
+                return stage
+    return None
+
+
 def write_results(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     out = Path(args.out)
     rows = collect_rows([out, *map(Path, args.merge or [])], args.split)
@@ -958,9 +1022,8 @@ def write_results(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, A
     results = {"split": args.split, "systems": rows, **analysis, "run": meta}
     (out / "lab-v3.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(table(rows, analysis))
-    long_dir = out / "runs" / f"s{args.seeds[0]}" / "gad" / "gad"
-    has_long = "gad_long" in rows and long_dir.exists()
-    plot(rows, analysis, out / "lab-v3.png", long_dir if has_long else None)
+    folders = [out, *map(Path, args.merge or [])]
+    plot(rows, analysis, out / "lab-v3.png", gad_run_dirs(folders), long_run_dir(folders))
     return results
 
 

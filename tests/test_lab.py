@@ -135,7 +135,9 @@ def test_tiny_lab_runs_every_method_resumes_and_merges(tmp_path):
             assert len(row["per_prompt"][key]) == 3, (method, key)  # --tiny: 3 test prompts
     assert written["gap_closed"]["seqkd"]["mean"] == pytest.approx(0.0)
     assert written["gap_closed"]["whitebox"]["mean"] == pytest.approx(1.0)
-    assert {"gad - seqkd", "soda - seqkd", "gad-tm - gad"} <= set(written["paired"])
+    assert {"gad - seqkd", "soda - seqkd", "gad-tm - gad", "gad_long - gad"} <= set(
+        written["paired"]
+    )
     teacher = written["run"]["teacher_data"]["train"]
     assert teacher["answers"] == 4 * 2 and len(teacher["mode_shares"]) == 2
     assert (out / "lab-v3.png").exists() and "| gad |" in (out / "table.md").read_text()
@@ -153,6 +155,9 @@ def test_tiny_lab_runs_every_method_resumes_and_merges(tmp_path):
     merged = lab.main(["--tiny", "--out", str(out), "--seeds", "0", "--merge", str(other)])
     assert [r["seed"] for r in merged["systems"]["gad"]] == [0, 1]
     assert merged["paired"]["gad - seqkd"]["reverse_kl"]["seeds"] == [0, 1]
+    # --tiny makes every first seed's GAD run a long one: the plot takes the first folder's.
+    assert lab.long_run_dir([out, other]) == out / "runs" / "s0" / "gad" / "gad"
+    assert lab.long_run_dir([other, out]) == other / "runs" / "s1" / "gad" / "gad"
     # A later session adds a variant to a finished (pruned) seed: SeqKD is trained again,
     # the same numbers, and the rows already there stay as they were.
     assert not any((out / "runs" / "s0" / "seqkd" / "final").rglob("*.safetensors"))
@@ -160,6 +165,27 @@ def test_tiny_lab_runs_every_method_resumes_and_merges(tmp_path):
         args[:-2] + ["--methods", "seqkd", "gad", "--gad-variant", 'k0={"kl_coef": 0.0}']
     )
     assert "gad-k0" in later["systems"] and later["systems"]["gad"] == again["systems"]["gad"]
+
+
+def test_the_plot_finds_each_seeds_gad_run_and_the_long_one(tmp_path):
+    """Main GAD runs (no held-out rows) per seed, the first folder's winning; the long run is
+    the one with held-out curves, in whichever folder ran it."""
+
+    def run(folder, seed, *rows):
+        stage = tmp_path / folder / "runs" / f"s{seed}" / "gad" / "gad"
+        stage.mkdir(parents=True)
+        (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return stage
+
+    main0 = run("main", 0, {"step": 1, "d/accuracy": 0.5})
+    main1 = run("main", 1, {"step": 1, "d/accuracy": 0.5})
+    run("long", 1, {"step": 1, "d/accuracy": 0.5})
+    long0 = run("long", 0, {"step": 0, "eval/reverse_kl": 0.2}, {"step": 1, "d/accuracy": 0.5})
+    (tmp_path / "main" / "runs" / "s2" / "gad" / "gad").mkdir(parents=True)  # pruned, no metrics
+    folders = [tmp_path / "main", tmp_path / "long"]
+    assert lab.gad_run_dirs(folders) == {0: main0, 1: main1}
+    assert lab.long_run_dir(folders) == long0
+    assert lab.long_run_dir(folders[:1]) is None
 
 
 def test_bad_inputs_are_refused_before_any_model_loads(tmp_path, monkeypatch):
