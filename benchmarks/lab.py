@@ -905,8 +905,8 @@ def plot(
     gad_runs: dict[int, Path],
     long_dir: Path | None,
 ) -> None:
-    """Per-answer reverse KL with CIs; each seed's GAD run (what it learnt: answer length,
-    drift from its reference, the discriminator's batch accuracy); the long run's curves."""
+    """Per-answer reverse KL with CIs; each seed's GAD run (its sampled answer length and the
+    discriminator's batch accuracy per step); the long run's held-out curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -993,37 +993,31 @@ def code_version() -> str:
         return "unknown"
 
 
-def gad_run_dirs(outs: list[Path]) -> dict[int, Path]:
-    """Each seed's main GAD run (not the long one), the first folder's winning as rows do."""
-    found: dict[int, Path] = {}
+def gad_runs(outs: list[Path]) -> tuple[dict[int, Path], Path | None]:
+    """Each seed's main GAD run, the first folder's winning as rows do, and the long run (the
+    one with held-out curves), in whichever folder (`--out` or `--merge`) ran them."""
+    main: dict[int, Path] = {}
+    long: Path | None = None
     for out in outs:
         for stage in sorted(out.glob("runs/s*/gad/gad")):
-            metrics = stage / "metrics.jsonl"
-            if metrics.exists() and not any("eval/reverse_kl" in r for r in read_metrics(stage)):
-                found.setdefault(int(stage.parts[-3][1:]), stage)
-    return found
-
-
-def long_run_dir(outs: list[Path]) -> Path | None:
-    """The GAD run with held-out curves, in whichever folder (`--out` or `--merge`) ran it."""
-    for out in outs:
-        for stage in sorted(out.glob("runs/s*/gad/gad")):
-            if (stage / "metrics.jsonl").exists() and any(
-                "eval/reverse_kl" in r for r in read_metrics(stage)
-            ):
-                return stage
-    return None
+            if not (stage / "metrics.jsonl").exists():
+                continue  # never got to its first step
+            if not any("eval/reverse_kl" in r for r in read_metrics(stage)):
+                main.setdefault(int(stage.parts[-3][1:]), stage)
+            elif long is None:
+                long = stage
+    return main, long
 
 
 def write_results(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     out = Path(args.out)
-    rows = collect_rows([out, *map(Path, args.merge or [])], args.split)
+    folders = [out, *map(Path, args.merge or [])]
+    rows = collect_rows(folders, args.split)
     analysis = analyse(rows)
     results = {"split": args.split, "systems": rows, **analysis, "run": meta}
     (out / "lab-v3.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(table(rows, analysis))
-    folders = [out, *map(Path, args.merge or [])]
-    plot(rows, analysis, out / "lab-v3.png", gad_run_dirs(folders), long_run_dir(folders))
+    plot(rows, analysis, out / "lab-v3.png", *gad_runs(folders))
     return results
 
 

@@ -156,8 +156,8 @@ def test_tiny_lab_runs_every_method_resumes_and_merges(tmp_path):
     assert [r["seed"] for r in merged["systems"]["gad"]] == [0, 1]
     assert merged["paired"]["gad - seqkd"]["reverse_kl"]["seeds"] == [0, 1]
     # --tiny makes every first seed's GAD run a long one: the plot takes the first folder's.
-    assert lab.long_run_dir([out, other]) == out / "runs" / "s0" / "gad" / "gad"
-    assert lab.long_run_dir([other, out]) == other / "runs" / "s1" / "gad" / "gad"
+    assert lab.gad_runs([out, other])[1] == out / "runs" / "s0" / "gad" / "gad"
+    assert lab.gad_runs([other, out])[1] == other / "runs" / "s1" / "gad" / "gad"
     # A later session adds a variant to a finished (pruned) seed: SeqKD is trained again,
     # the same numbers, and the rows already there stay as they were.
     assert not any((out / "runs" / "s0" / "seqkd" / "final").rglob("*.safetensors"))
@@ -183,9 +183,8 @@ def test_the_plot_finds_each_seeds_gad_run_and_the_long_one(tmp_path):
     long0 = run("long", 0, {"step": 0, "eval/reverse_kl": 0.2}, {"step": 1, "d/accuracy": 0.5})
     (tmp_path / "main" / "runs" / "s2" / "gad" / "gad").mkdir(parents=True)  # pruned, no metrics
     folders = [tmp_path / "main", tmp_path / "long"]
-    assert lab.gad_run_dirs(folders) == {0: main0, 1: main1}
-    assert lab.long_run_dir(folders) == long0
-    assert lab.long_run_dir(folders[:1]) is None
+    assert lab.gad_runs(folders) == ({0: main0, 1: main1}, long0)
+    assert lab.gad_runs(folders[:1])[1] is None
 
 
 def test_bad_inputs_are_refused_before_any_model_loads(tmp_path, monkeypatch):

@@ -164,12 +164,13 @@ def response_logits(
     )
     first = max(1, int(starts_b.min()))
     mask_bt = batch["attention_mask"]
-    inputs = {
-        "attention_mask": mask_bt,
-        "position_ids": discriminator.position_ids_from_mask(mask_bt),
-    }
     if prefix is not None:
         inputs = prefix.inputs(mask_bt)
+    else:
+        inputs = {
+            "attention_mask": mask_bt,
+            "position_ids": discriminator.position_ids_from_mask(mask_bt),
+        }
     logits_btv = model(
         input_ids=batch["input_ids"], logits_to_keep=width - first + 1, **inputs
     ).logits[:, :-1]
