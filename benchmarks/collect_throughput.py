@@ -23,8 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gad import config as cfg
-from gad import teacher
+from gad.api import teacher
+from gad.config import load as cfg
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 KEY_ENV = "GAD_BENCH_KEY"
@@ -78,7 +78,7 @@ def main() -> None:
     os.environ.setdefault(KEY_ENV, "sk-benchmark-not-a-key")
 
     # The client is CPU-bound past concurrency 8: the machine decides the ceiling.
-    from gad import precision
+    from gad.models import precision
 
     machine = precision.machine()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, flags {machine['cpu_flags']}\n")

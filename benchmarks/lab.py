@@ -64,11 +64,14 @@ from typing import Any
 
 import torch
 
-from gad import config as cfg
-from gad import data, engine, evalsets, gad_stage, lora, mixture, models, precision, sft
-from gad.packages import BUILTIN_MODELS
-from gad.rollout import Sampling, TransformersRollout
-from gad.tracking import read_metrics
+from gad.config import load as cfg
+from gad.core.tracking import read_metrics
+from gad.data import chats, evalsets
+from gad.methods import stage as gad_stage
+from gad.models import lora, mixture, precision, store
+from gad.models.packages import BUILTIN_MODELS
+from gad.train import engine, sft
+from gad.train.rollout import Sampling, TransformersRollout
 
 HERE = Path(__file__).resolve().parent
 TEACHER_FILE = HERE / "lab_v3_teacher.json"
@@ -112,11 +115,11 @@ def split_prompts(args: argparse.Namespace) -> dict[str, list[list[dict[str, str
     """Test, validation and train prompts from one shuffle (seed 0). Prompts over
     `--max-prompt-tokens` under the student's template are left out first (a few Self-Instruct
     tasks carry inputs of ~1,500 tokens: each would slow a whole generation batch)."""
-    tokenizer = models.load_tokenizer(args.student)
+    tokenizer = store.load_tokenizer(args.student)
     prompts = [
         p
         for p in load_prompts(args.prompts)
-        if len(data.encode_prompt(tokenizer, p)) <= args.max_prompt_tokens
+        if len(chats.encode_prompt(tokenizer, p)) <= args.max_prompt_tokens
     ]
     random.Random(0).shuffle(prompts)
     need = args.n_test + args.n_val + args.n_train
@@ -151,7 +154,7 @@ def check_inputs(args: argparse.Namespace) -> list[mixture.Component]:
 
 def check_tokenizers(teacher: str, student: str) -> None:
     """Exact KL compares distributions over one vocabulary: refuse another tokenizer."""
-    if models.load_tokenizer(teacher).get_vocab() != models.load_tokenizer(student).get_vocab():
+    if store.load_tokenizer(teacher).get_vocab() != store.load_tokenizer(student).get_vocab():
         raise Refused(
             f"lab: teacher {teacher} and student {student} have different tokenizers; the "
             "exact KL needs one vocabulary (lab v2's cross-tokenizer setting is in git history)"
@@ -185,9 +188,9 @@ def load_system(folder: str, student: str) -> tuple[Any, Any]:
         if adapter is not None:
             from peft import PeftModel
 
-            base, tokenizer = models.load(student)
+            base, tokenizer = store.load(student)
             return PeftModel.from_pretrained(base, adapter).merge_and_unload().eval(), tokenizer
-    return models.load(folder)
+    return store.load(folder)
 
 
 def sample(
@@ -210,7 +213,7 @@ def sample(
                 rng = random.Random(answer_seed(seed, pid, j))
                 mode = rng.choices(range(len(contexts)), [c.weight for c in contexts])[0]
                 context = contexts[mode].messages
-            items.append((pid, j, mode, data.encode_prompt(tokenizer, context + prompt)))
+            items.append((pid, j, mode, chats.encode_prompt(tokenizer, context + prompt)))
     # Sampled under the training's autocast (bf16 where the CPU computes it natively): the
     # exact KLs are then computed in float32 along these samples.
     rollout = TransformersRollout(
@@ -241,11 +244,11 @@ def cached_answers(path: Path, make: Any) -> list[Answer]:
     return answers
 
 
-def training_records(split: str, prompts: list, answers: list[Answer]) -> list[data.Record]:
+def training_records(split: str, prompts: list, answers: list[Answer]) -> list[chats.Record]:
     """Teacher answers as the chat records every method trains on (text only, the finish
     reason and the mode in `meta`; the context stays hidden)."""
     return [
-        data.Record(
+        chats.Record(
             f"{split}-{a.pid}-{a.j}",
             prompts[a.pid] + [{"role": "assistant", "content": a.text}],
             {"finish_reason": "stop" if a.finished else "length", "mode": a.mode},
@@ -264,7 +267,7 @@ class Side:
 
     def __init__(self, model: Any, tokenizer: Any, context: list, prompts: list) -> None:
         self.model, self.tokenizer, self.context, self.prompts = model, tokenizer, context, prompts
-        encoded = [data.encode_prompt(tokenizer, context + p) for p in prompts]
+        encoded = [chats.encode_prompt(tokenizer, context + p) for p in prompts]
         self.prompt_ids = encoded
         self.prefix = engine.SharedPrefix(model, encoded, min_shared=1)
         self.shared, self.cache = self.prefix.length, self.prefix.cache
@@ -292,7 +295,7 @@ class Side:
         examples = []
         for a in chunk:
             prompt = self.prompt_ids[a.pid]
-            examples.append(data.Example("", prompt + a.ids, len(prompt), False))
+            examples.append(chats.Example("", prompt + a.ids, len(prompt), False))
         batch = engine.collate(examples, engine.pad_id_of(self.tokenizer))
         logits_btv, _, mask_bt = engine.response_logits(self.model, batch)
         return [
@@ -697,7 +700,7 @@ def teacher_data(args: argparse.Namespace, contexts: list[mixture.Component]) ->
 
     def teacher() -> tuple[Any, Any]:
         if not pair:
-            pair.extend(models.load(args.teacher))
+            pair.extend(store.load(args.teacher))
         return pair[0], pair[1]
 
     def answers(name: str, n: int, seed: int) -> list[Answer]:
@@ -716,8 +719,8 @@ def teacher_data(args: argparse.Namespace, contexts: list[mixture.Component]) ->
     )
     args.train_file = folder / "train.records.jsonl"
     args.val_file = folder / "val.records.jsonl"
-    data.write_records(args.train_file, training_records("train", splits["train"], train))
-    data.write_records(args.val_file, training_records("val", splits["val"], val))
+    chats.write_records(args.train_file, training_records("train", splits["train"], train))
+    chats.write_records(args.val_file, training_records("val", splits["val"], val))
     args.n_answers = len(train)
     args.steps_per_epoch = math.ceil(len(train) / args.sft_batch)
     stats = {
@@ -1100,7 +1103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.tiny:
         tiny = out / "tiny-model"
         if not (tiny / "config.json").exists():
-            models.build_tiny(tiny, seed=1, num_layers=2)
+            store.build_tiny(tiny, seed=1, num_layers=2)
         args.teacher = args.student = str(tiny)
     contexts = check_inputs(args)
     variants(args)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lab  # noqa: E402
 
-from gad import models  # noqa: E402
+from gad.models import store
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     prompts = lab.split_prompts(args)["train"]
     started = time.perf_counter()
     answers = lab.sample(
-        models.load(args.teacher), prompts, args.answers_per_prompt, 1234, args, contexts
+        store.load(args.teacher), prompts, args.answers_per_prompt, 1234, args, contexts
     )
     out: dict[str, dict[str, float]] = {"_run": {"sample_s": time.perf_counter() - started}}
     for budget in own.budgets:

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from gad import models, precision
+from gad.models import precision, store
 
 
 def seconds_per_step(model: torch.nn.Module, fused: bool, steps: int) -> float:
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    model, _ = models.load(args.model)
+    model, _ = store.load(args.model)
     torch.manual_seed(0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3

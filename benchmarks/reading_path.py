@@ -1,7 +1,8 @@
 """How much code a newcomer reads to follow one function: every function and class of `gad`
 reachable from it by direct calls (`f(...)`, `module.f(...)`), with its lines, per module.
 
-    python benchmarks/reading_path.py gad gad_step              # this tree
+    python benchmarks/reading_path.py methods.gad gad_step      # this tree (sub-packages)
+    python benchmarks/reading_path.py gad gad_step --src OLD/src/gad   # a flat tree before
     python benchmarks/reading_path.py gad adversarial.step_fn --src OLD/src/gad   # a closure
 
 A static, name-based approximation: calls through attributes of objects (`m.rollout.generate`)
@@ -19,21 +20,29 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gad"
 
 
 def index(src: Path) -> tuple[dict, dict]:
-    """Top-level definitions by (module, name), and each module's `gad` imports by alias."""
+    """Top-level definitions by (module, name), and each module's `gad` imports by alias.
+    Modules are named by their path under the package (`methods.gad`, or `gad` in a flat tree),
+    sub-packages included."""
+    paths = {
+        ".".join(p.relative_to(src).with_suffix("").parts): p for p in sorted(src.rglob("*.py"))
+    }
     defs: dict[tuple[str, str], ast.AST] = {}
     imports: dict[str, dict[str, object]] = {}
-    for path in sorted(src.glob("*.py")):
-        module, tree = path.stem, ast.parse(path.read_text())
+    for module, path in paths.items():
+        tree = ast.parse(path.read_text())
         imports[module] = {}
         for node in tree.body:
             if isinstance(node, ast.FunctionDef | ast.ClassDef):
                 defs[(module, node.name)] = node
-            if isinstance(node, ast.ImportFrom) and node.module == "gad":
-                imports[module] |= {a.asname or a.name: a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gad."):
-                imports[module] |= {
-                    a.asname or a.name: (node.module[4:], a.name) for a in node.names
-                }
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("gad"):
+                continue
+            package = node.module[4:]  # "" for `from gad import x`
+            for a in node.names:
+                inner = f"{package}.{a.name}" if package else a.name
+                if inner in paths:  # a module: `from gad.methods import gad`
+                    imports[module][a.asname or a.name] = inner
+                elif package:  # a name: `from gad.methods.gad import gad_step`
+                    imports[module][a.asname or a.name] = (package, a.name)
     return defs, imports
 
 

@@ -52,20 +52,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gad import config as cfg
-from gad import (
-    data,
-    eval_run,
-    evalsets,
-    gad_stage,
-    label,
-    models,
-    precision,
-    reward,
-    sft,
-    tasks,
-    teacher,
-)
+from gad.api import label, teacher
+from gad.config import load as cfg
+from gad.data import chats, evalsets, tasks
+from gad.eval import run as eval_run
+from gad.methods import stage as gad_stage
+from gad.models import precision, store
+from gad.train import reward, sft
 
 SYSTEMS = ("before", "sft", "rl_rm", "gad", "combined")
 INSTRUCTION = " Answer in one short line that ends with: The answer is <number>."
@@ -123,19 +116,19 @@ def tiny_models(out: Path, prompts: Path, truth: Path) -> tuple[str, str]:
     """(teacher, student) for --tiny: the teacher is a tiny model fitted to the train answers."""
     student = out / "tiny-student"
     if not (student / "config.json").exists():
-        models.build_tiny(student, seed=1)
+        store.build_tiny(student, seed=1)
     fitted = out / "tiny-teacher" / "final"
     if not (fitted / "config.json").exists():
         answers = label.read_truth(truth)
         rows = [
-            data.Record(
+            chats.Record(
                 r.id,
                 r.prompt + [{"role": "assistant", "content": f"The answer is {answers[r.id]}."}],
             )
-            for r in data.read_records(prompts).records
+            for r in chats.read_records(prompts).records
         ]
-        data.write_records(out / "tiny-teacher.jsonl", rows)
-        base = models.build_tiny(out / "tiny-base", seed=0)
+        chats.write_records(out / "tiny-teacher.jsonl", rows)
+        base = store.build_tiny(out / "tiny-base", seed=0)
         sft.train(
             cfg.SFTConfig(
                 data=str(out / "tiny-teacher.jsonl"),
@@ -287,7 +280,7 @@ def main() -> None:
         )
     )
     evalsets.refuse_overlap(  # same question text in both sets would inflate the accuracy
-        data.read_records(test).records, str(train), str(test)
+        chats.read_records(test).records, str(train), str(test)
     )
     if args.tiny:
         teacher_model, student = tiny_models(out, train, train_truth)

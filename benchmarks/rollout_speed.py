@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from gad import data, models, precision
-from gad.rollout import Sampling, TransformersRollout
+from gad.data import chats
+from gad.models import precision, store
+from gad.train.rollout import Sampling, TransformersRollout
 
 VARIANTS = ("generate", "decode", "cast_once")
 
@@ -63,7 +64,7 @@ def left_padded(prompts: list[list[int]], n: int, pad: int) -> tuple[torch.Tenso
 
 def run(variant: str, model: Any, tokenizer: Any, prompts: list[list[int]], args: Any) -> dict:
     sampling = Sampling(args.temperature, 1.0, args.max_new_tokens)
-    eos = data.end_of_turn_id(tokenizer)
+    eos = chats.end_of_turn_id(tokenizer)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     if variant == "generate":
@@ -106,10 +107,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = store.load(args.model)
     model = autocast_forward(model, precision.autocast_dtype(args.dtype))
     texts = [f"Write a short story about a robot called Unit {i}." for i in range(args.prompts)]
-    prompts = [data.encode_prompt(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    prompts = [chats.encode_prompt(tokenizer, [{"role": "user", "content": t}]) for t in texts]
     run("decode", model, tokenizer, prompts[:1], args)  # warm-up
     rows = []
     for r in range(args.rounds):

@@ -136,9 +136,12 @@ from transformers import (
     TrainerCallback,
 )
 
-from gad import config as cfg
-from gad import data, dataset, discriminator, engine, gad_stage, models, precision
-from gad.tracking import read_metrics
+from gad.config import load as cfg
+from gad.core.tracking import read_metrics
+from gad.data import chats, dataset
+from gad.methods import stage as gad_stage
+from gad.models import discriminator, precision, store
+from gad.train import engine
 
 SYSTEMS = ("ours", "trl", "gad", "gad_lora", "gad_single")
 LABELS = {
@@ -388,7 +391,7 @@ def run_trl(s: Settings) -> list[dict[str, Any]]:
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    policy, tokenizer = models.load(s.policy)
+    policy, tokenizer = store.load(s.policy)
     reward = discriminator.load(s.reward_model)
     prompts = [json.loads(line) for line in Path(s.trl_prompts).read_text().splitlines()]
     sync = _sync(s.device)
@@ -399,7 +402,7 @@ def run_trl(s: Settings) -> list[dict[str, Any]]:
         args=trl_config(s),
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
         processing_class=tokenizer,
-        reward_processing_classes=models.load_tokenizer(s.reward_model),
+        reward_processing_classes=store.load_tokenizer(s.reward_model),
         callbacks=[clock],
     )
     generate: list[tuple[float, None]] = []
@@ -472,7 +475,7 @@ class Assets:
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A ChatML tokenizer whose every id is a whitespace-separated word ("w123"), so any sampled
     ids decode to text that encodes back to the same ids (TRL re-tokenises for its reward)."""
-    specials = [models.IM_START, models.IM_END, models.TINY_PAD, "<unk>"]
+    specials = [store.IM_START, store.IM_END, store.TINY_PAD, "<unk>"]
     words = vocab_size - len(specials)
     vocab = {f"w{i}": i for i in range(words)} | {t: words + k for k, t in enumerate(specials)}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
@@ -480,11 +483,11 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     backend.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token=models.IM_END,
-        pad_token=models.TINY_PAD,
+        eos_token=store.IM_END,
+        pad_token=store.TINY_PAD,
         unk_token="<unk>",
-        extra_special_tokens=[models.IM_START],
-        chat_template=models.CHATML_TEMPLATE,
+        extra_special_tokens=[store.IM_START],
+        chat_template=store.CHATML_TEMPLATE,
         model_max_length=32768,
     )
 
@@ -517,7 +520,7 @@ def policy_folder(args: argparse.Namespace, assets: Path) -> Path:
     if args.tiny:
         folder = assets / "tiny-policy"
         if not (folder / "config.json").exists():
-            models.build_tiny(folder, seed=0)
+            store.build_tiny(folder, seed=0)
         return folder
     if args.shape:
         folder = assets / f"{args.shape}-policy"
@@ -526,7 +529,7 @@ def policy_folder(args: argparse.Namespace, assets: Path) -> Path:
             if args.device == "cuda":
                 torch.cuda.empty_cache()  # else this process keeps the GPU memory the runs need
         return folder
-    return models.resolve(args.model)  # converts a built-in once, outside any timing
+    return store.resolve(args.model)  # converts a built-in once, outside any timing
 
 
 def count_params(folder: Path) -> int:
@@ -543,7 +546,7 @@ def prepare_assets(args: argparse.Namespace, assets: Path) -> Assets:
     key = "tiny" if args.tiny else args.shape or Path(args.model).name
     reward_model = assets / f"{key}-reward-model-seed{args.seed}"
     if not (reward_model / "config.json").exists():
-        tokenizer = models.load_tokenizer(policy)
+        tokenizer = store.load_tokenizer(policy)
         model = discriminator.build(
             str(policy), pad_token_id=tokenizer.pad_token_id, seed=args.seed
         )
@@ -551,18 +554,18 @@ def prepare_assets(args: argparse.Namespace, assets: Path) -> Assets:
         tokenizer.save_pretrained(reward_model)
 
     source = Path(str(importlib.resources.files("gad") / "assets" / "prompts.jsonl"))
-    records = data.read_records(source).records
+    records = chats.read_records(source).records
     data_file = assets / "data.jsonl"
-    data.write_records(
+    chats.write_records(
         data_file,
         [
-            data.Record(r.id, r.prompt + [{"role": "assistant", "content": FILLER}], {})
+            chats.Record(r.id, r.prompt + [{"role": "assistant", "content": FILLER}], {})
             for r in records
         ],
     )
     prepared = dataset.prepare(
         str(data_file),
-        models.load_tokenizer(policy),
+        store.load_tokenizer(policy),
         max_prompt_tokens=cfg.GADConfig.max_prompt_tokens,
         max_response_tokens=args.max_new_tokens,
         skip_invalid=False,

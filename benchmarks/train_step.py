@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from gad import config as cfg
-from gad import gad_stage, models, precision, sft
-from gad.tracking import read_metrics
+from gad.config import load as cfg
+from gad.core.tracking import read_metrics
+from gad.methods import stage as gad_stage
+from gad.models import precision, store
+from gad.train import sft
 
 WORDS = "the model answers every question with care and a short clear example".split()
 
@@ -118,7 +120,7 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=64)
     parser.add_argument("--micro", type=int, default=8)
     args = parser.parse_args()
-    models.resolve(args.model)  # convert once, outside the timing
+    store.resolve(args.model)  # convert once, outside the timing
     # Resolved once here so the JSON says what ran, not "auto".
     args.precision = precision.resolve(args.precision).mixed_precision
     with tempfile.TemporaryDirectory() as tmp:

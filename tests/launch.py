@@ -8,7 +8,9 @@ from pathlib import Path
 
 SCRIPT = """\
 import json, sys
-from gad import config as cfg, gad_stage, sft
+from gad.config import load as cfg
+from gad.methods import stage as gad_stage
+from gad.train import sft
 kind, values = sys.argv[1], json.loads(sys.argv[2])
 if kind == "sft":
     sft.train(cfg.build(cfg.SFTConfig, values, "test"))
@@ -42,7 +44,7 @@ def assert_gad_runs_match(one: Path, two: Path) -> None:
     the same statistics over the whole batch (the accuracy split by finish, the rewards' std)."""
     import pytest
 
-    from gad.tracking import read_metrics
+    from gad.core.tracking import read_metrics
 
     for stage, keys in (
         ("warmup", ("d/loss", "g/sft_loss", "d/accuracy_finished", "d/accuracy_cut")),
@@ -66,7 +68,10 @@ def assert_gad_runs_match(one: Path, two: Path) -> None:
 KILLABLE = """\
 import json, os, signal, sys
 import torch
-from gad import checkpoint, config as cfg, gad_stage, sft
+from gad.core import checkpoint
+from gad.config import load as cfg
+from gad.methods import stage as gad_stage
+from gad.train import sft
 kind, values = sys.argv[1], json.loads(sys.argv[2])
 kill_in_save = os.environ.get("GAD_TEST_KILL_IN_SAVE")
 if kill_in_save:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from fake_openai import BODY_FAULTS, FakeOpenAI, Fault
 
-from gad import config as cfg
-from gad import data, teacher
+from gad.api import teacher
+from gad.config import load as cfg
+from gad.data import chats
 
 KEY = "sk-test-SECRET-123"
 KEY_ENV = "GAD_TEST_TEACHER_KEY"
@@ -439,7 +440,7 @@ def test_malformed_prompt_line(tmp_path):
     lines = path.read_text().splitlines()
     lines[1] = json.dumps({"id": "bad", "messages": [{"role": "user", "content": 5}]})
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(data.DataError, match=r"prompts\.jsonl:2: field 'messages\[0\]\.content'"):
+    with pytest.raises(chats.DataError, match=r"prompts\.jsonl:2: field 'messages\[0\]\.content'"):
         teacher.collect(make_config(tmp_path, None), progress=False)
 
     with FakeOpenAI() as server:
@@ -498,7 +499,7 @@ def test_local_backend_tiny_model(tmp_path, tiny_dir):
         for f in failures
     )
     assert (summary.done, summary.prompt_too_long, summary.failed) == (6, 2, 2)
-    assert len(data.read_records(config.output).records) == 6  # SFT-ready chat records
+    assert len(chats.read_records(config.output).records) == 6  # SFT-ready chat records
 
     again = teacher.collect(config, progress=False)
     assert (again.done, again.already_done, again.failed) == (0, 6, 2)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gad import config as cfg
+from gad.config import load as cfg
 
 
 def test_yaml_then_overrides_round_trip(tmp_path):
@@ -264,7 +264,8 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 def test_a_bug_in_gad_keeps_its_traceback(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from gad import cli, evalsets
+    from gad import cli
+    from gad.data import evalsets
 
     def broken(*args, **kwargs):
         raise KeyError("a bug")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from gad import data
+from gad.data import chats
 
 
 def write_jsonl(path, rows):
@@ -18,10 +18,10 @@ CHAT = [
 
 
 def test_prompt_and_response_split():
-    record = data.validate({"messages": CHAT}, "x:1")
+    record = chats.validate({"messages": CHAT}, "x:1")
     assert record.prompt == CHAT[:2]
     assert record.response == "Seven is prime."
-    bare = data.validate({"messages": CHAT[:2]}, "x:1")
+    bare = chats.validate({"messages": CHAT[:2]}, "x:1")
     assert bare.prompt == CHAT[:2] and bare.response is None
 
 
@@ -40,11 +40,11 @@ def test_prompt_and_response_split():
 def test_malformed_jsonl_names_file_line_field(tmp_path, row, field):
     good = {"messages": CHAT}
     path = write_jsonl(tmp_path / "d.jsonl", [good, good | {"id": "b"}, row])
-    with pytest.raises(data.DataError) as err:
-        data.read_records(path)
+    with pytest.raises(chats.DataError) as err:
+        chats.read_records(path)
     assert f"{path}:3:" in str(err.value)
     assert field in str(err.value)
-    loaded = data.read_records(path, skip_invalid=True)
+    loaded = chats.read_records(path, skip_invalid=True)
     assert len(loaded.records) == 2
     assert len(loaded.skipped) == 1 and f"{path}:3:" in loaded.skipped[0]
 
@@ -59,34 +59,34 @@ def test_malformed_parquet_names_file_row_field(tmp_path):
     ]
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
-    with pytest.raises(data.DataError, match=r"d.parquet:2: field 'messages\[0\].role'"):
-        data.read_records(path)
-    assert [r.id for r in data.read_records(path, skip_invalid=True).records] == ["a"]
+    with pytest.raises(chats.DataError, match=r"d.parquet:2: field 'messages\[0\].role'"):
+        chats.read_records(path)
+    assert [r.id for r in chats.read_records(path, skip_invalid=True).records] == ["a"]
 
 
 def test_ids_are_stable_and_unique(tmp_path):
     prompt = {"messages": CHAT[:2]}
     path = write_jsonl(tmp_path / "d.jsonl", [prompt, prompt, {"messages": CHAT, "id": "mine"}])
-    first = [r.id for r in data.read_records(path).records]
-    assert first == [r.id for r in data.read_records(path).records]
+    first = [r.id for r in chats.read_records(path).records]
+    assert first == [r.id for r in chats.read_records(path).records]
     assert len(set(first)) == 3 and first[1] == first[0] + "-2" and first[2] == "mine"
     dup = write_jsonl(tmp_path / "dup.jsonl", [{"messages": CHAT, "id": "x"}] * 2)
-    with pytest.raises(data.DataError, match=r"dup.jsonl:2: field 'id': 'x' repeats line 1"):
-        data.read_records(dup)
+    with pytest.raises(chats.DataError, match=r"dup.jsonl:2: field 'id': 'x' repeats line 1"):
+        chats.read_records(dup)
 
 
 def _check_mask(tokenizer, record):
-    encoded = data.encode_sft(
+    encoded = chats.encode_sft(
         tokenizer, [record], max_prompt_tokens=4096, max_response_tokens=4096
     ).examples[0]
-    eot = data.end_of_turn_id(tokenizer)
+    eot = chats.end_of_turn_id(tokenizer)
     response_ids = encoded.input_ids[encoded.prompt_len :]
     # The response is exactly the answer text followed by the end-of-turn token...
     assert response_ids[-1] == eot
     assert tokenizer.decode(response_ids[:-1]) == record.response
     # ...and the prompt is exactly what generation would be conditioned on.
-    assert encoded.input_ids[: encoded.prompt_len] == data.encode_prompt(tokenizer, record.prompt)
-    from gad.engine import collate
+    assert encoded.input_ids[: encoded.prompt_len] == chats.encode_prompt(tokenizer, record.prompt)
+    from gad.train.engine import collate
 
     batch = collate([encoded], pad_id=tokenizer.pad_token_id)
     labelled = batch["labels"][0] != -100
@@ -99,14 +99,14 @@ def test_response_mask_tiny_template(tiny_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    record = data.validate({"messages": CHAT}, "x:1")
+    record = chats.validate({"messages": CHAT}, "x:1")
     encoded, eot = _check_mask(tokenizer, record)
     assert tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
 
 
 @pytest.mark.slow
 def test_response_mask_smollm2_template(smollm2_tokenizer):
-    record = data.validate({"messages": CHAT}, "x:1")
+    record = chats.validate({"messages": CHAT}, "x:1")
     encoded, eot = _check_mask(smollm2_tokenizer, record)
     assert smollm2_tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
     # The template's rendering of the whole conversation starts with our prompt + response.
@@ -119,11 +119,11 @@ def test_long_prompts_reported_not_cut(tiny_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    short = data.validate({"id": "s", "messages": CHAT}, "x:1")
-    long = data.validate(
+    short = chats.validate({"id": "s", "messages": CHAT}, "x:1")
+    long = chats.validate(
         {"id": "l", "messages": [{"role": "user", "content": "word " * 400}, CHAT[2]]}, "x:2"
     )
-    out = data.encode_sft(tokenizer, [short, long], max_prompt_tokens=100, max_response_tokens=3)
+    out = chats.encode_sft(tokenizer, [short, long], max_prompt_tokens=100, max_response_tokens=3)
     assert [e.id for e in out.examples] == ["s"]
     assert out.prompt_too_long == ["l"]
     assert (
@@ -148,7 +148,7 @@ def test_prompt_completion_and_sharegpt_read_as_messages(tmp_path):
         },
         {"prompt": "Only a prompt."},
     ]
-    records = data.read_records(write_jsonl(tmp_path / "d.jsonl", rows)).records
+    records = chats.read_records(write_jsonl(tmp_path / "d.jsonl", rows)).records
     assert records[0].messages == [CHAT[1], CHAT[2]]
     assert records[1].messages == records[2].messages == CHAT
     assert records[2].id == "share"
@@ -163,7 +163,7 @@ def test_bom_crlf_and_gzip_are_read(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
     (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(text.encode()))
     for name in ("bom.jsonl", "d.jsonl.gz"):
-        records = data.read_records(tmp_path / name).records
+        records = chats.read_records(tmp_path / name).records
         assert [r.id for r in records] == ["0", "1", "2"] and records[0].messages == CHAT
 
 
@@ -187,19 +187,19 @@ def test_bom_crlf_and_gzip_are_read(tmp_path):
 def test_unreadable_files_get_a_named_error(tmp_path, content, message):
     path = tmp_path / "d.jsonl"
     path.write_bytes(content)
-    with pytest.raises(data.DataError, match=message):
-        data.read_records(path)
+    with pytest.raises(chats.DataError, match=message):
+        chats.read_records(path)
 
 
 def test_directory_and_corrupt_parquet_are_named(tmp_path):
-    with pytest.raises(data.DataError, match=r"is a directory"):
-        data.read_records(tmp_path)
+    with pytest.raises(chats.DataError, match=r"is a directory"):
+        chats.read_records(tmp_path)
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet")
-    with pytest.raises(data.DataError, match=r"bad.parquet: not a readable Parquet file"):
-        data.read_records(tmp_path / "bad.parquet")
+    with pytest.raises(chats.DataError, match=r"bad.parquet: not a readable Parquet file"):
+        chats.read_records(tmp_path / "bad.parquet")
     (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00truncated")
-    with pytest.raises(data.DataError, match=r"bad.jsonl.gz: cannot read"):
-        data.read_records(tmp_path / "bad.jsonl.gz")
+    with pytest.raises(chats.DataError, match=r"bad.jsonl.gz: cannot read"):
+        chats.read_records(tmp_path / "bad.jsonl.gz")
 
 
 def test_semantic_errors_name_file_and_line(tmp_path):
@@ -207,12 +207,14 @@ def test_semantic_errors_name_file_and_line(tmp_path):
         pass
 
     rows = [{"messages": CHAT}, {"messages": CHAT[:2], "id": "bare"}]
-    records = data.read_records(write_jsonl(tmp_path / "d.jsonl", rows)).records
-    with pytest.raises(data.DataError, match=r"d.jsonl:2: field 'messages': no assistant turn"):
-        data.encode_sft(FakeTokenizer(), records[1:], max_prompt_tokens=9, max_response_tokens=9)
-    turned = data.read_records(write_jsonl(tmp_path / "e.jsonl", [{"messages": CHAT + CHAT[1:2]}]))
-    with pytest.raises(data.DataError, match=r"e.jsonl:1: .*last turn is from 'user'"):
-        data.encode_sft(FakeTokenizer(), turned.records, max_prompt_tokens=9, max_response_tokens=9)
+    records = chats.read_records(write_jsonl(tmp_path / "d.jsonl", rows)).records
+    with pytest.raises(chats.DataError, match=r"d.jsonl:2: field 'messages': no assistant turn"):
+        chats.encode_sft(FakeTokenizer(), records[1:], max_prompt_tokens=9, max_response_tokens=9)
+    turned = chats.read_records(write_jsonl(tmp_path / "e.jsonl", [{"messages": CHAT + CHAT[1:2]}]))
+    with pytest.raises(chats.DataError, match=r"e.jsonl:1: .*last turn is from 'user'"):
+        chats.encode_sft(
+            FakeTokenizer(), turned.records, max_prompt_tokens=9, max_response_tokens=9
+        )
 
 
 def test_parquet_with_another_column_set_lists_the_formats(tmp_path):
@@ -221,12 +223,12 @@ def test_parquet_with_another_column_set_lists_the_formats(tmp_path):
 
     path = tmp_path / "qa.parquet"
     pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "a"}]), path)
-    with pytest.raises(data.DataError, match=r"qa.parquet:1: field 'answer': unknown field; acc"):
-        data.read_records(path)
+    with pytest.raises(chats.DataError, match=r"qa.parquet:1: field 'answer': unknown field; acc"):
+        chats.read_records(path)
     # TRL's prompt/completion columns are read as they are.
     path = tmp_path / "trl.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "q", "completion": "a"}]), path)
-    (record,) = data.read_records(path).records
+    (record,) = chats.read_records(path).records
     assert record.messages == [
         {"role": "user", "content": "q"},
         {"role": "assistant", "content": "a"},

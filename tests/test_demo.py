@@ -3,8 +3,8 @@ import re
 
 from typer.testing import CliRunner
 
-from gad import precision
 from gad.cli import app
+from gad.models import precision
 
 
 def test_demo_tiny_runs_every_stage_and_writes_the_report(tmp_path):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gad import chat, label
-from gad import config as cfg
+from gad.api import chat, label
+from gad.config import load as cfg
 
 INTENDED = {
     (cfg.LabelConfig, cfg.CollectConfig): {},

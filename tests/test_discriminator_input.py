@@ -7,10 +7,14 @@ import math
 import pytest
 import torch
 
-from gad import config as cfg
-from gad import data, discriminator, engine, gad_stage, losses, models, samples, sft
-from gad.rollout import Completion
-from gad.tracking import read_metrics
+from gad.config import load as cfg
+from gad.core.tracking import read_metrics
+from gad.data import chats
+from gad.methods import samples
+from gad.methods import stage as gad_stage
+from gad.models import discriminator, store
+from gad.train import engine, losses, sft
+from gad.train.rollout import Completion
 from tests.test_gad import (  # noqa: F401
     gad_config,
     near_student,
@@ -36,7 +40,7 @@ def char_by_char_ids(tokenizer, text):
 
 @pytest.fixture(scope="module")
 def tok_and_d(tiny_dir):
-    tokenizer = models.load_tokenizer(str(tiny_dir))
+    tokenizer = store.load_tokenizer(str(tiny_dir))
     d = discriminator.build(str(tiny_dir), pad_token_id=tokenizer.pad_token_id, seed=0).eval()
     return tokenizer, d
 
@@ -50,18 +54,18 @@ def score(d, tokenizer, examples):
 @pytest.mark.parametrize("finish", ["stop", "length"])
 def test_teacher_and_student_of_the_same_text_and_finish_get_the_same_input(tok_and_d, finish):
     tokenizer, d = tok_and_d
-    eot = data.end_of_turn_id(tokenizer)
-    record = data.Record("t", PROMPT + [{"role": "assistant", "content": TEXT}])
+    eot = chats.end_of_turn_id(tokenizer)
+    record = chats.Record("t", PROMPT + [{"role": "assistant", "content": TEXT}])
     record.meta["finish_reason"] = finish
-    teacher = data.discriminator_input(
+    teacher = chats.discriminator_input(
         tokenizer,
         record.prompt,
         record.response,
-        finished=data.record_finished(record),
+        finished=chats.record_finished(record),
         max_response_tokens=64,
     )
     sampled = char_by_char_ids(tokenizer, TEXT) + ([eot] if finish == "stop" else [])
-    canonical = data.encode_response(tokenizer, PROMPT, TEXT, finished=finish == "stop")
+    canonical = chats.encode_response(tokenizer, PROMPT, TEXT, finished=finish == "stop")
     assert sampled != canonical  # the student's ids are not what teacher text encodes to
     completion = Completion(sampled, tokenizer.decode(sampled, skip_special_tokens=True), finish)
     (student,) = samples.discriminator_inputs(tokenizer, [PROMPT], [[completion]], 64)
@@ -74,23 +78,23 @@ def test_teacher_and_student_of_the_same_text_and_finish_get_the_same_input(tok_
 
 def test_a_cut_at_the_limit_is_the_same_cut_on_both_sides(tok_and_d):
     tokenizer, _ = tok_and_d
-    finished_teacher = data.discriminator_input(
+    finished_teacher = chats.discriminator_input(
         tokenizer, PROMPT, TEXT, finished=True, max_response_tokens=4
     )
-    eot = data.end_of_turn_id(tokenizer)
+    eot = chats.end_of_turn_id(tokenizer)
     response = finished_teacher.input_ids[finished_teacher.prompt_len :]
     assert finished_teacher.truncated and eot not in response
     assert len(finished_teacher.input_ids) - finished_teacher.prompt_len == 4
 
 
 def test_sft_targets_end_with_end_of_turn_only_when_the_answer_finished(tiny_dir):
-    tokenizer = models.load_tokenizer(str(tiny_dir))
-    eot = data.end_of_turn_id(tokenizer)
-    done = data.Record("done", PROMPT + [{"role": "assistant", "content": TEXT}])
-    cut = data.Record("cut", PROMPT + [{"role": "assistant", "content": TEXT}])
+    tokenizer = store.load_tokenizer(str(tiny_dir))
+    eot = chats.end_of_turn_id(tokenizer)
+    done = chats.Record("done", PROMPT + [{"role": "assistant", "content": TEXT}])
+    cut = chats.Record("cut", PROMPT + [{"role": "assistant", "content": TEXT}])
     cut.meta["finish_reason"] = "length"
-    long = data.Record("long", PROMPT + [{"role": "assistant", "content": TEXT * 5}])
-    out = data.encode_sft(
+    long = chats.Record("long", PROMPT + [{"role": "assistant", "content": TEXT * 5}])
+    out = chats.encode_sft(
         tokenizer, [done, cut, long], max_prompt_tokens=999, max_response_tokens=40
     )
     by_id = {e.id: e for e in out.examples}
@@ -202,13 +206,13 @@ def test_a_discriminator_with_its_own_tokenizer_moves_the_student_toward_the_tra
     near_student, tmp_path
 ):
     base, teacher, questions = near_student
-    other = models.build_tiny(tmp_path / "other-d", seed=7, vocab_size=400)
-    student_tok, d_tok = models.load_tokenizer(str(base)), models.load_tokenizer(str(other))
+    other = store.build_tiny(tmp_path / "other-d", seed=7, vocab_size=400)
+    student_tok, d_tok = store.load_tokenizer(str(base)), store.load_tokenizer(str(other))
     assert student_tok.get_vocab() != d_tok.get_vocab()
     start = one_word_share(base, questions)
     gad_stage.train(trait_config(base, teacher, tmp_path / "run", discriminator=str(other)))
     final_d = tmp_path / "run/gad/final/discriminator"
-    assert models.load_tokenizer(str(final_d)).get_vocab() == d_tok.get_vocab()
+    assert store.load_tokenizer(str(final_d)).get_vocab() == d_tok.get_vocab()
     end = one_word_share(tmp_path / "run/gad/final", questions)
     assert end > start + 0.3, (start, end)
 
@@ -230,9 +234,9 @@ def test_whitebox_descends_the_teacher_kl_and_selection_picks_a_step(
             save_state=False,
         )
     )
-    records = data.read_records(teacher_file_).records
-    data.write_records(tmp_path / "train.jsonl", records[:48])
-    data.write_records(tmp_path / "held.jsonl", records[48:])
+    records = chats.read_records(teacher_file_).records
+    chats.write_records(tmp_path / "train.jsonl", records[:48])
+    chats.write_records(tmp_path / "held.jsonl", records[48:])
     context = tmp_path / "context.json"
     context.write_text(json.dumps([{"role": "system", "content": "Be brief."}]))
     config = cfg.GADConfig(

@@ -56,7 +56,7 @@ def test_eval_writes_metrics_with_intervals_and_report_reads_them(tmp_path, tiny
     saved = json.loads(out.read_text())
     metrics = saved["metrics"]
     # Lengths in the teacher's tokens (the only tokenizer given), not the records' own counts.
-    from gad.models import load_tokenizer
+    from gad.models.store import load_tokenizer
 
     tok = load_tokenizer(tiny_dir)
     lengths = [

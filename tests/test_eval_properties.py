@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gad import config as cfg
-from gad import eval_run
+from gad.config import load as cfg
+from gad.eval import run as eval_run
 
 WORDS = ["the", "cat", "sat", "a", "dog", "ran", "on", "mat", "!!!", "x1", "été", "the_end"]
 PIDS = [f"p{i}" for i in range(6)]

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from gad import config as cfg
-from gad import data, evalsets, sft
-from gad.config import UserError
+from gad.config import load as cfg
+from gad.config.load import UserError
+from gad.data import chats, evalsets
+from gad.train import sft
 
 
 def test_mt_bench_has_80_first_turn_questions():
@@ -32,7 +33,7 @@ def test_missing_set_names_the_install_command(monkeypatch, tmp_path):
 
 def prompts(n):
     return [
-        data.Record(id=f"r{i}", messages=[{"role": "user", "content": f"Prompt number {i}"}])
+        chats.Record(id=f"r{i}", messages=[{"role": "user", "content": f"Prompt number {i}"}])
         for i in range(n)
     ]
 
@@ -51,9 +52,9 @@ def test_training_refuses_held_out_overlap(tiny_dir, tmp_path):
     for r in records:
         r.messages.append({"role": "assistant", "content": "An answer."})
     train, held = evalsets.split(records, 0.3, seed=0)
-    data.write_records(tmp_path / "held.jsonl", held)
-    data.write_records(tmp_path / "all.jsonl", records)
-    data.write_records(tmp_path / "train.jsonl", train)
+    chats.write_records(tmp_path / "held.jsonl", held)
+    chats.write_records(tmp_path / "all.jsonl", records)
+    chats.write_records(tmp_path / "train.jsonl", train)
     base = dict(
         model=str(tiny_dir),
         epochs=1,
@@ -81,7 +82,7 @@ def test_generate_answers_a_set_resumably(tiny_dir, tmp_path):
 
     from gad.cli import app
 
-    data.write_records(tmp_path / "set.jsonl", prompts(3))
+    chats.write_records(tmp_path / "set.jsonl", prompts(3))
     args = [
         "generate",
         str(tiny_dir),

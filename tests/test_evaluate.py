@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from gad import evaluate as ev
-from gad.data import Record, encode_prompt, encode_response, end_of_turn_id
-from gad.models import build_tiny, load
-from gad.rollout import Sampling, TransformersRollout
+from gad.data.chats import Record, encode_prompt, encode_response, end_of_turn_id
+from gad.eval import evaluate as ev
+from gad.models.store import build_tiny, load
+from gad.train.rollout import Sampling, TransformersRollout
 
 # ---------------------------------------------------------------- n-gram F1 and ROUGE-L
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gad import config as cfg
-from gad import data
+from gad.config import load as cfg
+from gad.data import chats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def test_plots_rouge_and_gguf_are_core_dependencies():
 def test_missing_tracker_names_the_install_line(tmp_path, monkeypatch):
     import importlib.util
 
-    from gad import engine
+    from gad.train import engine
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -39,12 +39,12 @@ def test_missing_pyarrow_names_the_install_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import now raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
-    with pytest.raises(data.DataError, match=r"d.parquet: reading Parquet needs `pip install"):
-        data.read_records(tmp_path / "d.parquet")
+    with pytest.raises(chats.DataError, match=r"d.parquet: reading Parquet needs `pip install"):
+        chats.read_records(tmp_path / "d.parquet")
 
 
 def test_missing_reasoning_gym_names_the_install_line(monkeypatch):
-    from gad import tasks
+    from gad.data import tasks
 
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)
     with pytest.raises(cfg.UserError, match=r"pip install 'gad\[reasoning\]'"):

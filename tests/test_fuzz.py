@@ -8,8 +8,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gad import config as cfg
-from gad import data
+from gad.config import load as cfg
+from gad.data import chats
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -96,14 +96,14 @@ def json_mutations(draw) -> list[dict]:
 def read_or_named_error(path) -> None:
     for skip in (False, True):
         try:
-            loaded = data.read_records(path, skip_invalid=skip)
-        except data.DataError as err:
+            loaded = chats.read_records(path, skip_invalid=skip)
+        except chats.DataError as err:
             assert str(err) and "\n" not in str(err)
             assert isinstance(err, cfg.UserError)
             continue
         for record in loaded.records:
             assert record.id and record.messages
-            assert all(m["role"] in data.ROLES for m in record.messages)
+            assert all(m["role"] in chats.ROLES for m in record.messages)
 
 
 @SETTINGS

@@ -5,10 +5,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gad import config as cfg
-from gad import data, discriminator, engine, gad, gad_stage, gad_state, models, samples
-from gad.rollout import Completion
-from gad.tracking import read_metrics
+from gad.config import load as cfg
+from gad.core.tracking import read_metrics
+from gad.data import chats
+from gad.methods import gad, samples
+from gad.methods import stage as gad_stage
+from gad.methods import state as gad_state
+from gad.models import discriminator, store
+from gad.train import engine
+from gad.train.rollout import Completion
 
 WORDS = "yes no maybe sure fine good okay right true false red blue green cat dog sun".split()
 
@@ -67,24 +72,24 @@ def same(a, b):
 
 def test_identical_text_scores_identically_whatever_padding_and_source(tiny_dir):
     """SPEC: teacher and student sequences must be built the same way (no EOS shortcut)."""
-    tokenizer = models.load_tokenizer(str(tiny_dir))
+    tokenizer = store.load_tokenizer(str(tiny_dir))
     d = discriminator.build(str(tiny_dir), pad_token_id=tokenizer.pad_token_id, seed=0).eval()
     prompt = [{"role": "user", "content": "Tell me about cats."}]
     text = "Cats sleep a lot."
-    eot = data.end_of_turn_id(tokenizer)
+    eot = chats.end_of_turn_id(tokenizer)
     # The teacher's text goes through the chat template...
-    record = data.validate({"messages": prompt + [{"role": "assistant", "content": text}]}, "t:1")
-    teacher = data.encode_sft(tokenizer, [record], max_prompt_tokens=99, max_response_tokens=99)
+    record = chats.validate({"messages": prompt + [{"role": "assistant", "content": text}]}, "t:1")
+    teacher = chats.encode_sft(tokenizer, [record], max_prompt_tokens=99, max_response_tokens=99)
     teacher_ids = teacher.examples[0].input_ids
     # ...the student's sample is the ids the rollout produced, ending with the end-of-turn id.
     sampled = tokenizer(text, add_special_tokens=False)["input_ids"] + [eot]
-    prompt_example = data.Example("p", data.encode_prompt(tokenizer, prompt), 0, False)
+    prompt_example = chats.Example("p", chats.encode_prompt(tokenizer, prompt), 0, False)
     prompt_example.prompt_len = len(prompt_example.input_ids)
     completion = Completion(token_ids=sampled, text=text, finish_reason="stop")
     student_ids = samples.student_examples([prompt_example], [[completion]])[0].input_ids
     assert student_ids == teacher_ids
 
-    other = data.encode_prompt(tokenizer, [{"role": "user", "content": "x " * 30}])
+    other = chats.encode_prompt(tokenizer, [{"role": "user", "content": "x " * 30}])
     pad = tokenizer.pad_token_id
 
     def batch(rows, side):
@@ -116,7 +121,7 @@ def test_identical_text_scores_identically_whatever_padding_and_source(tiny_dir)
 def test_discriminator_saves_and_loads_as_sequence_classifier(tiny_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    tokenizer = models.load_tokenizer(str(tiny_dir))
+    tokenizer = store.load_tokenizer(str(tiny_dir))
     d = discriminator.build(str(tiny_dir), pad_token_id=tokenizer.pad_token_id, seed=3)
     d.save_pretrained(tmp_path / "d")
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "d")
@@ -152,8 +157,8 @@ def test_rewards_are_the_discriminator_scores_before_its_update(
     monkeypatch.setattr(samples, "discriminator_inputs", spy_students)
     gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "run", stage="gad", max_steps=1))
 
-    tokenizer = models.load_tokenizer(str(tiny_dir))
-    from gad.engine import collate
+    tokenizer = store.load_tokenizer(str(tiny_dir))
+    from gad.train.engine import collate
 
     batch = collate(seen["students"], tokenizer.pad_token_id)
 
@@ -196,7 +201,7 @@ def test_held_out_evaluation_leaves_the_training_as_it_was(tiny_dir, teacher_fil
     stream: with or without the evaluation, the same run."""
     held = tmp_path / "held.jsonl"
     records = [
-        data.Record(
+        chats.Record(
             f"h{i}",
             [
                 {"role": "user", "content": f"Held out {i}?"},
@@ -205,7 +210,7 @@ def test_held_out_evaluation_leaves_the_training_as_it_was(tiny_dir, teacher_fil
         )
         for i in range(3)
     ]
-    data.write_records(held, records)
+    chats.write_records(held, records)
     gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "plain", max_steps=2, **lora))
     evaluated = dict(eval_every=1, eval_data=str(held), teacher_model=str(tiny_dir), **lora)
     gad_stage.train(gad_config(tiny_dir, teacher_file, tmp_path / "eval", max_steps=2, **evaluated))
@@ -310,7 +315,7 @@ def near_student(tiny_dir, tmp_path_factory):
     discriminator's only lasting signal is the trait."""
     import random
 
-    from gad import sft
+    from gad.train import sft
 
     folder = tmp_path_factory.mktemp("trait")
     rng = random.Random(0)
@@ -345,12 +350,12 @@ def near_student(tiny_dir, tmp_path_factory):
 
 
 def one_word_share(folder, questions):
-    from gad.rollout import Sampling, TransformersRollout
+    from gad.train.rollout import Sampling, TransformersRollout
 
-    model, tokenizer = models.load(str(folder))
+    model, tokenizer = store.load(str(folder))
     rollout = TransformersRollout(model, tokenizer, batch_size=64)
     torch.manual_seed(123)
-    prompts = [data.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    prompts = [chats.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     groups = rollout.generate(prompts[:32], 4, Sampling(0.8, 1.0, 16))
     return sum(len(c.text.split()) == 1 for g in groups for c in g) / 128
 
@@ -394,7 +399,7 @@ def test_gad_moves_the_student_toward_the_teacher_trait(near_student, tmp_path, 
 
 def test_smaller_discriminator_and_ce_loss(tiny_dir, teacher_file, tmp_path):
     """A discriminator of another size (same tokenizer) and the Eq. 4 loss run the same loop."""
-    small = models.build_tiny(tmp_path / "small", seed=5, hidden_size=32, num_layers=1)
+    small = store.build_tiny(tmp_path / "small", seed=5, hidden_size=32, num_layers=1)
     gad_stage.train(
         gad_config(
             tiny_dir,
@@ -434,16 +439,16 @@ def test_fused_old_logprobs_and_length_sorted_batches_give_the_separate_pass_los
     """The reference implementation spends a forward pass on the old log-probs and batches
     sequences in prompt order; `update_g` takes them from its own forward, in length-sorted
     micro-batches. Same loss, same gradients."""
-    from gad import losses
+    from gad.train import losses
 
     torch.manual_seed(0)
-    generator, tokenizer = models.load(str(tiny_dir))
-    reference, _ = models.load(str(tiny_dir))
+    generator, tokenizer = store.load(str(tiny_dir))
+    reference, _ = store.load(str(tiny_dir))
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.01 * torch.randn_like(p))
     students = [
-        data.Example(f"s{i}", torch.randint(5, 500, (6 + n,)).tolist(), 6, False)
+        chats.Example(f"s{i}", torch.randint(5, 500, (6 + n,)).tolist(), 6, False)
         for i, n in enumerate([1, 9, 3, 12, 2, 7, 5, 11])
     ]
     advantage_b = torch.randn(len(students))
@@ -494,7 +499,7 @@ def test_sigkill_in_steps_and_checkpoint_writes_then_resume_is_bit_exact(
 
     from launch import kill_after_progress, killable
 
-    from gad import checkpoint
+    from gad.core import checkpoint
 
     def values(out, **kw):
         return gad_values(

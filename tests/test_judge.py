@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from fake_openai import FakeOpenAI, Fault
 
-from gad import judge as J
-from gad import rating as R
+from gad.api import judge as J
+from gad.api import rating as R
 
 KEY = "sk-test-judge-SECRET"
 

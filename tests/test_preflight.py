@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gad.cli import COMMANDS, app
-from gad.setting_types import LIST, kinds
+from gad.config.setting_types import LIST, kinds
 
 READS = ("read", "read_dir", "prompt_set", "model")
 WRITES = ("write_dir", "write_file")
@@ -62,15 +62,15 @@ def no_model_loads(monkeypatch):
     test, whatever it would have said later."""
     import transformers
 
-    from gad import discriminator, models
+    from gad.models import discriminator, store
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
     for owner, name in [
-        (models, "load"),
-        (models, "resolve"),
-        (models, "load_tokenizer"),
+        (store, "load"),
+        (store, "resolve"),
+        (store, "load_tokenizer"),
         (discriminator, "load"),
         (discriminator, "build"),
         (transformers.AutoModelForCausalLM, "from_pretrained"),

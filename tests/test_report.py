@@ -1,6 +1,6 @@
 import json
 
-from gad import report
+from gad.eval import report
 
 
 def test_report_has_table_curves_and_warning_marks(tmp_path):
@@ -84,12 +84,12 @@ def test_readers_of_earlier_outputs_refuse_a_file_with_no_records(tmp_path, monk
         (["split", str(empty), "--output-dir", str(tmp_path / "s")], "prompts"),
         (["reward-model", str(empty), "--output-dir", str(tmp_path / "rm")], "data"),
     ]
-    from gad import models
+    from gad.models import store
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(models, "load", refuse)
+    monkeypatch.setattr(store, "load", refuse)
     for args, setting in cases:
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)

@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gad import config as cfg
-from gad import data, discriminator, engine, gad, gad_stage, losses, models, reward, samples, sft
-from gad.tracking import read_metrics
+from gad.config import load as cfg
+from gad.core.tracking import read_metrics
+from gad.data import chats
+from gad.methods import gad, samples
+from gad.methods import stage as gad_stage
+from gad.models import discriminator, store
+from gad.train import engine, losses, reward, sft
 
 # ---------------------------------------------------------------- losses (hand-computed)
 
@@ -162,7 +166,7 @@ def test_reward_model_learns_the_feature_on_held_out_prompts(task):
 
 def test_held_out_split_is_by_prompt_and_deterministic(task, tiny_dir):
     config = cfg.RewardConfig(data=str(task["labels"]), held_out=0.25)
-    tokenizer = models.load_tokenizer(str(tiny_dir))
+    tokenizer = store.load_tokenizer(str(tiny_dir))
     train_a, held_a, _ = reward.prepare(config, tokenizer)
     train_b, held_b, _ = reward.prepare(config, tokenizer)
     assert held_a.prompt_ids == held_b.prompt_ids and train_a.pairs == train_b.pairs
@@ -211,7 +215,7 @@ class GradSnapshot:
 
 
 def test_bt_step_is_the_mean_over_all_pairs_however_split(task, tiny_dir, tmp_path):
-    tokenizer = models.load_tokenizer(str(tiny_dir))
+    tokenizer = store.load_tokenizer(str(tiny_dir))
     pad = tokenizer.pad_token_id
     train_split, _, _ = reward.prepare(
         cfg.RewardConfig(data=str(task["labels"]), held_out=0.25), tokenizer
@@ -242,7 +246,9 @@ def test_labels_without_label_fields_are_refused(tmp_path):
     path = tmp_path / "plain.jsonl"
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     path.write_text(json.dumps({"id": "r1", "messages": messages}) + "\n")
-    with pytest.raises(data.DataError, match=r"plain.jsonl:1: field 'meta.prompt_id'.*record 'r1'"):
+    with pytest.raises(
+        chats.DataError, match=r"plain.jsonl:1: field 'meta.prompt_id'.*record 'r1'"
+    ):
         reward.read_labels(str(path))
 
 
@@ -286,10 +292,10 @@ def test_rl_raises_the_frozen_reward_and_leaves_it_unchanged(task, tmp_path):
 
 def test_reward_distill_one_command(task, tmp_path):
     gad_stage.train(rl_config(task, tmp_path / "run", max_steps=2))
-    sft_records = data.read_records(tmp_path / "run/data/sft.jsonl").records
+    sft_records = chats.read_records(tmp_path / "run/data/sft.jsonl").records
     assert len(sft_records) == 96  # every teacher response labelled good, no student one
     assert all(r.meta["source"] == "teacher" and r.meta["good"] for r in sft_records)
-    prompts = data.read_records(tmp_path / "run/data/prompts.jsonl").records
+    prompts = chats.read_records(tmp_path / "run/data/prompts.jsonl").records
     assert len({r.meta["prompt_id"] for r in prompts}) == len(prompts) == 48
     warm = read_metrics(tmp_path / "run/warmup")
     # No discriminator to warm up: every warmup step is SFT, from the first one.
@@ -343,7 +349,7 @@ def test_combined_reward_mixes_online_d_with_frozen_rm(task, tmp_path, monkeypat
     )
     gad_stage.train(config)
     assert seen["alpha"] == 0.5
-    pad = models.load_tokenizer(str(task["base"])).pad_token_id
+    pad = store.load_tokenizer(str(task["base"])).pad_token_id
     rm = discriminator.load(str(task["rm"]))
     rm.config.pad_token_id = pad
     expected_r = engine.scores(rm, seen["students"], pad, 8).view(-1, 8)
@@ -360,7 +366,7 @@ def test_combined_reward_mixes_online_d_with_frozen_rm(task, tmp_path, monkeypat
 def test_lora_reward_model_learns_and_its_merged_folder_scores_as_base_plus_adapter(
     task, tiny_dir, tmp_path
 ):
-    from gad import lora
+    from gad.models import lora
 
     final = reward.train(
         cfg.RewardConfig(

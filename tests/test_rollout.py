@@ -3,21 +3,22 @@ from the softmax at the temperature, cut to the nucleus."""
 
 import torch
 
-from gad import data, models
-from gad.rollout import Sampling, TransformersRollout, decode, sample_next
+from gad.data import chats
+from gad.models import store
+from gad.train.rollout import Sampling, TransformersRollout, decode, sample_next
 
 
 def test_greedy_decode_equals_transformers_generate(tiny_dir):
-    model, tokenizer = models.load(str(tiny_dir))
+    model, tokenizer = store.load(str(tiny_dir))
     questions = ["Hi", "What is the capital of France? Tell me in a few words.", "2 + 2?"]
-    prompts = [data.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    prompts = [chats.encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for r, p in enumerate(prompts):
         ids[r, width - len(p) :] = torch.tensor(p)
         mask[r, width - len(p) :] = 1
-    eos = data.end_of_turn_id(tokenizer)
+    eos = chats.end_of_turn_id(tokenizer)
     ours = decode(model, ids, mask, Sampling(0.0, 1.0, 12), eos, tokenizer.pad_token_id)
     theirs = model.generate(
         input_ids=ids,

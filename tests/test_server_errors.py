@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from fake_openai import FakeOpenAI, Fault
 
-from gad import api_errors, teacher
-from gad import config as cfg
+from gad.api import api_errors, teacher
+from gad.config import load as cfg
 
 KEY_ENV = "GAD_TEST_SERVER_KEY"
 VLLM_MESSAGE = (

@@ -3,9 +3,9 @@ limit bounds the stage it names, as the run's first lines and its config say."""
 
 import pytest
 
-from gad import config as cfg
-from gad import gad_stage
-from gad.tracking import read_metrics
+from gad.config import load as cfg
+from gad.core.tracking import read_metrics
+from gad.methods import stage as gad_stage
 from tests.test_gad import gad_config, teacher_file  # noqa: F401
 
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gad import config as cfg
-from gad import sft
-from gad.tracking import read_metrics
+from gad.config import load as cfg
+from gad.core.tracking import read_metrics
+from gad.train import sft
 
 ANSWERS = ["The sky is blue.", "Two plus two is four.", "Cats like to sleep.", "Water is wet."]
 
@@ -144,7 +144,7 @@ def test_sigkill_in_steps_and_checkpoint_writes_then_resume_is_bit_exact(
     from launch import kill_after_progress, killable
     from transformers import AutoModelForCausalLM
 
-    from gad import checkpoint
+    from gad.core import checkpoint
 
     values = dict(
         data=str(records_file),
@@ -191,7 +191,7 @@ def test_sigkill_in_steps_and_checkpoint_writes_then_resume_is_bit_exact(
 
 
 def test_unwritable_output_and_full_disk_are_named(tiny_dir, records_file, tmp_path, monkeypatch):
-    from gad import checkpoint
+    from gad.core import checkpoint
 
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(checkpoint.CheckpointError, match=r"a_file/run: the run folder cannot"):

@@ -10,9 +10,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from gad import config as cfg
-from gad import data, engine, gad_stage, lora, losses, models, soda
-from gad.tracking import read_metrics
+from gad.config import load as cfg
+from gad.core.tracking import read_metrics
+from gad.data import chats
+from gad.methods import soda
+from gad.methods import stage as gad_stage
+from gad.models import lora, store
+from gad.train import engine, losses
 
 WORDS = "yes no maybe sure fine good okay right true false red blue green cat dog sun".split()
 
@@ -90,13 +94,13 @@ def test_dpo_loss_equals_the_hand_computed_values():
 
 
 def test_a_cut_answer_has_no_end_of_turn_token(tiny_dir, teacher_file, tmp_path):
-    tokenizer = models.load_tokenizer(str(tiny_dir))
-    eot = data.end_of_turn_id(tokenizer)
+    tokenizer = store.load_tokenizer(str(tiny_dir))
+    eot = chats.end_of_turn_id(tokenizer)
     prompt = [{"role": "user", "content": "Question?"}]
 
     def answer(text, reason):
         messages = prompt + [{"role": "assistant", "content": text}]
-        return data.Record("r", messages, {"finish_reason": reason})
+        return chats.Record("r", messages, {"finish_reason": reason})
 
     config = soda_config(tiny_dir, teacher_file, tmp_path, max_response_tokens=8)
     finished, cut, too_long = soda.rejected_examples(
@@ -112,15 +116,15 @@ def test_a_cut_answer_has_no_end_of_turn_token(tiny_dir, teacher_file, tmp_path)
 
     # The chosen side follows the same rule: a teacher answer cut by its writer.
     cut_teacher = tmp_path / "cut.jsonl"
-    data.write_records(cut_teacher, [answer("Yes.", "length")])
+    chats.write_records(cut_teacher, [answer("Yes.", "length")])
     out = tmp_path / "run"
     gad_stage.train(soda_config(tiny_dir, cut_teacher, out, batch_prompts=1, max_steps=1))
     rejected = json.loads((out / "soda" / soda.SNAPSHOT_FILE).read_text())
-    chosen = data.encode_sft(
+    chosen = chats.encode_sft(
         tokenizer, [answer("Yes.", "length")], max_prompt_tokens=64, max_response_tokens=8
     ).examples[0]
     assert eot not in chosen.input_ids[chosen.prompt_len :]
-    [snap] = soda.rejected_examples(tokenizer, [data.validate(rejected, "snap")], config)
+    [snap] = soda.rejected_examples(tokenizer, [chats.validate(rejected, "snap")], config)
     assert (eot in snap.input_ids[snap.prompt_len :]) == (
         rejected["meta"]["finish_reason"] == "stop"
     )
@@ -131,16 +135,16 @@ def test_a_cut_answer_has_no_end_of_turn_token(tiny_dir, teacher_file, tmp_path)
 
 def pairs_of(folder, tokenizer, teacher_file, run):
     """Chosen and rejected examples of a run, in the snapshot's order, as the stage built them."""
-    snapshot = data.read_records(Path(run) / "soda" / soda.SNAPSHOT_FILE).records
-    teacher = {r.id: r for r in data.read_records(teacher_file).records}
+    snapshot = chats.read_records(Path(run) / "soda" / soda.SNAPSHOT_FILE).records
+    teacher = {r.id: r for r in chats.read_records(teacher_file).records}
     limits = dict(max_prompt_tokens=2048, max_response_tokens=8)
-    chosen = data.encode_sft(tokenizer, [teacher[r.id] for r in snapshot], **limits).examples
-    rejected = data.encode_sft(tokenizer, snapshot, **limits).examples
+    chosen = chats.encode_sft(tokenizer, [teacher[r.id] for r in snapshot], **limits).examples
+    rejected = chats.encode_sft(tokenizer, snapshot, **limits).examples
     return snapshot, chosen, rejected
 
 
 def sequence_logprobs(folder, examples):
-    model, tokenizer = models.load(str(folder))
+    model, tokenizer = store.load(str(folder))
     parts = engine.length_sorted_chunks(examples, 8)
     rows = engine.logprobs(model.eval(), examples, engine.pad_id_of(tokenizer), parts, 1.0)
     return torch.stack([r.sum() for r in rows])
@@ -151,7 +155,7 @@ def test_soda_raises_the_margin_against_the_starting_models_logprobs(
 ):
     final = gad_stage.train(soda_config(tiny_dir, teacher_file, tmp_path, max_steps=8))
     assert final == tmp_path / "soda" / "final"
-    tokenizer = models.load_tokenizer(str(tiny_dir))
+    tokenizer = store.load_tokenizer(str(tiny_dir))
     snapshot, chosen, rejected = pairs_of(tiny_dir, tokenizer, teacher_file, tmp_path)
     assert len(snapshot) == 16 and {r.meta["finish_reason"] for r in snapshot} <= {"stop", "length"}
     # The reference is the starting model: recomputed from its folder, the same numbers.
@@ -203,18 +207,18 @@ def test_lora_soda_trains_the_adapter_only_and_writes_a_merged_folder(
     config = soda_config(tiny_dir, teacher_file, tmp_path, lora_rank=4, lora_alpha=8.0, lr=1e-2)
     final = gad_stage.train(config)
     merged = AutoModelForCausalLM.from_pretrained(final).state_dict()
-    base, _ = models.load(str(tiny_dir))
+    base, _ = store.load(str(tiny_dir))
     stacked = PeftModel.from_pretrained(base, final / lora.ADAPTER_DIR).merge_and_unload()
     assert all(torch.allclose(merged[k], v, atol=1e-6) for k, v in stacked.state_dict().items())
     # Only the adapted linear layers moved; everything else is the base's, bit for bit.
-    start = models.load(str(tiny_dir))[0].state_dict()
+    start = store.load(str(tiny_dir))[0].state_dict()
     moved = {k for k in start if not torch.equal(start[k], merged[k])}
     assert moved and all(k.endswith("proj.weight") for k in moved)
     checkpoint = tmp_path / "soda" / "checkpoints" / "step-000004"
     assert (checkpoint / "adapter_model.safetensors").exists()
     assert not (checkpoint / "model.safetensors").exists()
     # The LoRA reference is the bare base: the starting model's numbers.
-    tokenizer = models.load_tokenizer(str(tiny_dir))
+    tokenizer = store.load_tokenizer(str(tiny_dir))
     snapshot, chosen, _ = pairs_of(tiny_dir, tokenizer, teacher_file, tmp_path)
     ref_c = torch.tensor([r.meta["ref_logp_chosen"] for r in snapshot])
     assert torch.allclose(sequence_logprobs(tiny_dir, chosen), ref_c, atol=1e-4)
@@ -277,7 +281,7 @@ def test_two_processes_match_one(tiny_dir, teacher_file, tmp_path):
     train_in_processes(tmp_path, "gad", values | {"output_dir": str(tmp_path / "one")}, 1, 0)
     train_in_processes(tmp_path, "gad", values | {"output_dir": str(tmp_path / "two")}, 2, 29531)
     snapshots = [
-        data.read_records(tmp_path / run / "soda" / soda.SNAPSHOT_FILE) for run in ("one", "two")
+        chats.read_records(tmp_path / run / "soda" / soda.SNAPSHOT_FILE) for run in ("one", "two")
     ]
     one, two = ([(r.id, r.messages, r.meta["finish_reason"]) for r in s.records] for s in snapshots)
     assert one == two and len(one) == 16

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gad import toy
-from gad.config import ConfigError
+from gad.config.load import ConfigError
+from gad.methods import toy
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from gad import config as cfg
+from gad.config import load as cfg
 
 # A distillation toolkit that runs offline: never let a library reach for a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -171,7 +171,7 @@ def stage_command(
                 overrides[positional] = given
             with error_boundary():
                 config = cfg.load(config_cls, config_file, overrides)
-                from gad import preflight
+                from gad.data import preflight
 
                 preflight.check(config)  # every path and rule, before any model is loaded
                 _quiet_libraries(verbose)
@@ -196,7 +196,7 @@ def _exit_with(code: int) -> None:
 @stage_command("collect", cfg.CollectConfig, positional="prompts")
 def collect(config: cfg.CollectConfig) -> None:
     """Collect teacher answers to a prompt file (OpenAI-compatible API or local model)."""
-    from gad import teacher
+    from gad.api import teacher
 
     summary = teacher.collect(config)
     _exit_with(cfg.outcome_code(summary.done + summary.already_done, summary.failed))
@@ -205,7 +205,7 @@ def collect(config: cfg.CollectConfig) -> None:
 @stage_command("sft", cfg.SFTConfig, positional="data")
 def sft(config: cfg.SFTConfig) -> None:
     """Supervised fine-tuning on chat records: the SeqKD baseline and GAD's generator warmup."""
-    from gad import sft as sft_module
+    from gad.train import sft as sft_module
 
     sft_module.train(config)
 
@@ -213,7 +213,7 @@ def sft(config: cfg.SFTConfig) -> None:
 @stage_command("train", cfg.GADConfig, positional="data")
 def train(config: cfg.GADConfig) -> None:
     """GAD: warmup, then on-policy GRPO against a discriminator that keeps learning."""
-    from gad import gad_stage
+    from gad.methods import stage as gad_stage
 
     gad_stage.train(config)
 
@@ -222,7 +222,7 @@ def train(config: cfg.GADConfig) -> None:
 def label(config: cfg.LabelConfig) -> None:
     """Reward distillation, step 1: teacher and student answers, labelled by the teacher's
     majority vote (verifiable tasks) or its 1-10 judgement (open-ended)."""
-    from gad import label as label_module
+    from gad.api import label as label_module
 
     summary = label_module.run(config)
     _exit_with(cfg.outcome_code(summary.labelled_prompts, summary.missing_responses))
@@ -232,7 +232,7 @@ def label(config: cfg.LabelConfig) -> None:
 def reward_model(config: cfg.RewardConfig) -> None:
     """Reward distillation, step 2: train a scalar-head reward model on `gad label` output
     (Bradley–Terry on within-prompt pairs, or pointwise BCE)."""
-    from gad import reward
+    from gad.train import reward
 
     reward.train(config)
 
@@ -241,7 +241,7 @@ def reward_model(config: cfg.RewardConfig) -> None:
 def tasks(config: cfg.TasksConfig) -> None:
     """Verifiable prompts generated offline with a fixed seed (reasoning-gym); the ground truth
     is written to a separate file that only evaluation reads."""
-    from gad import tasks as tasks_module
+    from gad.data import tasks as tasks_module
 
     prompts, truth = tasks_module.run(config)
     typer.echo(f"{config.size} prompts -> {prompts}; ground truth -> {truth}")
@@ -250,7 +250,8 @@ def tasks(config: cfg.TasksConfig) -> None:
 @stage_command("generate", cfg.GenerateConfig, positional="model")
 def generate(config: cfg.GenerateConfig) -> None:
     """A local model (a student) answers a prompt set; resumable like `gad collect`."""
-    from gad import evalsets, teacher
+    from gad.api import teacher
+    from gad.data import evalsets
 
     summary = teacher.collect(evalsets.generation_job(config))
     _exit_with(cfg.outcome_code(summary.done + summary.already_done, summary.failed))
@@ -259,13 +260,13 @@ def generate(config: cfg.GenerateConfig) -> None:
 @stage_command("split", cfg.SplitConfig, positional="prompts")
 def split(config: cfg.SplitConfig) -> None:
     """Split a prompt file into train and held-out parts (deterministic, by prompt content)."""
-    from gad import data, evalsets
+    from gad.data import chats, evalsets
 
     records = evalsets.records_of(config.prompts, "prompts").records
     train_part, held = evalsets.split(records, config.fraction, config.seed)
     out = Path(config.output_dir)
-    data.write_records(out / "train.jsonl", train_part)
-    data.write_records(out / "held_out.jsonl", held)
+    chats.write_records(out / "train.jsonl", train_part)
+    chats.write_records(out / "held_out.jsonl", held)
     cfg.save(config, out / "split.config.yaml")
     typer.echo(
         f"{len(train_part)} train -> {out / 'train.jsonl'}, "
@@ -280,8 +281,8 @@ def evaluate(config: cfg.EvalConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gad import eval_run
-    from gad.report import format_cell
+    from gad.eval import run as eval_run
+    from gad.eval.report import format_cell
 
     result = eval_run.run_eval(config)
     table = Table(title=f"{result['name']}: {result['records']} answers")
@@ -303,7 +304,7 @@ def evaluate(config: cfg.EvalConfig) -> None:
 @stage_command("judge", cfg.JudgeConfig, positional="answers")
 def judge(config: cfg.JudgeConfig) -> None:
     """LLM judge (API or local model): scores vs. its own reference, or pairwise A vs. B."""
-    from gad import judge as judge_module
+    from gad.api import judge as judge_module
 
     summary = judge_module.judge(config)["summary"]
     _exit_with(cfg.outcome_code(summary["scored"], summary["questions"] - summary["scored"]))
@@ -312,7 +313,7 @@ def judge(config: cfg.JudgeConfig) -> None:
 @stage_command("report", cfg.ReportConfig)
 def report(config: cfg.ReportConfig) -> None:
     """Markdown report with training curves and a comparison table of evaluated systems."""
-    from gad import report as report_module
+    from gad.eval import report as report_module
 
     def paths(text: str) -> list[str]:
         return [p.strip() for p in text.split(",") if p.strip()]
@@ -326,7 +327,7 @@ def report(config: cfg.ReportConfig) -> None:
 @stage_command("toy", cfg.ToyConfig)
 def toy(config: cfg.ToyConfig) -> None:
     """The paper's Figure 5 toy: SeqKD covers a two-mode teacher, GAD seeks one mode."""
-    from gad import toy as toy_module
+    from gad.methods import toy as toy_module
 
     toy_module.run(config)
 
@@ -342,7 +343,7 @@ def demo(config: cfg.DemoConfig) -> None:
 @app.command("models")
 def models() -> None:
     """List the built-in offline models and whether their packages are installed."""
-    from gad import models as models_module
+    from gad.models import store as models_module
 
     with error_boundary():
         models_module.print_builtins()

@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gad import config as cfg
+from gad.config import load as cfg
 
 console = Console()
 
@@ -60,33 +60,33 @@ class StageClock:
 
 def split_prompts(config: cfg.DemoConfig, out: Path) -> tuple[Path, Path, Path]:
     """All demo prompts, the train part and the held-out part, as files in `out`."""
-    from gad import data
+    from gad.data import chats
 
     source = config.prompts or str(bundled_prompts())
-    records = data.read_records(source).records
+    records = chats.read_records(source).records
     wanted = config.num_train + config.num_held_out
     if len(records) < wanted:
         raise cfg.ConfigError(
             f"{source} has {len(records)} prompts; the demo needs num_train + num_held_out = "
             f"{wanted}"
         )
-    prompts = [data.Record(r.id, r.prompt, r.meta) for r in records[:wanted]]
+    prompts = [chats.Record(r.id, r.prompt, r.meta) for r in records[:wanted]]
     paths = out / "prompts.jsonl", out / "train_prompts.jsonl", out / "held_out_prompts.jsonl"
-    data.write_records(paths[0], prompts)
-    data.write_records(paths[1], prompts[: config.num_train])
-    data.write_records(paths[2], prompts[config.num_train :])
+    chats.write_records(paths[0], prompts)
+    chats.write_records(paths[1], prompts[: config.num_train])
+    chats.write_records(paths[2], prompts[config.num_train :])
     return paths
 
 
 def _split_answers(teacher_file: Path, held_out: Path, out: Path) -> tuple[Path, Path]:
     """The teacher's answers divided into the training data and the held-out references."""
-    from gad import data
+    from gad.data import chats
 
-    held_ids = {r.id for r in data.read_records(held_out).records}
-    answers = data.read_records(teacher_file).records
+    held_ids = {r.id for r in chats.read_records(held_out).records}
+    answers = chats.read_records(teacher_file).records
     train_path, ref_path = out / "teacher_train.jsonl", out / "teacher_held_out.jsonl"
-    data.write_records(train_path, [r for r in answers if r.id not in held_ids])
-    data.write_records(ref_path, [r for r in answers if r.id in held_ids])
+    chats.write_records(train_path, [r for r in answers if r.id not in held_ids])
+    chats.write_records(ref_path, [r for r in answers if r.id in held_ids])
     return train_path, ref_path
 
 
@@ -156,7 +156,9 @@ def _generate_and_evaluate(
     teacher_model: str,
 ) -> list[dict[str, Any]]:
     """Each system answers the held-out prompts; each is scored against the teacher."""
-    from gad import eval_run, evalsets, teacher
+    from gad.api import teacher
+    from gad.data import evalsets
+    from gad.eval import run as eval_run
 
     out = Path(config.output_dir)
     answers: dict[str, Path] = {}
@@ -195,7 +197,11 @@ def _generate_and_evaluate(
 
 def run(config: cfg.DemoConfig) -> dict[str, Any]:
     """Run every stage; returns the stage times, the result files and the report's path."""
-    from gad import gad_stage, models, report, sft, teacher
+    from gad.api import teacher
+    from gad.eval import report
+    from gad.methods import stage as gad_stage
+    from gad.models import store
+    from gad.train import sft
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,11 +212,11 @@ def run(config: cfg.DemoConfig) -> dict[str, Any]:
 
     with clock("models", "build or convert the built-in models (once, cached)"):
         if config.tiny:
-            teacher_model = str(models.build_tiny(out / "tiny-teacher", seed=1))
-            student_model = str(models.build_tiny(out / "tiny-student", seed=2))
+            teacher_model = str(store.build_tiny(out / "tiny-teacher", seed=1))
+            student_model = str(store.build_tiny(out / "tiny-student", seed=2))
         else:
-            models.resolve(teacher_model)
-            models.resolve(student_model)
+            store.resolve(teacher_model)
+            store.resolve(student_model)
     all_prompts, _, held_out = split_prompts(config, out)
 
     with clock("teacher", f"{teacher_model} answers {config.num_train + config.num_held_out}"):

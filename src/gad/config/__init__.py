@@ -1,0 +1,1 @@
+"""Layer 0, settings: a frozen dataclass per stage, loading (YAML + overrides), ranges."""
