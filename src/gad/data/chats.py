@@ -329,13 +329,6 @@ def read_records(path: str | Path, *, skip_invalid: bool = False) -> Loaded:
     return loaded
 
 
-def append_jsonl(f: Any, obj: dict[str, Any]) -> None:
-    """Append one line and make it durable before returning (a journal write)."""
-    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def write_records(path: str | Path, records: Iterable[Record]) -> None:
     """Write records as JSONL (atomically: a temp file renamed over the target)."""
     path = Path(path)

@@ -1,7 +1,7 @@
 """Append-only JSON-lines journals: what makes `gad collect` and the judge's cache exactly once.
 
 A journal is a JSONL file of finished work, one JSON object with an `"id"` per line. Every line
-is written with write + flush + fsync before the next is started (`chats.append_jsonl`), so a
+is written with write + flush + fsync before the next is started (`append_jsonl`), so a
 process killed at any moment leaves complete lines plus at most one torn last line. On start
 (`Journal.load`) that torn line is cut off (and logged), and the ids already present are known:
 the caller skips them, so killing and rerunning loses and duplicates nothing. For an id written
@@ -20,9 +20,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from gad.config.load import UserError
-from gad.data import chats
 
 log = logging.getLogger(__name__)
+
+
+def append_jsonl(f: Any, obj: dict[str, Any]) -> None:
+    """Append one line and make it durable before returning (a journal write)."""
+    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 class JournalError(UserError, RuntimeError):
@@ -130,7 +136,7 @@ class Journal:
         """Write one entry durably (flushed and fsynced) before returning."""
         if self._f is None:
             self._f = open(self.path, "a", encoding="utf-8")
-        chats.append_jsonl(self._f, entry)
+        append_jsonl(self._f, entry)
 
     def rewrite(self, entries: Iterable[dict[str, Any]]) -> None:
         """Replace the file by `entries` atomically (compaction); later appends go to the new

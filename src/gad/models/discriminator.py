@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gad.models import precision
+from gad.models import padding, precision
 
 
 def build(init: str, *, pad_token_id: int, seed: int = 0) -> Any:
@@ -44,11 +44,6 @@ def load(folder: str) -> Any:
     return model
 
 
-def position_ids_from_mask(attention_mask_bt: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them."""
-    return (attention_mask_bt.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def last_positions(attention_mask_bt: torch.Tensor) -> torch.Tensor:
     """Index of each row's last real token (the mask's last 1), left or right padding. [B]."""
     width = attention_mask_bt.size(1)
@@ -73,7 +68,7 @@ def scores(model: Any, input_ids_bt: torch.Tensor, attention_mask_bt: torch.Tens
     out = model(
         input_ids=input_ids_bt,
         attention_mask=attention_mask_bt,
-        position_ids=position_ids_from_mask(attention_mask_bt),
+        position_ids=padding.position_ids(attention_mask_bt),
         output_hidden_states=True,
     )
     hidden_bth = out.hidden_states[-1]

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from gad.config.load import UserError
 from gad.data import chats
-from gad.models import discriminator, lora, precision
+from gad.models import discriminator, lora, padding, precision
 from gad.train import losses
 
 console = Console(stderr=True)
@@ -171,7 +171,7 @@ def response_logits(
     else:
         inputs = {
             "attention_mask": mask_bt,
-            "position_ids": discriminator.position_ids_from_mask(mask_bt),
+            "position_ids": padding.position_ids(mask_bt),
         }
     logits_btv = model(
         input_ids=batch["input_ids"], logits_to_keep=width - first + 1, **inputs
@@ -278,7 +278,7 @@ class SharedPrefix:
 
     def inputs(self, mask_bt: torch.Tensor) -> dict[str, Any]:
         """The forward's mask, positions and cache for right-padded tails with mask [B, T]."""
-        positions_bt = discriminator.position_ids_from_mask(mask_bt)
+        positions_bt = padding.position_ids(mask_bt)
         if self.cache is None:
             return {"attention_mask": mask_bt, "position_ids": positions_bt}
         cache = copy.deepcopy(self.cache)

@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from gad.data import chats
-from gad.models import precision
+from gad.models import padding, precision
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def decode(
     """
     batch = input_ids_bt.size(0)
     cache_kwarg = _cache_kwarg(model)
-    positions_bt = (attention_bt.cumsum(dim=-1) - 1).clamp(min=0)
+    positions_bt = padding.position_ids(attention_bt)
     out = model(
         input_ids=input_ids_bt,
         attention_mask=attention_bt,
