@@ -25,6 +25,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def streams_kept() -> Iterator[None]:
+    """Run the block without moving any random stream (Python, NumPy, torch's CPU and CUDA
+    generators): for work in mid-run that draws numbers (a model initialised before its
+    weights load, a seeded evaluation) and must leave the training's samples as they were."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def save(

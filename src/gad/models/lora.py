@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from gad.config.load import ConfigError
+from gad.core import checkpoint
 from gad.models import precision, store
 
 ADAPTER_DIR = "adapter"
@@ -92,7 +93,7 @@ class Adapters:
         """Adapter `name`: loaded from `folder` when given, else fresh from `config` (B = 0,
         so a fresh adapter starts as the base; A drawn from `config.seed` and the name, the same
         on every process, and the global random stream is left as it was)."""
-        with torch.random.fork_rng(devices=[]):
+        with checkpoint.streams_kept():
             torch.manual_seed(getattr(config, "seed", 0) * 7919 + sum(map(ord, name)))
             self._add(name, config, folder=folder, trainable=trainable)
         if trainable and not self.named_parameters(name):
@@ -431,7 +432,7 @@ def save_merged(view: LMView | ScalarView, folder: Path, tokenizer: Any) -> None
     source = view.adapters.base_source
     # A fresh head and fresh LoRA matrices are drawn when the folder and the adapter load (then
     # overwritten): not from the run's stream, which a save in mid-run must leave as it was.
-    with torch.random.fork_rng(devices=[]):
+    with checkpoint.streams_kept():
         if isinstance(view, ScalarView):
             fresh = AutoModelForSequenceClassification.from_pretrained(
                 store.resolve(source),

@@ -40,6 +40,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from gad.core import checkpoint
 from gad.core.cache import cache_dir
 from gad.models import packages, precision
 from gad.models.packages import BUILTIN_MODELS, ModelNotFoundError
@@ -139,7 +140,7 @@ def build_tiny(
         pad_token_id=tokenizer.pad_token_id,
     )
     # A private RNG stream: same seed, same weights, and the caller's RNG state is untouched.
-    with torch.random.fork_rng(devices=[]):
+    with checkpoint.streams_kept():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
