@@ -20,6 +20,31 @@ def test_plots_rouge_and_gguf_are_core_dependencies():
     # gad toy / gad report (matplotlib), gad eval (rouge-score), built-in models (gguf).
     assert {"matplotlib", "rouge-score", "gguf"} <= core
     assert "hypothesis" in " ".join(project["optional-dependencies"]["dev"])
+    # One progress library: rich (tqdm went with issue 22).
+    assert "rich" in core and "tqdm" not in core
+
+
+def test_every_suggested_extra_exists_and_installs_something():
+    """Each `gad[name]` that an error message, the README, the docs or the Makefile suggests is
+    an extra of pyproject.toml, and no extra is an empty alias."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert all(extras.values()), [name for name, deps in extras.items() if not deps]
+    files = [ROOT / "README.md", ROOT / "Makefile", *(ROOT / "docs").glob("*.md")]
+    files += (ROOT / "src").rglob("*.py")
+    suggested = {
+        (path.name, name)
+        for path in files
+        for group in re.findall(r"gad\[([a-z_,{}]+)\]", path.read_text(encoding="utf-8"))
+        for name in group.split(",")
+    }
+    assert ("engine.py", "{report_to}") in suggested  # the scan finds the tracker's line
+    unknown = {(f, n) for f, n in suggested if n not in extras and n != "{report_to}"}
+    assert not unknown
 
 
 def test_missing_tracker_names_the_install_line(tmp_path, monkeypatch):

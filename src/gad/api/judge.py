@@ -42,6 +42,7 @@ from gad.api.rating import Cache, Judge, make_backend
 from gad.api.rating import JudgeError as JudgeError  # the stage's error, raised by the protocol
 from gad.config import load as cfg
 from gad.config.load import JudgeConfig
+from gad.core.progress import Bar
 from gad.data import chats, evalsets
 
 # ---------------------------------------------------------------- statistics
@@ -285,7 +286,8 @@ def judge(config: JudgeConfig, *, backend: chat.Client | None = None, quiet: boo
         backend = make_backend(config)
     cache = Cache(config.cache_dir)
     protocol = Judge(backend, cache, config)
-    protocol.progress = _progress_bar(quiet)
+    # Counts requests, not questions: a question takes one to `attempts` + 1 of them.
+    protocol.progress = Bar("judge", None, "req", enabled=not quiet)
     try:
         if config.baseline:
             rows, summary = _pairwise(protocol, config)
@@ -313,14 +315,6 @@ def judge(config: JudgeConfig, *, backend: chat.Client | None = None, quiet: boo
             text, count = Counter(errors).most_common(1)[0]
             print(f"most common error ({count} of {len(errors)}): {text}")
     return result
-
-
-def _progress_bar(quiet: bool) -> Any:
-    from tqdm import tqdm
-
-    # disable=None: off where stderr is not a terminal (logs, CI); requests, not questions,
-    # since a question takes one to `attempts` + 1 of them.
-    return tqdm(desc="judge", unit="req", dynamic_ncols=True, disable=True if quiet else None)
 
 
 def print_summary(summary: dict[str, Any], output: Path | str) -> None:

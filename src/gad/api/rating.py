@@ -44,6 +44,7 @@ from gad.api import api_errors, chat
 from gad.api.chat import Messages
 from gad.config import load as cfg
 from gad.config.load import JudgeConfig
+from gad.core.progress import Bar
 from gad.data import journal
 
 
@@ -223,8 +224,8 @@ class Judge:
         self.config = config
         self.identity = identity(config)
         self.cache_hits = 0
-        self.progress: Any = None
-        """A tqdm bar that `judge` sets (None: no bar)."""
+        self.progress: Bar | None = None
+        """The progress bar that `judge` sets (None: no bar)."""
 
     def _ask(self, conversations: list[Messages], budget: str, on_reply: chat.OnReply) -> None:
         """Send `conversations` with the answer budget of the setting named `budget`."""
@@ -249,7 +250,7 @@ class Judge:
         def counted(i: int, reply: chat.Reply) -> None:
             on_reply(i, reply)
             if self.progress is not None:
-                self.progress.update(1)
+                self.progress.advance()
 
         return counted
 

@@ -44,11 +44,11 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from gad.api import api_errors, chat
 from gad.config import load as cfg
 from gad.config.load import CollectConfig
+from gad.core.progress import Bar
 from gad.data import chats, evalsets, journal
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class _Recorder:
         fail: journal.Journal,
         summary: CollectSummary,
         failures: dict[str, dict],
-        bar: Any,
+        bar: Bar,
     ) -> None:
         self.config = config
         self.out = out
@@ -186,14 +186,13 @@ class _Recorder:
         self.summary.done += 1
         self.summary.prompt_tokens += reply.prompt_tokens or 0
         self.summary.completion_tokens += reply.completion_tokens or 0
-        self.bar.update(1)
+        self.bar.advance()
 
     def failed(self, job: Job, error: str) -> None:
         entry = {"id": job.id, "prompt_id": job.record.id, "sample": job.sample, "error": error}
         self.fail.append(entry)
         self.failures[job.id] = entry
-        self.bar.update(1)
-        self.bar.set_postfix(failed=len(self.failures), refresh=False)
+        self.bar.advance(note=f"failed={len(self.failures)}")
 
 
 def _save_failures(fail: journal.Journal, failures: dict[str, dict]) -> None:
@@ -235,19 +234,6 @@ def _ask(config: CollectConfig, jobs: list[Job], recorder: _Recorder) -> None:
 # ---------------------------------------------------------------- entry point
 
 
-def _progress_bar(total: int, enabled: bool, initial_note: str) -> Any:
-    from tqdm import tqdm
-
-    # disable=None: tqdm turns itself off when stderr is not a terminal (logs, CI).
-    return tqdm(
-        total=total,
-        desc=initial_note,
-        unit="rec",
-        dynamic_ncols=True,
-        disable=None if enabled else True,
-    )
-
-
 def collect(config: CollectConfig, *, progress: bool = True) -> CollectSummary:
     """Collect the teacher's answers to `config.prompts` into `config.output`; see the module doc.
 
@@ -277,7 +263,7 @@ def collect(config: CollectConfig, *, progress: bool = True) -> CollectSummary:
         cfg.save(config, _beside(output, ".config.yaml"))
         fail = journal.Journal(failures_path(output), error=TeacherError)
         todo, failures = _resume(jobs, out, fail, summary, config.retry_failed)
-        bar = _progress_bar(len(todo), progress, f"collect ({config.backend})")
+        bar = Bar(f"collect ({config.backend})", len(todo), "rec", progress)
         try:
             if todo:  # else do not load a model or open a client for nothing
                 _ask(config, todo, _Recorder(config, out, fail, summary, failures, bar))
