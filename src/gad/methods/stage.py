@@ -25,7 +25,7 @@ from gad.core import checkpoint
 from gad.core.tracking import MetricsLog, PhaseTimer, tracker_config
 from gad.data import dataset, labels
 from gad.methods import build, gad, health, soda
-from gad.methods.rewards.choice import choose
+from gad.methods.rewards.choice import choose, frozen_reward
 from gad.methods.selection import HeldOut
 from gad.methods.state import Selection, Stage, StageInit, training_examples
 from gad.models import lora, mixture, precision, store
@@ -192,7 +192,7 @@ def warmup(config: cfg.GADConfig, accelerator: Any) -> Path:
     offpolicy = config.method == "offpolicy"
     epochs = config.warmup_epochs + (config.offpolicy_d_epochs if offpolicy else 0.0)
     init = StageInit(config.model)
-    if _frozen_reward(config):
+    if frozen_reward(config):
         # Nothing to warm up on the reward side: load it frozen rather than build a spare D.
         init = StageInit(config.model, discriminator_folder=config.reward_model, d_trainable=False)
     elif config.method != "whitebox":
@@ -244,7 +244,7 @@ def _gad_init(config: cfg.GADConfig, accelerator: Any) -> StageInit:
     d_kwargs: dict[str, Any] = {}
     if config.method == "whitebox":
         pass
-    elif _frozen_reward(config):
+    elif frozen_reward(config):
         d_kwargs["discriminator_folder"] = config.reward_model
     elif (warm / "discriminator").exists():
         d_kwargs["discriminator_folder"] = str(warm / "discriminator")
@@ -258,7 +258,7 @@ def _gad_init(config: cfg.GADConfig, accelerator: Any) -> StageInit:
             "stage with lora_rank 0"
         )
     d_adapter = None
-    if lora.enabled(config) and "discriminator_folder" in d_kwargs and not _frozen_reward(config):
+    if lora.enabled(config) and "discriminator_folder" in d_kwargs and not frozen_reward(config):
         d_adapter = lora.adapter_folder(warm / "discriminator")
     reference = None
     if config.kl_coef > 0:
@@ -270,7 +270,7 @@ def _gad_init(config: cfg.GADConfig, accelerator: Any) -> StageInit:
         accelerator.wait_for_everyone()
     return StageInit(
         generator,
-        d_trainable=config.method == "gad" and not _frozen_reward(config),
+        d_trainable=config.method == "gad" and not frozen_reward(config),
         reference=str(reference) if reference else None,
         reward_model=config.reward_model if config.reward_mix_alpha is not None else None,
         teacher=config.method == "whitebox",
@@ -326,12 +326,6 @@ def soda_stage(config: cfg.GADConfig, accelerator: Any) -> Path:
     pairs = soda.snapshot(stage)
     run_loop(stage, total, lambda s, step, timer: soda.soda_step(s, step, timer, pairs), soda.SHOW)
     return finish(stage)
-
-
-def _frozen_reward(config: cfg.GADConfig) -> bool:
-    """The discriminator's slot holds the frozen `reward_model` (reward distillation) rather than
-    a discriminator that learns; with `reward_mix_alpha` the reward model is mixed in instead."""
-    return bool(config.reward_model) and config.reward_mix_alpha is None
 
 
 def _check(config: cfg.GADConfig) -> None:

@@ -1,4 +1,6 @@
-"""The one place that chooses the GAD stage's reward from the settings."""
+"""The one place that reads which reward the settings ask for: the GAD stage's reward object
+(`choose`), and whether the discriminator's slot holds a frozen reward model (`frozen_reward`,
+which decides what the stages load)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ def choose(config: cfg.GADConfig, m: Models) -> Reward:
     if config.method == "offpolicy":
         # The discriminator trained in the warmup, frozen from here on (paper Fig. 6).
         return FrozenScorer(m.discriminator, m.d_tokenizer)
-    if config.reward_model and config.reward_mix_alpha is None:
+    if frozen_reward(config):
         # Reward distillation: the discriminator's slot holds the frozen reward model.
         return FrozenScorer(m.discriminator, m.d_tokenizer)
     online = OnlineDiscriminator(m)
@@ -26,3 +28,9 @@ def choose(config: cfg.GADConfig, m: Models) -> Reward:
         rm = FrozenScorer(m.reward_model, m.rm_tokenizer, phase="score_rm")
         return MixedReward(online, rm, config.reward_mix_alpha)
     return online
+
+
+def frozen_reward(config: cfg.GADConfig) -> bool:
+    """The discriminator's slot holds the frozen `reward_model` (reward distillation) rather than
+    a discriminator that learns; with `reward_mix_alpha` the reward model is mixed in instead."""
+    return bool(config.reward_model) and config.reward_mix_alpha is None
