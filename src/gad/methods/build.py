@@ -18,7 +18,7 @@ from rich.console import Console
 from gad.config import load as cfg
 from gad.core import checkpoint
 from gad.methods.state import Models, StageInit
-from gad.models import discriminator, lora, precision, store
+from gad.models import discriminator, lora, mixture, precision, store
 from gad.train import engine
 from gad.train.rollout import TransformersRollout
 
@@ -178,7 +178,8 @@ def load_models(
     resume_from: Path | None,
     run_dir: Path,
 ) -> Models:
-    """Generator, discriminator, reference and their optimizers, ready to train."""
+    """Generator, discriminator, reference and their optimizers, ready to train; the frozen
+    reward model and the white-box teacher when `init` asks for them."""
     if lora.enabled(config):
         m = _adapter_models(config, init, accelerator, resume_from)
     else:
@@ -191,7 +192,22 @@ def load_models(
         batch_size=config.generation_batch_size,
         autocast_dtype=precision.autocast_dtype(config.mixed_precision),
     )
+    if init.reward_model:
+        m.reward_model, m.rm_tokenizer = load_reward_model(
+            init.reward_model, m.tokenizer, accelerator
+        )
+    if init.teacher:
+        m.teacher = load_teacher(config, m.tokenizer, accelerator)
+        m.teacher_contexts = mixture.load(config.teacher_context)
     return m
+
+
+def load_reward_model(folder: str, tokenizer: Any, accelerator: Any) -> tuple[Any, Any]:
+    """A trained reward model (`gad reward-model` output), frozen, and its tokenizer."""
+    rm_tokenizer = tokenizer_of(folder, tokenizer)
+    rm = discriminator.load(folder)
+    rm.config.pad_token_id = engine.pad_id_of(rm_tokenizer)
+    return rm.to(accelerator.device).eval().requires_grad_(False), rm_tokenizer
 
 
 def save_models(m: Models, accelerator: Any, folder: Path) -> None:

@@ -67,7 +67,7 @@ class HeldOut:
         ]
         if not records:
             raise cfg.ConfigError(f"eval_data: {config.eval_data} has no teacher answer")
-        evalsets.refuse_overlap(list(stage.records.values()), config.eval_data, config.data)
+        evalsets.refuse_overlap([e.record for e in stage.examples], config.eval_data, config.data)
         prompt_ids = [chats.encode_prompt(m.tokenizer, r.prompt) for r in records]
         held = cls(stage, records, prompt_ids, save_best, teacher, contexts=contexts)
         if teacher is not None:

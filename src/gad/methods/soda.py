@@ -7,7 +7,7 @@ the starting model as the frozen reference. No rollout during training, no discr
 snapshot   once, before step 0: sample, then the reference's log-probs of both answers of
            every pair, all written to `<stage>/snapshot.jsonl` (reused on resume, so a resumed
            run trains on the very same pairs against the very same reference)
-soda_step  one DPO update on `batch_prompts` pairs, under `gad_stage.run_loop` like the GAD
+soda_step  one DPO update on `batch_prompts` pairs, under the stage's run loop like the GAD
            stage (resume, metrics, health checks, checkpoints)
 
 Both answers are encoded by `chats.encode_sft`, so through `chats.encode_response` with the
@@ -28,7 +28,7 @@ import torch
 from gad.config import load as cfg
 from gad.core.tracking import PhaseTimer
 from gad.data import chats
-from gad.methods.state import Models, Stage, local_prompts
+from gad.methods.state import Models, Stage, local_examples
 from gad.models import lora
 from gad.train import engine, losses
 from gad.train.rollout import Sampling
@@ -71,7 +71,7 @@ UNUSED = (
 
 @dataclass
 class Pairs:
-    """The stage's DPO pairs, aligned with `stage.examples` (the chosen answers)."""
+    """The stage's DPO pairs, aligned with `stage.examples` (their teacher answers are chosen)."""
 
     rejected: list[chats.Example]
     """The snapshot answers as the policy sees them."""
@@ -128,17 +128,15 @@ def _sample_mine(stage: Stage) -> list[chats.Record]:
             seeds = None
             if config.per_prompt_seeds:
                 seeds = [hash((config.seed, -1, i)) % (2**31) for i in chunk]
-            prompts = [e.input_ids[: e.prompt_len] for e in examples]
+            prompts = [e.policy.input_ids[: e.policy.prompt_len] for e in examples]
             groups = m.rollout.generate(prompts, 1, sampling, seeds)  # type: ignore[union-attr]
             for e, (answer,) in zip(examples, groups, strict=True):
-                messages = stage.records[e.id].prompt + [
-                    {"role": "assistant", "content": answer.text}
-                ]
+                messages = e.record.prompt + [{"role": "assistant", "content": answer.text}]
                 records.append(
-                    chats.Record(e.id, messages, {"finish_reason": answer.finish_reason})
+                    chats.Record(e.policy.id, messages, {"finish_reason": answer.finish_reason})
                 )
             bar.update(len(records), {})
-    chosen = [stage.examples[i] for i in indices]
+    chosen = [stage.examples[i].policy for i in indices]
     rejected = rejected_examples(m.tokenizer, records, config)
     ref_pairs = zip(
         reference_logprobs(stage, chosen), reference_logprobs(stage, rejected), strict=True
@@ -169,20 +167,21 @@ def snapshot(stage: Stage) -> Pairs:
                 p.unlink()
         acc.wait_for_everyone()
     by_id = {r.id: r for r in chats.read_records(path).records}
-    missing = [e.id for e in stage.examples if e.id not in by_id]
+    chosen = [e.policy for e in stage.examples]
+    missing = [e.id for e in chosen if e.id not in by_id]
     if missing:
         raise cfg.ConfigError(
             f"resume: {path} has no answer for {len(missing)} training prompt(s) (e.g. "
             f"{missing[0]}): the data changed; run without resume to start afresh"
         )
-    records = [by_id[e.id] for e in stage.examples]
+    records = [by_id[e.id] for e in chosen]
     pairs = Pairs(
         rejected_examples(stage.models.tokenizer, records, stage.config),
         torch.tensor([r.meta["ref_logp_chosen"] for r in records], dtype=torch.float32),
         torch.tensor([r.meta["ref_logp_rejected"] for r in records], dtype=torch.float32),
     )
     if stage.start_step == 0:
-        stage.metrics.log(0, snapshot_stats(stage.examples, pairs.rejected))
+        stage.metrics.log(0, snapshot_stats(chosen, pairs.rejected))
     return pairs
 
 
@@ -236,13 +235,13 @@ def dpo_update(
 
 def soda_step(stage: Stage, step: int, timer: PhaseTimer, pairs: Pairs) -> dict[str, Any]:
     """One SODA step: a DPO update on this process's share of the step's pairs."""
-    indices, chosen, _ = local_prompts(stage, step)
+    indices, examples, _ = local_examples(stage, step)
     with timer("update_g"):
         row = dpo_update(
             stage.config,
             stage.accelerator,
             stage.models,
-            chosen,
+            [e.policy for e in examples],
             [pairs.rejected[i] for i in indices],
             pairs.ref_chosen[indices],
             pairs.ref_rejected[indices],

@@ -1,13 +1,14 @@
 """The GAD training stages' runner: setup, resume, health checks, checkpoints (SPEC §3).
 
-`train` runs the warmup and the GAD stage (`stage`), each a loop of the method's steps
-(`gad.warmup_step`, `gad.gad_step`) over a fixed batch plan; `method=soda` runs one stage of
-its own instead (`soda_stage`: the snapshot, then `soda.soda_step`). What a stage loads is a typed
-`StageInit`; its live state a `Stage`. Every checkpoint holds the models, both optimizers and
-what the health checks, the replay pool and the model selection need, so a resumed stage
-matches an uninterrupted one bit for bit. After the warmup, `final_optimizers.pt` keeps both
-AdamW states, which the GAD stage continues (`reset_optimizers` starts it fresh).
-"""
+`train` runs the warmup and the GAD stage (`stage`), each the method's step (`gad.warmup_step`,
+`gad.gad_step`) under the one run loop (`train.loop`) over a fixed batch plan; `method=soda`
+runs one stage of its own instead (`soda_stage`: the snapshot, then `soda.soda_step`). What a
+stage loads is a typed `StageInit` (`build.load_models` loads it); its live state a `Stage`,
+whose reward the GAD stage chooses once (`rewards.choice.choose`). Every checkpoint holds the
+models, both optimizers and what the health checks, the replay pool and the model selection
+need, so a resumed stage matches an uninterrupted one bit for bit. After the warmup,
+`final_optimizers.pt` keeps both AdamW states, which the GAD stage continues
+(`reset_optimizers` starts it fresh)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,13 @@ from rich.console import Console
 from gad.config import load as cfg
 from gad.core import checkpoint
 from gad.core.tracking import MetricsLog, PhaseTimer, tracker_config
-from gad.data import chats, dataset, labels
+from gad.data import dataset, labels
 from gad.methods import build, gad, health, soda
-from gad.methods.samples import teacher_discriminator_inputs
+from gad.methods.rewards.choice import choose, frozen_reward
 from gad.methods.selection import HeldOut
-from gad.methods.state import Selection, Stage, StageInit, frozen_reward
-from gad.models import discriminator, lora, mixture, precision, store
-from gad.train import engine
+from gad.methods.state import Selection, Stage, StageInit, training_examples
+from gad.models import lora, mixture, precision, store
+from gad.train import engine, loop
 
 console = Console(stderr=True)
 OPTIMIZERS_FILE = "final_optimizers.pt"
@@ -44,7 +45,7 @@ def setup(
     """Load models (from the latest checkpoint on resume), data, optimizers, and the plan."""
     run_dir = Path(config.output_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = checkpoint.latest(run_dir) if config.resume else None
+    resume_from = loop.resume_point(run_dir, config.resume)
     g_source = str(resume_from) if resume_from else init.generator
     # Data first: a bad record should fail in a second, not after loading two models.
     prepared = dataset.prepare(
@@ -61,12 +62,9 @@ def setup(
             f"batch_prompts={config.batch_prompts} must be divisible by the {world} processes"
         )
     m = build.load_models(config, init, accelerator, resume_from, run_dir)
-    state: dict[str, Any] = {"step": 0}
-    if resume_from is not None:
-        optimizers = {"generator": m.g_opt} | ({"discriminator": m.d_opt} if m.d_opt else {})
-        state = checkpoint.load_state(resume_from, optimizers=optimizers)
-        console.print(f"{name}: resuming from {resume_from} at step {state['step']}")
-    elif init.optimizers and not config.reset_optimizers:
+    optimizers = {"generator": m.g_opt} | ({"discriminator": m.d_opt} if m.d_opt else {})
+    state = loop.restore(resume_from, name, optimizers=optimizers)
+    if resume_from is None and init.optimizers and not config.reset_optimizers:
         _continue_optimizers(init.optimizers, config, m.g_opt, m.d_opt)
     plan = engine.batch_plan(len(prepared.examples), epochs, config.batch_prompts, config.seed)
     stage = Stage(
@@ -74,32 +72,15 @@ def setup(
         config,
         run_dir,
         accelerator,
-        prepared.examples,
+        training_examples(prepared, m, config),
         plan,
         m,
         state["step"],
         MetricsLog(run_dir, accelerator, resume_step=state["step"] if resume_from else None),
         health.Health(**state.get("health", {})),
-        records=prepared.records,
         replay=state.get("replay", []),
         selection=Selection(**state.get("selection", {})),
     )
-    if m.discriminator is not None:
-        stage.d_teacher = teacher_discriminator_inputs(
-            m.d_tokenizer,
-            [prepared.records[e.id] for e in prepared.examples],
-            config.max_response_tokens,
-        )
-    if config.method == "whitebox" and name == "gad":
-        m.teacher = build.load_teacher(config, m.tokenizer, accelerator)
-        stage.teacher_mixture = mixture.load(config.teacher_context)
-        stage.teacher_prompts = [
-            [
-                chats.encode_prompt(m.tokenizer, c.messages + prepared.records[e.id].prompt)
-                for c in stage.teacher_mixture
-            ]
-            for e in prepared.examples
-        ]
     if config.report_to != "none":
         accelerator.init_trackers(f"gad-{name}", config=tracker_config(cfg.to_dict(config)))
     if accelerator.is_main_process:
@@ -170,32 +151,35 @@ def finish(stage: Stage) -> Path:
 
 
 def run_loop(stage: Stage, total: int, step_fn: Any, show: tuple[str, ...]) -> None:
-    """The stage's steps from `start_step` to `total`: timed, health-checked, logged, saved."""
-    enabled = stage.accelerator.is_main_process
-    with engine.ProgressBar(stage.name, total, stage.start_step, enabled, show) as bar:
-        for step in range(stage.start_step, total):
-            t0 = time.perf_counter()
-            timer = PhaseTimer()
-            row = step_fn(stage, step, timer)
-            row.update(timer.as_metrics())
-            row["time/step"] = time.perf_counter() - t0
-            done = step + 1
-            row["warnings"] = health.check(
-                stage.health, stage.config, stage.name, stage.models.d_opt is not None, done, row
+    """The stage's steps from `start_step` to `total` under the run loop: timed, health-checked,
+    logged, saved."""
+
+    def check(done: int, row: dict[str, Any]) -> None:
+        d_learns = stage.models.d_opt is not None
+        row["warnings"] = health.check(stage.health, stage.config, stage.name, d_learns, done, row)
+        if stage.health.bad_steps >= stage.config.max_bad_steps:
+            path = save(stage, done)
+            raise TrainingStopped(
+                f"{stage.health.bad_steps} consecutive non-finite steps (last at step "
+                f"{done}); stopped. Checkpoint: {path}. Lower the learning rate or check "
+                "the data."
             )
-            if stage.health.bad_steps >= stage.config.max_bad_steps:
-                path = save(stage, done)
-                raise TrainingStopped(
-                    f"{stage.health.bad_steps} consecutive non-finite steps (last at step "
-                    f"{done}); stopped. Checkpoint: {path}. Lower the learning rate or check "
-                    "the data."
-                )
-            stage.metrics.log(done, row)
-            bar.update(done, row)
-            if stage.config.save_every and done % stage.config.save_every == 0 and done < total:
-                save(stage, done)
-    if total > stage.start_step and stage.config.save_state:
-        save(stage, total, final=True)
+
+    config = stage.config
+    spec = loop.Loop(
+        stage.name,
+        total,
+        stage.start_step,
+        stage.metrics,
+        show,
+        stage.accelerator.is_main_process,
+        lambda step, final: save(stage, step, final),
+        config.save_every,
+        save_final=total > stage.start_step and config.save_state,
+        step_time="time/step",
+        check=check,
+    )
+    loop.run(spec, lambda step, timer: step_fn(stage, step, timer))
 
 
 def warmup(config: cfg.GADConfig, accelerator: Any) -> Path:
@@ -214,11 +198,18 @@ def warmup(config: cfg.GADConfig, accelerator: Any) -> Path:
     elif config.method != "whitebox":
         init = StageInit(config.model, discriminator=config.discriminator or config.model)
     stage = setup(config, "warmup", accelerator, epochs=epochs, init=init)
-    n = len(stage.examples)
-    stage.sft_steps = len(
-        engine.batch_plan(n, config.warmup_epochs, config.batch_prompts, config.seed)
-    )
     total = planned_steps(stage, config.warmup_max_steps, "warmup_epochs", "warmup_max_steps")
+    d_learns = stage.models.d_opt is not None
+    if offpolicy:
+        # Sequential (paper Fig. 6): the generator's SFT first, then the discriminator alone.
+        sft_steps = len(
+            engine.batch_plan(len(stage.examples), config.warmup_epochs, config.batch_prompts,
+                              config.seed)
+        )  # fmt: skip
+        stage.g_steps, stage.d_steps = range(sft_steps), range(sft_steps, total)
+    else:
+        d_only = config.warmup_d_only_steps if d_learns else 0
+        stage.g_steps, stage.d_steps = range(d_only, total), range(total if d_learns else 0)
     run_loop(stage, total, gad.warmup_step, ("d/loss", "d/accuracy", "g/sft_loss"))
     return finish(stage)
 
@@ -281,6 +272,8 @@ def _gad_init(config: cfg.GADConfig, accelerator: Any) -> StageInit:
         generator,
         d_trainable=config.method == "gad" and not frozen_reward(config),
         reference=str(reference) if reference else None,
+        reward_model=config.reward_model if config.reward_mix_alpha is not None else None,
+        teacher=config.method == "whitebox",
         optimizers=optimizers if warm.exists() and optimizers.exists() else None,
         generator_adapter=g_adapter,
         discriminator_adapter=d_adapter,
@@ -301,14 +294,10 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
     )
     total = planned_steps(stage, config.max_steps, "epochs", "max_steps")
     m = stage.models
-    if config.reward_mix_alpha is not None:
-        rm = discriminator.load(config.reward_model)  # type: ignore[arg-type]
-        m.rm_tokenizer = build.tokenizer_of(config.reward_model, m.tokenizer)  # type: ignore[arg-type]
-        rm.config.pad_token_id = engine.pad_id_of(m.rm_tokenizer)
-        m.reward_model = rm.to(accelerator.device).eval().requires_grad_(False)
+    stage.reward = choose(config, m)
     held_out = None
     if config.eval_every:
-        teacher, contexts = None, stage.teacher_mixture or mixture.load(config.teacher_context)
+        teacher, contexts = None, m.teacher_contexts or mixture.load(config.teacher_context)
         if config.teacher_model:
             teacher = m.teacher or build.load_teacher(config, m.tokenizer, accelerator)
         held_out = HeldOut.load(stage, teacher, contexts, lambda f: save_generator(stage, f))
@@ -323,9 +312,7 @@ def adversarial(config: cfg.GADConfig, accelerator: Any) -> Path:
     if held_out is not None and stage.start_step == 0:
         # Step 0: the post-warmup student, the reference for the length range.
         stage.metrics.log(0, held_out.evaluate(0))
-    show = ("reward/mean", "d/loss", "d/accuracy", "g/kl", "response/length_mean")
-    whitebox = config.method == "whitebox"
-    run_loop(stage, total, step_fn, ("g/teacher_kl",) + show if whitebox else show)
+    run_loop(stage, total, step_fn, stage.reward.show)
     if held_out is not None:
         held_out.write_summary()
     return finish(stage)

@@ -36,11 +36,11 @@ from rich.console import Console
 
 from gad.config import load as cfg
 from gad.core import checkpoint
-from gad.core.tracking import MetricsLog, tracker_config
+from gad.core.tracking import MetricsLog, PhaseTimer, tracker_config
 from gad.data import chats, evalsets
 from gad.data.labels import read_labels
 from gad.models import discriminator, lora, precision, store
-from gad.train import engine, losses
+from gad.train import engine, loop, losses
 
 console = Console(stderr=True)
 
@@ -237,9 +237,8 @@ def train(config: cfg.RewardConfig) -> Path:
         cfg.save(config, run_dir / "config.yaml", {"mixed_precision": choice.reason})
     if not 0.0 <= config.held_out < 1.0:
         raise cfg.ConfigError(f"'held_out' must lie in [0, 1), got {config.held_out}")
-    resume_from = checkpoint.latest(run_dir) if config.resume else None
-    source = str(resume_from) if resume_from else config.model
-    tokenizer = store.load_tokenizer(source)
+    resume_from = loop.resume_point(run_dir, config.resume)
+    tokenizer = store.load_tokenizer(str(resume_from) if resume_from else config.model)
     # Data first: a bad record should fail in a second, not after loading the model.
     train_split, held, counts = prepare(config, tokenizer)
     n_items = _count_items(config, train_split)
@@ -249,12 +248,8 @@ def train(config: cfg.RewardConfig) -> Path:
     plan = engine.batch_plan(n_items, config.epochs, config.global_batch_size, config.seed)
     total = min(len(plan), config.max_steps) if config.max_steps else len(plan)
     model, optimizer = _prepare(config, accelerator, model)
-    start_step = 0
-    if resume_from is not None:
-        start_step = checkpoint.load_state(resume_from, optimizers={"reward_model": optimizer})[
-            "step"
-        ]
-        console.print(f"resuming from {resume_from} at step {start_step}")
+    optimizers = {"reward_model": optimizer}
+    start_step = loop.restore(resume_from, "reward-model", optimizers=optimizers)["step"]
     if config.report_to != "none":
         accelerator.init_trackers("gad-reward", config=tracker_config(cfg.to_dict(config)))
     metrics = MetricsLog(run_dir, accelerator, resume_step=start_step if resume_from else None)
@@ -268,34 +263,43 @@ def train(config: cfg.RewardConfig) -> Path:
     before = held_out_metrics() if resume_from is None else None
     if before is not None:
         metrics.log(0, before)
-    row: dict[str, Any] = {}
-    show = ("loss", "accuracy")
-    with engine.ProgressBar(
-        "reward-model", total, start_step, accelerator.is_main_process, show
-    ) as bar:
-        for step in range(start_step, total):
-            t0 = time.perf_counter()
-            loss_sum, correct, n_global, result = _step(
-                config, accelerator, model, optimizer, train_split, plan[step], pad
-            )
-            loss_sum, correct = engine.reduce_sum(accelerator, [loss_sum, correct])
-            done = step + 1
-            row = {
-                "loss": loss_sum / n_global,
-                "accuracy": correct / n_global,
-                "grad_norm": result.grad_norm,
-                "skipped": result.skipped,
-                "seconds": time.perf_counter() - t0,
-                "epoch": step * config.global_batch_size / n_items,
-            }
-            if (config.eval_every and done % config.eval_every == 0) or done == total:
-                row.update(held_out_metrics())
-            metrics.log(done, row)
-            bar.update(done, row)
-            if config.save_every and done % config.save_every == 0 and done < total:
-                _save(config, accelerator, run_dir, model, tokenizer, optimizer, done)
-    if total > start_step and config.save_state:
-        _save(config, accelerator, run_dir, model, tokenizer, optimizer, total)
+
+    def step_fn(step: int, timer: PhaseTimer) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        loss_sum, correct, n_global, result = _step(
+            config, accelerator, model, optimizer, train_split, plan[step], pad
+        )
+        loss_sum, correct = engine.reduce_sum(accelerator, [loss_sum, correct])
+        row = {
+            "loss": loss_sum / n_global,
+            "accuracy": correct / n_global,
+            "grad_norm": result.grad_norm,
+            "skipped": result.skipped,
+            "seconds": time.perf_counter() - t0,
+            "epoch": step * config.global_batch_size / n_items,
+        }
+        if (config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 == total:
+            row.update(held_out_metrics())
+        return row
+
+    def save(step: int, final: bool) -> Path:
+        return checkpoint.save(
+            run_dir, step, accelerator, model=model, tokenizer=tokenizer, optimizers=optimizers,
+            keep=config.keep_checkpoints,
+        )  # fmt: skip
+
+    spec = loop.Loop(
+        "reward-model",
+        total,
+        start_step,
+        metrics,
+        ("loss", "accuracy"),
+        accelerator.is_main_process,
+        save,
+        config.save_every,
+        save_final=total > start_step and config.save_state,
+    )
+    row = loop.run(spec, step_fn)
     after = {k: v for k, v in row.items() if k.startswith("eval/")} or held_out_metrics()
     extra = {"held_out_before": before, "held_out_after": after}
     final = _finish(config, accelerator, model, tokenizer, counts | extra, total, started)
@@ -392,23 +396,3 @@ def _finish(
             f"{'n/a' if acc is None else f'{acc:.3f}'}; model in [bold]{final}[/]"
         )
     return final
-
-
-def _save(
-    config: cfg.RewardConfig,
-    accelerator: Any,
-    run_dir: Path,
-    model: Any,
-    tokenizer: Any,
-    optimizer: Any,
-    step: int,
-) -> Path:
-    return checkpoint.save(
-        run_dir,
-        step,
-        accelerator,
-        model=model,
-        tokenizer=tokenizer,
-        optimizers={"reward_model": optimizer},
-        keep=config.keep_checkpoints,
-    )

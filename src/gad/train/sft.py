@@ -21,10 +21,10 @@ from rich.console import Console
 
 from gad.config import load as cfg
 from gad.core import checkpoint
-from gad.core.tracking import MetricsLog, tracker_config
+from gad.core.tracking import MetricsLog, PhaseTimer, tracker_config
 from gad.data import dataset
 from gad.models import lora, precision, store
-from gad.train import engine
+from gad.train import engine, loop
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -53,38 +53,39 @@ def train(config: cfg.SFTConfig) -> Path:
     checkpoint.check_writable(run_dir)
     config, choice = precision.apply(config)
     accelerator = engine.make_accelerator(config.mixed_precision, config.report_to, run_dir)
-    resume_from = checkpoint.latest(run_dir) if config.resume else None
-    if config.resume and resume_from is None:
-        console.print(f"no checkpoint yet in {run_dir}: starting fresh")
+    resume_from = loop.resume_point(run_dir, config.resume)
     if accelerator.is_main_process:
         cfg.save(config, run_dir / "config.yaml", {"mixed_precision": choice.reason})
     run = _setup(config, run_dir, accelerator, resume_from)
-    start_step = 0
-    if resume_from is not None:
-        start_step = checkpoint.load_state(
-            resume_from, optimizers={"model": run.optimizer}, schedulers={"model": run.scheduler}
-        )["step"]
-        console.print(f"resuming from {resume_from} at step {start_step}")
+    start_step = loop.restore(
+        resume_from, "sft", optimizers={"model": run.optimizer}, schedulers={"model": run.scheduler}
+    )["step"]
     if config.report_to != "none":
         accelerator.init_trackers("gad-sft", config=tracker_config(cfg.to_dict(config)))
     metrics = MetricsLog(run_dir, accelerator, resume_step=start_step if resume_from else None)
     if accelerator.is_main_process:
         dataset.print_summary(run.prepared, len(run.plan), run.global_batch)
     total_steps = min(len(run.plan), config.max_steps) if config.max_steps else len(run.plan)
-    last_loss, skipped = float("nan"), 0
-    bar = engine.ProgressBar("sft", total_steps, start_step, accelerator.is_main_process, ["loss"])
-    with bar:
-        for step in range(start_step, total_steps):
-            row = _step(run, step)
-            last_loss, skipped = row["loss"], skipped + int(row["skipped"])
-            done = step + 1
-            if done % config.log_every == 0 or done == total_steps:
-                metrics.log(done, row)
-            bar.update(done, row)
-            if config.save_every and done % config.save_every == 0 and done < total_steps:
-                _save(run, done)
-    if config.save_state and (total_steps > start_step or resume_from is None):
-        _save(run, total_steps)
+    skipped = [0]
+
+    def step_fn(step: int, timer: PhaseTimer) -> dict[str, Any]:
+        row = _step(run, step)
+        skipped[0] += int(row["skipped"])
+        return row
+
+    spec = loop.Loop(
+        "sft",
+        total_steps,
+        start_step,
+        metrics,
+        ("loss",),
+        accelerator.is_main_process,
+        lambda step, final: _save(run, step),
+        config.save_every,
+        save_final=config.save_state and (total_steps > start_step or resume_from is None),
+        log_every=config.log_every,
+    )
+    last_loss, skipped = loop.run(spec, step_fn).get("loss", float("nan")), skipped[0]
     summary = {"steps": total_steps, "final_loss": last_loss, "skipped_steps": skipped}
     final_dir = _finish(run, summary | {"wall_seconds": round(time.time() - started, 2)})
     accelerator.wait_for_everyone()
