@@ -42,7 +42,7 @@ def test_every_suggested_extra_exists_and_installs_something():
         for group in re.findall(r"gad\[([a-z_,{}]+)\]", path.read_text(encoding="utf-8"))
         for name in group.split(",")
     }
-    assert ("engine.py", "{report_to}") in suggested  # the scan finds the tracker's line
+    assert ("loop.py", "{report_to}") in suggested  # the scan finds the tracker's line
     unknown = {(f, n) for f, n in suggested if n not in extras and n != "{report_to}"}
     assert not unknown
 
@@ -50,14 +50,14 @@ def test_every_suggested_extra_exists_and_installs_something():
 def test_missing_tracker_names_the_install_line(tmp_path, monkeypatch):
     import importlib.util
 
-    from gad.train import engine
+    from gad.train import loop
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
     )
     with pytest.raises(cfg.UserError, match=r"pip install 'gad\[wandb\]'"):
-        engine.make_accelerator("no", "wandb", tmp_path)
+        loop.make_accelerator("no", "wandb", tmp_path)
 
 
 def test_missing_pyarrow_names_the_install_line(tmp_path, monkeypatch):

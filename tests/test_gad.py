@@ -12,7 +12,7 @@ from gad.methods import gad, samples
 from gad.methods import stage as gad_stage
 from gad.methods import state as gad_state
 from gad.models import discriminator, store
-from gad.train import engine
+from gad.train import engine, loop
 from gad.train.rollout import Completion
 
 WORDS = "yes no maybe sure fine good okay right true false red blue green cat dog sun".split()
@@ -453,7 +453,7 @@ def test_fused_old_logprobs_and_length_sorted_batches_give_the_separate_pass_los
     ]
     advantage_b = torch.randn(len(students))
     config = cfg.GADConfig(micro_batch_size=3, temperature=0.7, kl_coef=0.1, max_grad_norm=0.0)
-    accelerator = engine.make_accelerator("no", "none", tmp_path)
+    accelerator = loop.make_accelerator("no", "none", tmp_path)
     snapshot = GradSnapshot(generator)
     m = gad_state.Models(generator, None, tokenizer, snapshot, None, reference)
 

@@ -9,11 +9,11 @@ import torch
 from gad.core import checkpoint
 from gad.core.tracking import MetricsLog, read_metrics
 from gad.models import store
-from gad.train import engine, loop
+from gad.train import loop
 
 
 def spec(tmp_path, saves, *, start=0, total=7, **kw) -> loop.Loop:
-    accelerator = engine.make_accelerator("no", "none", tmp_path)
+    accelerator = loop.make_accelerator("no", "none", tmp_path)
     metrics = MetricsLog(tmp_path, accelerator, resume_step=start or None)
 
     def save(step, final):
@@ -75,7 +75,7 @@ def test_restore_and_resume_point(tiny_dir, tmp_path):
     assert loop.resume_point(tmp_path, resume=False) is None
     assert loop.resume_point(tmp_path, resume=True) is None  # nothing saved yet
     assert loop.restore(None, "t") == {"step": 0}
-    accelerator = engine.make_accelerator("no", "none", tmp_path)
+    accelerator = loop.make_accelerator("no", "none", tmp_path)
     model, tokenizer = store.load(str(tiny_dir))
     opt = torch.optim.AdamW(model.parameters())
     checkpoint.save(

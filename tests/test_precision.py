@@ -237,18 +237,18 @@ def test_frozen_passes_cast_weights_once_with_the_same_numbers(tiny_dir, monkeyp
 
     linear = first_linear(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with engine.frozen_weights(model, torch.device("cpu")):
+        with precision.frozen_weights(model, torch.device("cpu")):
             assert "forward" in vars(linear)  # its weight cast once, for the whole pass
         # A LoRA scorer's pass casts the shared backbone it runs, not only its head.
         backbone_linear = first_linear(adapters.backbone())
-        with engine.frozen_weights(lora_scorer, torch.device("cpu")):
+        with precision.frozen_weights(lora_scorer, torch.device("cpu")):
             assert "forward" in vars(backbone_linear)
-    with engine.frozen_weights(model, torch.device("cpu")):
+    with precision.frozen_weights(model, torch.device("cpu")):
         assert "forward" not in vars(linear)  # no autocast: nothing to cast
     once = passes()
     casts = []
     monkeypatch.setattr(
-        engine, "frozen_weights", lambda m, d: casts.append(m) or contextlib.nullcontext()
+        precision, "frozen_weights", lambda m, d: casts.append(m) or contextlib.nullcontext()
     )
     per_micro = passes()
     assert casts == [model, scorer, lora_scorer]  # every pass went through it

@@ -18,7 +18,7 @@ from gad.data import chats
 from gad.methods import gad, samples
 from gad.methods import stage as gad_stage
 from gad.models import discriminator, store
-from gad.train import engine, losses, reward, sft
+from gad.train import engine, loop, losses, reward, sft
 
 # ---------------------------------------------------------------- losses (hand-computed)
 
@@ -222,7 +222,7 @@ def test_bt_step_is_the_mean_over_all_pairs_however_split(task, tiny_dir, tmp_pa
     )
     items = [0, 1, 2]
     pairs = [pair for g in items for pair in train_split.pair_groups[g]]
-    accelerator = engine.make_accelerator("no", "none", tmp_path)
+    accelerator = loop.make_accelerator("no", "none", tmp_path)
     results = []
     for micro in (2, 64):  # one prompt per pass vs all in one pass
         model = discriminator.build(str(tiny_dir), pad_token_id=pad, seed=0)

@@ -21,7 +21,7 @@ from gad.methods.rewards.whitebox import WhiteBoxTeacher
 from gad.methods.samples import student_examples
 from gad.methods.state import Models, Sampled, TrainingExample, training_examples
 from gad.models import discriminator, mixture, store
-from gad.train import engine
+from gad.train import engine, loop
 from gad.train.rollout import Completion
 
 P, N = 2, 3
@@ -82,7 +82,7 @@ def scene(tiny_dir, tmp_path_factory):
         for _ in range(P)
     ]  # fmt: skip
     students = student_examples([e.policy for e in examples], groups)
-    accelerator = engine.make_accelerator("no", "none", tmp_path_factory.mktemp("acc"))
+    accelerator = loop.make_accelerator("no", "none", tmp_path_factory.mktemp("acc"))
     stage = SimpleNamespace(
         config=config, accelerator=accelerator, models=m, examples=examples, replay=[]
     )

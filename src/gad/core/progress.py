@@ -1,6 +1,7 @@
-"""The progress bar of the API commands (`collect`, `judge`, and `label` through them).
+"""The one progress bar: the training loops' (steps, with the latest stats) and the API
+commands' (`collect`, `judge`, and `label` through them).
 
-rich, like the training loops' bar, on stderr. It shows only where stderr is a terminal: a log
+rich, on stderr. It shows only where stderr is a terminal: a log
 file or CI gets no bar lines, only the summary the command prints at the end, even where
 FORCE_COLOR makes rich treat the file as a terminal for colours (TTY_COMPATIBLE=0 turns it off).
 """
@@ -13,7 +14,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 class Bar:
     """Counts finished items toward `total`, or with no total (None) only counts them; a
-    note (such as the failures so far) follows the count. `enabled=False` silences it."""
+    note (such as the failures so far, or a training step's latest stats) follows the count.
+    `enabled=False` silences it (in a multi-process run, every process but the main one)."""
 
     def __init__(
         self,
@@ -22,6 +24,7 @@ class Bar:
         unit: str,
         enabled: bool = True,
         console: Console | None = None,
+        start: int = 0,
     ):
         console = console or Console(stderr=True)
         isatty = getattr(console.file, "isatty", None)
@@ -37,13 +40,17 @@ class Bar:
         self.progress = Progress(
             *columns, TextColumn("{task.fields[note]}"), console=console, disable=not self.shown
         )
-        self.task = self.progress.add_task(name, total=total, note="")
+        self.task = self.progress.add_task(name, total=total, completed=start, note="")
         self.progress.start()
 
     def advance(self, note: str | None = None) -> None:
         """One more item done; `note` replaces the text after the count when given."""
         fields = {} if note is None else {"note": note}
         self.progress.update(self.task, advance=1, **fields)
+
+    def update(self, completed: int, note: str = "") -> None:
+        """`completed` items done in all (a resumed run starts past 0)."""
+        self.progress.update(self.task, completed=completed, note=note)
 
     def close(self) -> None:
         self.progress.stop()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from gad.config import load as cfg
+from gad.core import progress
 from gad.core.tracking import PhaseTimer
 from gad.data import chats
 from gad.methods.state import Models, Stage, local_examples
@@ -122,7 +123,8 @@ def _sample_mine(stage: Stage) -> list[chats.Record]:
     sampling = Sampling(config.temperature, config.top_p, config.max_response_tokens)
     records: list[chats.Record] = []
     show = acc.is_main_process
-    with engine.ProgressBar("snapshot", len(indices), 0, show, ()) as bar:
+    bar = progress.Bar("snapshot", len(indices), "prompts", show)
+    try:
         for chunk in engine.chunks(indices, config.generation_batch_size):
             examples = [stage.examples[i] for i in chunk]
             seeds = None
@@ -135,7 +137,9 @@ def _sample_mine(stage: Stage) -> list[chats.Record]:
                 records.append(
                     chats.Record(e.policy.id, messages, {"finish_reason": answer.finish_reason})
                 )
-            bar.update(len(records), {})
+            bar.update(len(records))
+    finally:
+        bar.close()
     chosen = [stage.examples[i].policy for i in indices]
     rejected = rejected_examples(m.tokenizer, records, config)
     ref_pairs = zip(

@@ -351,7 +351,7 @@ def train(config: cfg.GADConfig) -> Path:
     out = Path(config.output_dir)
     checkpoint.check_writable(out)
     config, choice = precision.apply(config)
-    accelerator = engine.make_accelerator(config.mixed_precision, config.report_to, out)
+    accelerator = loop.make_accelerator(config.mixed_precision, config.report_to, out)
     # Rollouts sample from torch's generator: seed it so a run is reproducible (a resumed run
     # restores the generator state from its checkpoint instead).
     torch.manual_seed(config.seed * 1_000_003 + accelerator.process_index)

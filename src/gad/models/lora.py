@@ -320,7 +320,7 @@ class ScalarView(View):
 
     def modules(self) -> Iterator[torch.nn.Module]:  # type: ignore[override]
         """The modules this view runs: the shared backbone's and its head (a frozen pass casts
-        their weights once, `engine.frozen_weights`)."""
+        their weights once, `precision.frozen_weights`)."""
         yield from self.adapters.backbone().modules()
         yield from self.score.modules()
 

@@ -13,31 +13,26 @@ module, so the rules below hold everywhere:
   caller to its share of the global mean, so any split into micro-batches and processes gives
   the same update), syncs gradients once, clips, and skips the update when the gradient is not
   finite (the caller counts it).
-- **One progress display** (`ProgressBar`, rich) for every loop.
+
+The loop around the steps (resume, logging, progress, saves, the accelerator) is `loop`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import inspect
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from gad.config.load import UserError
 from gad.data import chats
 from gad.models import discriminator, lora, padding, precision
 from gad.train import losses
 
-console = Console(stderr=True)
 Part = TypeVar("Part")
 
 # ----------------------------------------------------------------------------- batches
@@ -237,7 +232,7 @@ def logprobs(
     device = next(model.parameters()).device
     out: list[torch.Tensor] = [torch.empty(0)] * len(examples)
     cut = prefix.tail if prefix is not None else (lambda e: e)
-    with frozen_weights(model, device):
+    with precision.frozen_weights(model, device):
         for idx in parts:
             batch = on_device([cut(examples[i]) for i in idx], pad_id, device)
             logp_bt, mask_bt, _ = response_logprobs(model, batch, temperature, prefix=prefix)
@@ -300,24 +295,12 @@ def scores(model: Any, examples: list[chats.Example], pad_id: int, batch_size: i
     model.eval()
     device = next(model.parameters()).device
     out = torch.zeros(len(examples), device=device)
-    with frozen_weights(model, device):
+    with precision.frozen_weights(model, device):
         for idx in length_sorted_chunks(examples, batch_size):
             batch = on_device([examples[i] for i in idx], pad_id, device)
             out[idx] = discriminator.scores(model, batch["input_ids"], batch["attention_mask"])
     model.train(was_training)
     return out
-
-
-def frozen_weights(model: Any, device: torch.device) -> Any:
-    """For a no-grad pass over several micro-batches on a CPU under low-precision autocast:
-    the model's weights cast once for the whole pass (`precision.cast_weights_once`, bit for
-    bit autocast's numbers) instead of once per micro-batch. A CPU only: there a cast of every
-    weight costs a tenth of a small model's forward, while on a GPU it is cheap and the
-    pass-long copies would add half the weights' memory (a 7B reference: 14 GB)."""
-    kind = device.type
-    if kind != "cpu" or not torch.is_autocast_enabled(kind):
-        return nullcontext()
-    return precision.cast_weights_once(model, torch.get_autocast_dtype(kind))
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -405,71 +388,3 @@ def average_gradients(model: Any) -> None:
         grad = flat[offset : offset + p.numel()].view_as(p)
         p.grad = grad.clone() if used else None
         offset += p.numel()
-
-
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-"""The module each `report_to` tracker needs (an optional extra of gad)."""
-
-
-def make_accelerator(mixed_precision: str, report_to: str, run_dir: Path) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    module = TRACKER_PACKAGES.get(report_to)
-    if module is not None and importlib.util.find_spec(module) is None:
-        raise UserError(
-            f"report_to={report_to} needs the {module} package: pip install 'gad[{report_to}]'"
-        )
-
-    # accelerate keeps one process-wide state; a second stage in the same process (the demo,
-    # a notebook) may ask for another precision. The distributed group itself is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-
-    # Without an accelerator device, accelerate only forms a multi-process (gloo) group when
-    # told it runs on CPU; torchrun's environment alone leaves each process on its own.
-    has_device = torch.cuda.is_available() or (
-        hasattr(torch, "accelerator") and torch.accelerator.is_available()
-    )
-    return Accelerator(
-        cpu=not has_device,
-        mixed_precision=mixed_precision,
-        log_with=None if report_to == "none" else report_to,
-        project_dir=str(run_dir),
-    )
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class ProgressBar:
-    """The progress display of every training loop: bar, steps, elapsed and remaining time,
-    and the latest values of a few stats. Shown on the main process only."""
-
-    def __init__(self, name: str, total: int, start: int, enabled: bool, show: Sequence[str]):
-        self.show = tuple(show)
-        self.progress = Progress(
-            TextColumn(f"[bold]{name}[/]"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=console,
-            disable=not enabled,
-        )
-        self.task = self.progress.add_task(name, total=total, completed=start, stats="")
-
-    def __enter__(self) -> ProgressBar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-    def update(self, done: int, row: dict[str, Any]) -> None:
-        stats = "  ".join(
-            f"{k.split('/')[-1]} {row[k]:.3g}"
-            for k in self.show
-            if isinstance(row.get(k), int | float)
-        )
-        self.progress.update(self.task, completed=done, stats=stats)

@@ -3,6 +3,8 @@ SODA): steps from where a resumed run left off to the planned total, each logged
 checked, with periodic and final checkpoints. A stage gives it only its step and its hooks
 (save, and a check of each step's row); what a step computes is the stage's own business.
 
+It also makes the stage's accelerator (`make_accelerator`: processes, precision, trackers).
+
 A resumed stage restores its own state (models, optimizers, random streams) before the loop
 starts at `start_step`; saving at the same steps as an uninterrupted run is what makes the two
 match bit for bit.
@@ -10,17 +12,20 @@ match bit for bit.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
+from gad.config.load import UserError
 from gad.core import checkpoint
+from gad.core.progress import Bar
 from gad.core.tracking import MetricsLog, PhaseTimer
-from gad.train.engine import ProgressBar
 
 console = Console(stderr=True)
 
@@ -73,11 +78,19 @@ class Loop:
     save and raise to stop the run."""
 
 
+def shown(row: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """The latest values of a few stats, for the progress bar (`g/loss 0.123  d/acc 0.5`)."""
+    return "  ".join(
+        f"{k.split('/')[-1]} {row[k]:.3g}" for k in keys if isinstance(row.get(k), int | float)
+    )
+
+
 def run(loop: Loop, step_fn: Callable[[int, PhaseTimer], dict[str, Any]]) -> dict[str, Any]:
     """Steps `start_step` .. `total - 1`; `step_fn(step, timer)` returns the step's row (the
     timer's phases are added to it). Returns the last step's row ({} when none ran)."""
     row: dict[str, Any] = {}
-    with ProgressBar(loop.name, loop.total, loop.start_step, loop.enabled, loop.show) as bar:
+    bar = Bar(loop.name, loop.total, "steps", loop.enabled, start=loop.start_step)
+    try:
         for step in range(loop.start_step, loop.total):
             t0 = time.perf_counter()
             timer = PhaseTimer()
@@ -90,9 +103,42 @@ def run(loop: Loop, step_fn: Callable[[int, PhaseTimer], dict[str, Any]]) -> dic
                 loop.check(done, row)
             if done % loop.log_every == 0 or done == loop.total:
                 loop.metrics.log(done, row)
-            bar.update(done, row)
+            bar.update(done, shown(row, loop.show))
             if loop.save_every and done % loop.save_every == 0 and done < loop.total:
                 loop.save(done, False)
+    finally:
+        bar.close()
     if loop.save_final:
         loop.save(loop.total, True)
     return row
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""The module each `report_to` tracker needs (an optional extra of gad)."""
+
+
+def make_accelerator(mixed_precision: str, report_to: str, run_dir: Path) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    module = TRACKER_PACKAGES.get(report_to)
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise UserError(
+            f"report_to={report_to} needs the {module} package: pip install 'gad[{report_to}]'"
+        )
+
+    # accelerate keeps one process-wide state; a second stage in the same process (the demo,
+    # a notebook) may ask for another precision. The distributed group itself is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+    # Without an accelerator device, accelerate only forms a multi-process (gloo) group when
+    # told it runs on CPU; torchrun's environment alone leaves each process on its own.
+    has_device = torch.cuda.is_available() or (
+        hasattr(torch, "accelerator") and torch.accelerator.is_available()
+    )
+    return Accelerator(
+        cpu=not has_device,
+        mixed_precision=mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_dir=str(run_dir),
+    )

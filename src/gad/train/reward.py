@@ -232,7 +232,7 @@ def train(config: cfg.RewardConfig) -> Path:
     run_dir = Path(config.output_dir)
     checkpoint.check_writable(run_dir)
     config, choice = precision.apply(config)
-    accelerator = engine.make_accelerator(config.mixed_precision, config.report_to, run_dir)
+    accelerator = loop.make_accelerator(config.mixed_precision, config.report_to, run_dir)
     if accelerator.is_main_process:
         cfg.save(config, run_dir / "config.yaml", {"mixed_precision": choice.reason})
     if not 0.0 <= config.held_out < 1.0:

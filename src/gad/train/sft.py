@@ -52,7 +52,7 @@ def train(config: cfg.SFTConfig) -> Path:
     run_dir = Path(config.output_dir)
     checkpoint.check_writable(run_dir)
     config, choice = precision.apply(config)
-    accelerator = engine.make_accelerator(config.mixed_precision, config.report_to, run_dir)
+    accelerator = loop.make_accelerator(config.mixed_precision, config.report_to, run_dir)
     resume_from = loop.resume_point(run_dir, config.resume)
     if accelerator.is_main_process:
         cfg.save(config, run_dir / "config.yaml", {"mixed_precision": choice.reason})
