@@ -15,9 +15,6 @@ import pytest
 import torch
 
 from gad.train.losses import (
-    bt_discriminator_loss,
-    ce_discriminator_loss,
-    discriminator_accuracy,
     gather_logprobs,
     group_advantages,
     k3_kl,
@@ -25,6 +22,11 @@ from gad.train.losses import (
     policy_loss,
     seq_mean_token_mean,
     token_entropy_from_logits,
+)
+from gad.train.score_losses import (
+    bt_discriminator_loss,
+    ce_discriminator_loss,
+    discriminator_accuracy,
 )
 
 ATOL = 1e-5

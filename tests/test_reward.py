@@ -18,26 +18,26 @@ from gad.data import chats
 from gad.methods import gad, samples
 from gad.methods import stage as gad_stage
 from gad.models import discriminator, store
-from gad.train import engine, loop, losses, reward, sft
+from gad.train import engine, loop, losses, reward, score_losses, sft
 
 # ---------------------------------------------------------------- losses (hand-computed)
 
 
 def test_pointwise_bce_by_hand():
     # -log σ(0) = log 2 for a good response scored 0; -log(1 - σ(2)) = log(1 + e^2) for a bad one.
-    got = losses.pointwise_bce_loss(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0]))
+    got = score_losses.pointwise_bce_loss(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0]))
     assert got.item() == pytest.approx((math.log(2) + math.log(1 + math.e**2)) / 2, rel=1e-6)
-    assert losses.pointwise_bce_loss(torch.tensor([50.0]), torch.tensor([1.0])).item() < 1e-12
+    assert score_losses.pointwise_bce_loss(torch.tensor([50.0]), torch.tensor([1.0])).item() < 1e-12
     with pytest.raises(ValueError, match=r"\[B\]"):
-        losses.pointwise_bce_loss(torch.zeros(2, 1), torch.zeros(2, 1))
+        score_losses.pointwise_bce_loss(torch.zeros(2, 1), torch.zeros(2, 1))
 
 
 def test_pairwise_bt_loss_by_hand():
     """The reward model's pairwise loss is the discriminator's BT loss with N = 1."""
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2
-    assert losses.bt_discriminator_loss(chosen, rejected).item() == pytest.approx(expected)
-    assert losses.discriminator_accuracy(chosen, rejected).item() == 0.5
+    assert score_losses.bt_discriminator_loss(chosen, rejected).item() == pytest.approx(expected)
+    assert score_losses.discriminator_accuracy(chosen, rejected).item() == 0.5
 
 
 def test_mixed_reward_by_hand():
@@ -235,7 +235,9 @@ def test_bt_step_is_the_mean_over_all_pairs_however_split(task, tiny_dir, tmp_pa
         results.append((loss_sum / n, n, grad))
     model = discriminator.build(str(tiny_dir), pad_token_id=pad, seed=0)
     s = engine.scores(model, train_split.examples, pad, 64)
-    direct = losses.bt_discriminator_loss(s[[a for a, _ in pairs]], s[[b for _, b in pairs]]).item()
+    direct = score_losses.bt_discriminator_loss(
+        s[[a for a, _ in pairs]], s[[b for _, b in pairs]]
+    ).item()
     assert results[0][1] == results[1][1] == len(pairs) == 18  # 3 prompts x 3 good x 2 bad
     assert results[0][0] == pytest.approx(direct, rel=1e-5)
     assert results[1][0] == pytest.approx(direct, rel=1e-5)

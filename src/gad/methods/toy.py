@@ -8,7 +8,7 @@ categories of the Gaussian log-density) that only ever sees teacher *samples*:
   KL(teacher || student), which a single Gaussian meets by covering every mode (wide).
 * GAD: REINFORCE with GRPO group-normalised advantages (`losses.group_advantages`) against a
   co-trained discriminator, a learnable score per category trained with the Bradley–Terry loss
-  (`losses.bt_discriminator_loss`, teacher sample vs the N student samples of a "prompt"). The
+  (`score_losses.bt_discriminator_loss`, teacher sample vs the N student samples of a "prompt"). The
   reward approximates log(teacher / student), so the student follows reverse KL and seeks one
   mode, provided the discriminator keeps up with it (see `ToyConfig.d_lr`, `d_steps`).
 
@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from gad.config.load import ConfigError, ToyConfig
-from gad.train.losses import bt_discriminator_loss, group_advantages
+from gad.train.losses import group_advantages
+from gad.train.score_losses import bt_discriminator_loss
 
 
 def _floats(text: str) -> list[float]:

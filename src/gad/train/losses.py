@@ -1,5 +1,5 @@
-"""Loss functions for GAD: discriminator losses, GRPO advantages, the clipped policy loss, and
-SODA's DPO loss.
+"""Loss functions of the policy: GRPO advantages, the clipped policy loss, the KL terms, and
+SODA's DPO loss (the discriminator's and the reward model's are `score_losses`).
 
 Pure functions of tensors; no model code. Suffixes name the shape of a tensor:
 ``_p`` = [prompts], ``_pn`` = [prompts, N samples per prompt], ``_b`` = [batch of sequences],
@@ -24,8 +24,9 @@ _LOG_RATIO_CLAMP = 20.0
 _K3_CLAMP = 10.0
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision inputs to float32; float32/float64 unchanged."""
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs to float32; float32/float64 unchanged (every loss computes in at
+    least float32)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return x.float()
     return x
@@ -73,75 +74,6 @@ def seq_mean_token_mean(x_bt: torch.Tensor, mask_bt: torch.Tensor) -> torch.Tens
     return masked_mean(x_bt, mask_bt, dim=-1).mean()
 
 
-def _pair_scores(
-    teacher_score_p: torch.Tensor, student_score_pn: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate and upcast, returning teacher [P, 1] and student [P, N] for broadcasting."""
-    if teacher_score_p.dim() != 1:
-        raise ValueError(f"teacher scores must be [P], got {tuple(teacher_score_p.shape)}")
-    if student_score_pn.dim() == 1:
-        student_score_pn = student_score_pn.unsqueeze(-1)
-    if student_score_pn.dim() != 2 or student_score_pn.shape[0] != teacher_score_p.shape[0]:
-        raise ValueError(
-            f"student scores must be [P, N] or [P] with P = {teacher_score_p.shape[0]}, "
-            f"got {tuple(student_score_pn.shape)}"
-        )
-    return _upcast(teacher_score_p).unsqueeze(-1), _upcast(student_score_pn)
-
-
-def bt_discriminator_loss(
-    teacher_score_p: torch.Tensor, student_score_pn: torch.Tensor
-) -> torch.Tensor:
-    """Bradley–Terry discriminator loss (Eq. 3, group form Eq. 8).
-
-    ``L_D = mean_{p, i} -log σ(D(y_t^p) - D(y_s^{p,i}))``: each of the N student samples of
-    prompt p is paired with the same teacher score of p; the mean runs over all P·N pairs.
-
-    Args:
-        teacher_score_p: [P] discriminator scores of the teacher responses.
-        student_score_pn: [P, N] scores of the N student samples per prompt ([P] means N = 1).
-
-    Returns:
-        scalar loss (float32 at least, also for half-precision scores).
-    """
-    t_p1, s_pn = _pair_scores(teacher_score_p, student_score_pn)
-    return -F.logsigmoid(t_p1 - s_pn).mean()
-
-
-def discriminator_accuracy(
-    teacher_score_p: torch.Tensor, student_score_pn: torch.Tensor
-) -> torch.Tensor:
-    """Share of (teacher, student-sample) pairs where the teacher scores strictly higher.
-
-    Same pairing and shapes as :func:`bt_discriminator_loss`; a tie counts as a miss.
-    Returns a detached scalar in [0, 1].
-    """
-    t_p1, s_pn = _pair_scores(teacher_score_p.detach(), student_score_pn.detach())
-    return (t_p1 > s_pn).float().mean()
-
-
-def ce_discriminator_loss(
-    teacher_score_p: torch.Tensor, student_score_pn: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy discriminator loss, the Eq. 4 ablation.
-
-    Per pair (p, i): ``-log σ(D(y_t^p)) - log(1 - σ(D(y_s^{p,i})))``, computed stably as
-    ``-logsigmoid(t) - logsigmoid(-s)``; then the mean over all P·N pairs. The two terms are
-    summed, not averaged, exactly as in Eq. 4 (so a constant D = 0 gives 2·log 2). Since every
-    prompt has N samples, this equals ``mean_p(-log σ(t_p)) + mean_{p,i}(-log σ(-s_pi))``:
-    teacher and student sides carry equal total weight.
-
-    Args:
-        teacher_score_p: [P] logits of "is teacher" for the teacher responses.
-        student_score_pn: [P, N] the same for the student samples ([P] means N = 1).
-
-    Returns:
-        scalar loss.
-    """
-    t_p1, s_pn = _pair_scores(teacher_score_p, student_score_pn)
-    return (-F.logsigmoid(t_p1) - F.logsigmoid(-s_pn)).mean()
-
-
 def group_advantages(reward_pn: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO group-normalised advantages (Eq. 6): ``(r - mean_group) / (std_group + eps)``.
 
@@ -163,7 +95,7 @@ def group_advantages(reward_pn: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
     """
     if reward_pn.dim() != 2:
         raise ValueError(f"rewards must be [P, N], got {tuple(reward_pn.shape)}")
-    reward_pn = _upcast(reward_pn.detach())
+    reward_pn = upcast(reward_pn.detach())
     if reward_pn.shape[-1] < 2:
         return torch.zeros_like(reward_pn)
     mean_p1 = reward_pn.mean(dim=-1, keepdim=True)
@@ -223,7 +155,7 @@ def shaped_reward(
     Returns:
         [B] rewards (float32 at least).
     """
-    reward_b = _upcast(score_b.detach())
+    reward_b = upcast(score_b.detach())
     if score_clip is not None:
         reward_b = reward_b.clamp(-score_clip, score_clip)
     if length_penalty:
@@ -243,7 +175,7 @@ def whitebox_advantages(teacher_logp_bt: torch.Tensor, logp_bt: torch.Tensor) ->
     Returns:
         [B, T] detached advantages (float32 at least).
     """
-    return _upcast(teacher_logp_bt.detach()) - _upcast(logp_bt.detach())
+    return upcast(teacher_logp_bt.detach()) - upcast(logp_bt.detach())
 
 
 def token_kl_from_logits(
@@ -260,33 +192,10 @@ def token_kl_from_logits(
     Returns:
         scalar: the sum of per-token KLs over masked positions (divide by the token count).
     """
-    logp_btv = F.log_softmax(_upcast(logits_btv), dim=-1)
-    logq_btv = F.log_softmax(_upcast(ref_logits_btv), dim=-1)
+    logp_btv = F.log_softmax(upcast(logits_btv), dim=-1)
+    logq_btv = F.log_softmax(upcast(ref_logits_btv), dim=-1)
     kl_bt = (logp_btv.exp() * (logp_btv - logq_btv)).sum(-1)
     return torch.where(mask_bt != 0, kl_bt, torch.zeros_like(kl_bt)).sum()
-
-
-def pointwise_bce_loss(score_b: torch.Tensor, target_b: torch.Tensor) -> torch.Tensor:
-    """Pointwise reward-model loss: binary cross-entropy of ``σ(score)`` against 0/1 labels.
-
-    ``mean_b -[t·log σ(s) + (1-t)·log(1 - σ(s))]``, computed stably from the logits. (The
-    pairwise Bradley–Terry loss of a reward model is :func:`bt_discriminator_loss` with the
-    preferred responses' scores as [P] and the others' as [P]: ``mean -log σ(s⁺ - s⁻)``.)
-
-    Args:
-        score_b: [B] reward-model scores (logits of "good").
-        target_b: [B] labels, 1 = good (correct), 0 = not; soft targets in [0, 1] also work.
-
-    Returns:
-        scalar loss (float32 at least).
-    """
-    if score_b.shape != target_b.shape or score_b.dim() != 1:
-        raise ValueError(
-            f"scores and targets must both be [B], got {tuple(score_b.shape)} and "
-            f"{tuple(target_b.shape)}"
-        )
-    score_b = _upcast(score_b)
-    return F.binary_cross_entropy_with_logits(score_b, target_b.to(score_b.dtype))
 
 
 def k3_kl(logp_bt: torch.Tensor, ref_logp_bt: torch.Tensor) -> torch.Tensor:
@@ -346,7 +255,7 @@ def policy_loss(
         the clip is active, over all response tokens of the batch) and ``ratio_mean`` (mean ρ
         over all response tokens of the batch).
     """
-    advantage_bt = _upcast(advantage_b.detach())
+    advantage_bt = upcast(advantage_b.detach())
     if advantage_bt.dim() == 1:
         advantage_bt = advantage_bt.unsqueeze(-1)
     log_ratio_bt = (logp_bt - old_logp_bt.detach()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
@@ -403,8 +312,8 @@ def dpo_loss(
     shapes = {tuple(t.shape) for t in (policy_chosen_b, policy_rejected_b, ref_chosen_b)}
     if len(shapes | {tuple(ref_rejected_b.shape)}) != 1 or policy_chosen_b.dim() != 1:
         raise ValueError("dpo_loss: the four log-prob tensors must all be [B]")
-    chosen_b = beta * (_upcast(policy_chosen_b) - _upcast(ref_chosen_b.detach()))
-    rejected_b = beta * (_upcast(policy_rejected_b) - _upcast(ref_rejected_b.detach()))
+    chosen_b = beta * (upcast(policy_chosen_b) - upcast(ref_chosen_b.detach()))
+    rejected_b = beta * (upcast(policy_rejected_b) - upcast(ref_rejected_b.detach()))
     margin_b = chosen_b - rejected_b
     stats = {
         "margin": margin_b.detach().mean(),
@@ -418,7 +327,7 @@ def dpo_loss(
 def _gather_logprobs_rows(
     logits_tv: torch.Tensor, token_ids_t: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    logits_tv = _upcast(logits_tv) / temperature
+    logits_tv = upcast(logits_tv) / temperature
     picked_t = logits_tv.gather(-1, token_ids_t.unsqueeze(-1)).squeeze(-1)
     return picked_t - torch.logsumexp(logits_tv, dim=-1)
 
@@ -454,7 +363,7 @@ def gather_logprobs(
 
 
 def _entropy_rows(logits_tv: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logits_tv = _upcast(logits_tv) / temperature
+    logits_tv = upcast(logits_tv) / temperature
     # H = logsumexp(z) - Σ softmax(z)·z: no log of a probability that may underflow to 0.
     expected_logit_t = (torch.softmax(logits_tv, dim=-1) * logits_tv).sum(dim=-1)
     return torch.logsumexp(logits_tv, dim=-1) - expected_logit_t

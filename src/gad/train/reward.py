@@ -40,7 +40,7 @@ from gad.core.tracking import MetricsLog, PhaseTimer, tracker_config
 from gad.data import chats, evalsets
 from gad.data.labels import read_labels
 from gad.models import discriminator, lora, precision, store
-from gad.train import engine, loop, losses
+from gad.train import engine, loop, score_losses
 
 console = Console(stderr=True)
 
@@ -135,7 +135,7 @@ def evaluate(model: Any, split: Split, pad_id: int, batch_size: int) -> dict[str
     if split.pairs:
         hi = torch.tensor([i for i, _ in split.pairs])
         lo = torch.tensor([j for _, j in split.pairs])
-        out["eval/pairwise_accuracy"] = losses.discriminator_accuracy(s[hi], s[lo]).item()
+        out["eval/pairwise_accuracy"] = score_losses.discriminator_accuracy(s[hi], s[lo]).item()
         student = [
             (i, j)
             for i, j in split.pairs
@@ -144,7 +144,7 @@ def evaluate(model: Any, split: Split, pad_id: int, batch_size: int) -> dict[str
         if student:
             hi_s = torch.tensor([i for i, _ in student])
             lo_s = torch.tensor([j for _, j in student])
-            out["eval/pairwise_accuracy_student"] = losses.discriminator_accuracy(
+            out["eval/pairwise_accuracy_student"] = score_losses.discriminator_accuracy(
                 s[hi_s], s[lo_s]
             ).item()
     good = torch.tensor(split.good)
@@ -209,11 +209,11 @@ def _step(
             at = {i: k for k, i in enumerate(seq_ids)}
             hi = s[[at[a] for a, _ in pairs]]
             lo = s[[at[b] for _, b in pairs]]
-            loss, count = losses.bt_discriminator_loss(hi, lo), len(pairs)
-            hits = losses.discriminator_accuracy(hi, lo).item() * count
+            loss, count = score_losses.bt_discriminator_loss(hi, lo), len(pairs)
+            hits = score_losses.discriminator_accuracy(hi, lo).item() * count
         else:
             target = torch.tensor([float(split.good[i]) for i in part], device=s.device)
-            loss, count = losses.pointwise_bce_loss(s, target), len(part)
+            loss, count = score_losses.pointwise_bce_loss(s, target), len(part)
             hits = ((s.detach() > 0).float() == target).float().sum().item()
         totals["loss"] += loss.item() * count
         totals["correct"] += hits

@@ -23,7 +23,7 @@ from gad.methods import samples
 from gad.methods.rewards.frozen import SHOW, FrozenScorer, scalar_signal, scorer_inputs
 from gad.methods.state import Models, Sampled, Signal, Stage
 from gad.models import discriminator
-from gad.train import engine, losses
+from gad.train import engine, score_losses
 
 
 def update_d(
@@ -44,7 +44,7 @@ def update_d(
     the optimizer step (the GAD rewards), [P*N] prompt-major, and the stats.
     """
     n, d, pad = config.n_samples, m.discriminator, engine.pad_id_of(m.d_tokenizer)
-    loss_fn = {"bt": losses.bt_discriminator_loss, "ce": losses.ce_discriminator_loss}[
+    loss_fn = {"bt": score_losses.bt_discriminator_loss, "ce": score_losses.ce_discriminator_loss}[
         config.d_loss
     ]
     world = accelerator.num_processes
@@ -92,7 +92,7 @@ def update_d(
     )
     stats = {
         "d/loss": sum(seen["loss"]) / len(teacher),
-        "d/accuracy": losses.discriminator_accuracy(teacher_p, student_b.view(-1, n)).item(),
+        "d/accuracy": score_losses.discriminator_accuracy(teacher_p, student_b.view(-1, n)).item(),
         "d/accuracy_finished": right_fin / n_fin if n_fin else math.nan,
         "d/accuracy_cut": right_cut / n_cut if n_cut else math.nan,
         "d/teacher_score": teacher_p.mean().item(),
