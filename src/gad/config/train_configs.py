@@ -162,8 +162,6 @@ class GADConfig(Optimiser, TokenLimits, Precision, Checkpoints, Inputs, LoRA):
     """Nucleus threshold of the rollouts."""
     d_lr: PositiveFloat = 1e-6
     """Discriminator learning rate (paper: 1e-6)."""
-    lr: PositiveFloat = 1e-6
-    max_grad_norm: NonNegativeFloat = 0.2
     clip_eps: PositiveFloat = 0.2
     """PPO ratio clip ε."""
     kl_coef: NonNegativeFloat = 0.001
@@ -224,6 +222,9 @@ class GADConfig(Optimiser, TokenLimits, Precision, Checkpoints, Inputs, LoRA):
     discriminator (its own adapter and a scalar head) and the reference (the generator's adapter
     as it entered the GAD stage). Needs lora_rank > 0 and the discriminator on the student's
     own model."""
+    # The parts' settings with GAD's own defaults: the paper's lr, the reference scripts' clip.
+    lr: PositiveFloat = 1e-6
+    max_grad_norm: NonNegativeFloat = 0.2
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,6 @@ class RewardConfig(Optimiser, TokenLimits, Precision, Checkpoints, LoRA):
     """Passes over the training pairs (BT) or responses (BCE)."""
     max_steps: Count | None = None
     """Stop after this many optimizer steps."""
-    lr: PositiveFloat = 1e-5
     global_batch_size: Count = 8
     """Per optimizer step, over all processes: prompts with all their pairs (BT), or responses
     (BCE)."""
@@ -302,3 +302,5 @@ class RewardConfig(Optimiser, TokenLimits, Precision, Checkpoints, LoRA):
     """Seed of the head's initialisation and the data order."""
     eval_every: NonNegativeInt = 0
     """Measure held-out accuracy every this many steps (0: only before and after training)."""
+    # The optimiser's learning rate with the reward model's own default.
+    lr: PositiveFloat = 1e-5
