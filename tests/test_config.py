@@ -1,4 +1,3 @@
-import dataclasses
 import gzip
 import re
 import subprocess
@@ -7,6 +6,7 @@ import sys
 import pytest
 
 from gad.config import load as cfg
+from gad.config.ranges import range_of
 
 
 def test_yaml_then_overrides_round_trip(tmp_path):
@@ -26,10 +26,18 @@ def test_yaml_then_overrides_round_trip(tmp_path):
 def test_unknown_key_names_key_and_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("lr: 1e-5\nlearning_rate: 3\n")
-    with pytest.raises(cfg.ConfigError, match=r"run.yaml: unknown key 'learning_rate'"):
+    with pytest.raises(cfg.ConfigError, match=r"run.yaml:2: unknown key 'learning_rate'"):
         cfg.load(cfg.SFTConfig, path)
     with pytest.raises(cfg.ConfigError, match=r"unknown key 'lrr'.*did you mean 'lr'"):
         cfg.load(cfg.SFTConfig, None, {"lrr": 1.0})
+    # Old spellings are gone (0.x): the error names the key and its successor.
+    path.write_text("batch_size: 3\n")
+    with pytest.raises(
+        cfg.ConfigError,
+        match=r"run.yaml:1: unknown key 'batch_size' for "
+        r"SFTConfig \(did you mean 'micro_batch_size'\?\)$",
+    ):
+        cfg.load(cfg.SFTConfig, path)
 
 
 @pytest.mark.parametrize(
@@ -110,12 +118,6 @@ def test_cli_bad_override_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------- valid ranges
 
 
-def _config_classes():
-    import dataclasses
-
-    return [c for c in vars(cfg).values() if dataclasses.is_dataclass(c)]
-
-
 def _numeric_fields(cls):
     """(name, base type, is a tuple) of every int/float field, optional or not."""
     import dataclasses
@@ -145,20 +147,19 @@ def _invalid_value(valid: cfg.Range, kind: type):
 
 
 def test_every_numeric_field_declares_a_range_that_is_enforced(tmp_path):
-    """A numeric field added without a range in cfg.RANGES fails here, as does a range that a
-    value outside it gets through (from YAML or from the command line)."""
+    """A numeric field declared without a range (`ranges.py`) fails here, as does a range that
+    a value outside it gets through (from YAML, named with its line, or the command line)."""
+    import typing
+
     import yaml
 
     checked = 0
-    for cls in _config_classes():
-        declared = cfg.RANGES.get(cls)
-        assert declared is not None, f"{cls.__name__} has no entry in cfg.RANGES"
+    for cls in cfg.CONFIGS:
         cfg.build(cls, cfg.to_dict(cls()), "defaults")  # every default is inside its range
-        fields = _numeric_fields(cls)
-        assert set(declared) <= {name for name, _, _ in fields}, cls.__name__
-        for name, kind, is_tuple in fields:
-            valid = declared.get(name)
-            assert valid is not None, f"{cls.__name__}.{name}: no range declared in cfg.RANGES"
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for name, kind, is_tuple in _numeric_fields(cls):
+            valid = range_of(hints[name])
+            assert valid is not None, f"{cls.__name__}.{name}: no range declared"
             bad = _invalid_value(valid, kind)
             assert bad is not None, f"{cls.__name__}.{name}: its range {valid} excludes nothing"
             value = [bad] * len(getattr(cls(), name)) if is_tuple else bad
@@ -166,11 +167,30 @@ def test_every_numeric_field_declares_a_range_that_is_enforced(tmp_path):
             with pytest.raises(cfg.ConfigError, match="command line: " + message):
                 cfg.load(cls, None, {name: value})
             path = tmp_path / f"{cls.__name__}.{name}.yaml"
-            path.write_text(yaml.safe_dump({name: value}))
-            with pytest.raises(cfg.ConfigError, match=re.escape(str(path)) + ": " + message):
+            path.write_text(f"# {name} out of range\n" + yaml.safe_dump({name: value}))
+            with pytest.raises(cfg.ConfigError, match=re.escape(str(path)) + ":2: " + message):
                 cfg.load(cls, path)
             checked += 1
-    assert checked >= 130  # 134 when written: the walk did reach every class
+    assert checked >= 130  # 136 when written: the walk did reach every class
+
+
+def test_shared_settings_are_declared_once():
+    """A setting two stages share comes from one part: one docstring, one range, and only a
+    stage's own default where it needs one."""
+    from gad.config import parts
+
+    for part in (parts.Optimiser, parts.LoRA, parts.Checkpoints, parts.TokenLimits):
+        for cls in (cfg.SFTConfig, cfg.GADConfig, cfg.RewardConfig):
+            assert issubclass(cls, part), (cls.__name__, part.__name__)
+            for name, doc in cfg.field_docs(part).items():
+                assert cfg.field_docs(cls)[name] == doc, (cls.__name__, name)
+    assert issubclass(cfg.CollectConfig, cfg.ChatSettings)
+    assert issubclass(cfg.JudgeConfig, cfg.ChatSettings)
+    assert cfg.GADConfig().adam_betas == cfg.SFTConfig().adam_betas == (0.9, 0.999)
+    assert (cfg.SFTConfig().lr, cfg.GADConfig().lr, cfg.RewardConfig().lr) == (5e-6, 1e-6, 1e-5)
+    # The reading order: the stage's own settings, then each part's.
+    assert cfg.field_order(cfg.SFTConfig)[:3] == ("data", "model", "output_dir")
+    assert list(cfg.to_dict(cfg.SFTConfig())) == list(cfg.field_order(cfg.SFTConfig))
 
 
 @pytest.mark.parametrize(
@@ -199,7 +219,7 @@ def test_unreadable_config_files_are_named(tmp_path):
         cfg.load(cfg.SFTConfig, latin)
     odd = tmp_path / "odd.yaml"
     odd.write_text("1: 2\n")
-    with pytest.raises(cfg.ConfigError, match=r"odd.yaml: unknown key '1'"):
+    with pytest.raises(cfg.ConfigError, match=r"odd.yaml:1: unknown key '1'"):
         cfg.load(cfg.SFTConfig, odd)
 
 
@@ -238,7 +258,7 @@ def _bad_inputs(tmp_path):
         ("record", ["split", "record.jsonl"], "record.jsonl:2: field 'messages[0].content'"),
         ("sharegpt", ["split", "share.jsonl"], "share.jsonl:1: field 'conversations[0].from'"),
         ("range-cli", ["split", "good.jsonl", "--fraction", "-1"], "'fraction' must be in [0"),
-        ("neg-lr", ["sft", "good.jsonl", "--config", "neg.yaml"], "neg.yaml: 'lr' must be > 0"),
+        ("neg-lr", ["sft", "good.jsonl", "--config", "neg.yaml"], "neg.yaml:1: 'lr' must be > 0"),
         (
             "batch-0",
             ["sft", "good.jsonl", "--config", "zero.yaml"],
@@ -274,20 +294,3 @@ def test_a_bug_in_gad_keeps_its_traceback(tmp_path, monkeypatch):
     (tmp_path / "good.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     result = CliRunner().invoke(cli.app, ["split", str(tmp_path / "good.jsonl")])
     assert isinstance(result.exception, KeyError)  # not turned into a one-line message
-
-
-def test_renamed_fields_keep_their_old_spelling_for_one_release(tmp_path, capsys):
-    """One concept, one name (`max_response_tokens`, `micro_batch_size`, ...): a YAML file or a
-    command line with the old name still loads, with a warning naming the new one."""
-    (tmp_path / "old.yaml").write_text("batch_size: 3\n")
-    loaded = cfg.load(cfg.SFTConfig, tmp_path / "old.yaml")
-    assert loaded.micro_batch_size == 3
-    assert "'batch_size' is now 'micro_batch_size'" in capsys.readouterr().err
-    collect = cfg.load(cfg.CollectConfig, None, {"max_tokens": 7, "batch_size": 2})
-    assert (collect.max_response_tokens, collect.generation_batch_size) == (7, 2)
-    with pytest.raises(cfg.ConfigError, match="give only 'micro_batch_size'"):
-        cfg.load(cfg.SFTConfig, None, {"batch_size": 2, "micro_batch_size": 2})
-    for name, renames in cfg.RENAMED.items():
-        fields = {f.name for f in dataclasses.fields(getattr(cfg, name))}
-        for old, new in renames.items():
-            assert new in fields and old not in fields, (name, old, new)

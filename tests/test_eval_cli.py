@@ -102,7 +102,7 @@ def test_generate_judge_eval_report_chain_with_a_local_judge(tmp_path, tiny_dir)
             str(prompts),
             "--output",
             str(tmp_path / "ans.jsonl"),
-            "--max-tokens",
+            "--max-response-tokens",
             "8",
         ],
     )
@@ -116,7 +116,7 @@ def test_generate_judge_eval_report_chain_with_a_local_judge(tmp_path, tiny_dir)
             "local",
             "--model",
             str(tiny_dir),
-            "--max-tokens",
+            "--max-response-tokens",
             "8",
             "--verdict-max-tokens",
             "8",

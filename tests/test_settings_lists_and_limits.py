@@ -29,7 +29,7 @@ def test_a_yaml_list_is_a_list_setting(tmp_path):
 def test_a_list_with_something_else_in_it_is_named(tmp_path, bad):
     path = tmp_path / "run.yaml"
     path.write_text(f"lora_target_modules: {bad}\n")
-    with pytest.raises(cfg.ConfigError, match=r"run.yaml: 'lora_target_modules' must be a list"):
+    with pytest.raises(cfg.ConfigError, match=r"run.yaml:1: 'lora_target_modules' must be a list"):
         cfg.load(cfg.SFTConfig, path)
 
 

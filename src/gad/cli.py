@@ -134,7 +134,8 @@ def stage_command(
                 )
             )
         params += _run_options()
-        for field in dataclasses.fields(config_cls):
+        fields = {f.name: f for f in dataclasses.fields(config_cls)}
+        for field in (fields[name] for name in cfg.field_order(config_cls)):
             tp = _option_type(hints[field.name])
             flag = "--" + field.name.replace("_", "-")
             decl = f"{flag}/--no-{flag[2:]}" if tp is bool else flag
@@ -148,17 +149,6 @@ def stage_command(
                     inspect.Parameter.KEYWORD_ONLY,
                     default=typer.Option(None, decl, help=help_text, show_default=False),
                     annotation=Optional[tp],  # noqa: UP045
-                )
-            )
-
-        for old, new in cfg.RENAMED.get(config_cls.__name__, {}).items():
-            # The old spelling of a renamed field, for one release (`cfg.renamed` warns).
-            params.append(
-                inspect.Parameter(
-                    old,
-                    inspect.Parameter.KEYWORD_ONLY,
-                    default=typer.Option(None, "--" + old.replace("_", "-"), hidden=True),
-                    annotation=Optional[_option_type(hints[new])],  # noqa: UP045
                 )
             )
 

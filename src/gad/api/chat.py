@@ -55,6 +55,7 @@ from gad.api.api_errors import (
     refused,
 )
 from gad.config import load as cfg
+from gad.config.parts import ChatSettings as ChatSettings
 from gad.data import chats
 
 Messages = list[dict[str, str]]
@@ -62,34 +63,6 @@ Messages = list[dict[str, str]]
 
 class ChatError(cfg.UserError, RuntimeError):
     """The chat client cannot start (no API key); stages pass their own error type instead."""
-
-
-@dataclass(frozen=True)
-class ChatSettings:
-    """Where conversations go; a stage's config gives them: `cfg.derive(ChatSettings, config)`."""
-
-    backend: Literal["openai", "local"] = "local"
-    """`openai`: any OpenAI-compatible chat-completions endpoint; `local`: a local model."""
-    model: str = ""
-    """API model name (openai backend) or built-in name / HF folder (local backend)."""
-    base_url: str | None = None
-    """Endpoint of the API; None uses the client default or OPENAI_BASE_URL."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the API key."""
-    concurrency: int = 8
-    """Openai backend: requests in flight at once."""
-    max_retries: int = 6
-    """Openai backend: the client's retries per request."""
-    request_timeout: float = 120.0
-    """Openai backend: seconds before one attempt is abandoned (then retried)."""
-    generation_batch_size: int = 16
-    """Local backend: conversations generated together in one batch."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Local backend: weight dtype."""
-    max_prompt_tokens: int = 2048
-    """Local backend: longer conversations (after the chat template) are errors, not run."""
-    seed: int = 0
-    """Local backend: sampling seed."""
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ open        the teacher rates every response 1-10 through `gad.rating` (the judg
             per response.
 
 The collections and the judge take their settings from this config (`collect_config`,
-`generate_config`, `judge_config`): every field of the same name (`cfg.derive`), plus the few
-set on purpose, each with its reason.
+`generate_config`, `judge_config`): the shared parts they are composed of (`parts.values`), plus
+the few set on purpose, each with its reason.
 
 Output (`<output_dir>/labels.jsonl`): chat records, one per labelled response,
 
@@ -54,6 +54,7 @@ from typing import Any
 from gad.api import rating, teacher
 from gad.config import load as cfg
 from gad.config.load import CollectConfig, GenerateConfig, JudgeConfig, LabelConfig
+from gad.config.parts import ApiClient, LocalGeneration, Sampling, TokenLimits, values
 from gad.data import chats, evalsets
 from gad.data.answers import (
     EXTRACTORS,
@@ -128,46 +129,40 @@ def collect_config(config: LabelConfig, prompts: Path, out: Path) -> CollectConf
     """The teacher's collection: `k` samples of every prompt into `<out>/teacher.jsonl`."""
     # The prompt file is label's own, already validated, limited and checked against
     # `exclude`, so collect does none of that again (and its saved config says so).
-    return cfg.derive(
-        CollectConfig,
-        config,
+    return CollectConfig(
+        **values(config, ApiClient, LocalGeneration, TokenLimits, Sampling),
         prompts=str(prompts),
         output=str(out / "teacher.jsonl"),
+        backend=config.backend,
         model=config.teacher,
         n=config.k,
-        skip_invalid=False,
-        limit=None,
-        exclude=None,
     )
 
 
 def generate_config(config: LabelConfig, prompts: Path, out: Path) -> GenerateConfig:
     """The student's samples, run exactly as `gad generate` runs them."""
-    return cfg.derive(
-        GenerateConfig,
-        config,
+    shared = values(config, LocalGeneration, TokenLimits, Sampling)
+    return GenerateConfig(
+        **{**shared, "temperature": config.student_temperature},
         model=config.student or "",
         prompts=str(prompts),
         output=str(out / "student.jsonl"),
         n=config.student_k if config.student_k is not None else config.k,
-        temperature=config.student_temperature,
-        limit=None,  # label's own prompt file, already limited
     )
 
 
 def judge_config(config: LabelConfig) -> JudgeConfig:
     """The judge of `task: open`: the teacher (unless `judge_backend` / `judge_model` say
-    otherwise), greedy, its cache in `<output_dir>/judge`."""
-    return cfg.derive(
-        JudgeConfig,
-        config,
+    otherwise), greedy, its cache in `<output_dir>/judge`; its batches as label's other local
+    models, its prompt limit its own (a rating prompt holds a question, a reference and an
+    answer)."""
+    return JudgeConfig(
+        **values(config, ApiClient, LocalGeneration),
         backend=config.judge_backend or config.backend,
         model=config.judge_model or config.teacher,
         cache_dir=str(Path(config.output_dir) / "judge"),
         temperature=0.0,  # label's temperature is the teacher's sampling; a judge is greedy
-        # A rating prompt holds the question, a reference and an answer: the judge's own limit.
-        max_prompt_tokens=JudgeConfig.max_prompt_tokens,
-        limit=None,  # label's prompts are already limited
+        max_response_tokens=config.max_response_tokens,
     )
 
 

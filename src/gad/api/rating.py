@@ -159,8 +159,7 @@ def identity(config: JudgeConfig) -> dict[str, str]:
 def make_backend(config: JudgeConfig) -> chat.Client:
     """The judge's chat client (`gad.chat`, configured like the teacher's); locally, asking
     again is a fresh sample, so a retried unparsable verdict is not the same text again."""
-    settings = cfg.derive(chat.ChatSettings, config)
-    return chat.connect(settings, error=JudgeError, seeding="per_batch")
+    return chat.connect(config, error=JudgeError, seeding="per_batch")
 
 
 def cache_key(identity: dict[str, str], kind: str, question: Messages, answers: list[str]) -> str:

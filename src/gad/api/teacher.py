@@ -205,7 +205,7 @@ def _save_failures(fail: journal.Journal, failures: dict[str, dict]) -> None:
 
 def _ask(config: CollectConfig, jobs: list[Job], recorder: _Recorder) -> None:
     """Every job's answer from the teacher, each recorded the moment it arrives."""
-    client = chat.connect(cfg.derive(chat.ChatSettings, config), error=TeacherError)
+    client = chat.connect(config, error=TeacherError)
     sampling = chat.Sampling(
         temperature=config.temperature,
         top_p=config.top_p,

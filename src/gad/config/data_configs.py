@@ -6,8 +6,17 @@ too (`cfg.CollectConfig`). Pure declarations: importing this must stay cheap (`g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
+from gad.config.parts import (
+    ApiClient,
+    ChatSettings,
+    Inputs,
+    LocalGeneration,
+    Sampling,
+    TokenLimits,
+)
+from gad.config.ranges import Count, NonNegativeInt, Range, Seed, Share, Temperature
 from gad.config.setting_types import (
     JudgeModel,
     LocalModel,
@@ -22,55 +31,23 @@ from gad.config.setting_types import (
 
 
 @dataclass(frozen=True)
-class CollectConfig:
+class CollectConfig(ChatSettings, Sampling, Inputs):
     """`gad collect`: a teacher answers a prompt file; results are journaled exactly once."""
 
     prompts: ReadFile = ""
     """Chat-record file (JSONL or Parquet) whose prompts the teacher answers."""
     output: OutputFile = "runs/collect/teacher.jsonl"
     """Output JSONL of chat records (prompt + teacher answer). Also the resume journal."""
-    backend: Literal["openai", "local"] = "local"
-    """`openai`: any OpenAI-compatible chat-completions endpoint; `local`: a local model."""
-    model: LocalModel = "qwen2.5-coder-0.5b"
-    """API model name (openai backend) or built-in name / HF folder (local backend)."""
-    base_url: str | None = None
-    """Endpoint of the OpenAI-compatible API; None uses the client default or OPENAI_BASE_URL."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the API key (the key itself is never stored)."""
-    n: int = 1
+    n: Count = 1
     """Samples per prompt (the paper's training set uses 1; reward distillation uses several)."""
-    temperature: float = 0.8
-    """Sampling temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    max_response_tokens: int = 1536
-    """Maximum new tokens per answer (paper: 1536)."""
-    max_prompt_tokens: int = 2048
-    """Local backend: prompts longer than this (after the chat template) are reported, not run."""
-    concurrency: int = 8
-    """Openai backend: requests in flight at once."""
-    max_retries: int = 6
-    """Openai backend: retries per request on 429/5xx/timeouts/dropped connections."""
-    request_timeout: float = 120.0
-    """Openai backend: seconds before one request attempt is abandoned (then retried)."""
-    generation_batch_size: int = 16
-    """Local backend: prompts generated together in one batch."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Local backend: weight dtype of the teacher."""
-    seed: int = 0
-    """Seed for local sampling (the API's sampling is not seedable in general)."""
     retry_failed: bool = True
     """On restart, retry the prompts recorded in the failures file of an earlier run."""
-    skip_invalid: bool = False
-    """Skip malformed input records (counted in the summary) instead of stopping."""
-    limit: int | None = None
+    limit: Count | None = None
     """Only the first `limit` prompts of the file (for quick trials)."""
-    exclude: ReadFile | None = None
-    """Held-out chat-record file: refuse to run if any record overlaps it (by prompt or id)."""
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(Sampling, TokenLimits, LocalGeneration):
     """`gad generate`: a local model (a student) answers a prompt set, resumably."""
 
     model: Model = "smollm2-135m"
@@ -79,23 +56,9 @@ class GenerateConfig:
     """Built-in set (`mt-bench`, `self-instruct`) or a chat-record file."""
     output: OutputFile = "runs/generate/answers.jsonl"
     """Output JSONL of chat records with finish reason and token count in `meta`; the journal."""
-    n: int = 1
+    n: Count = 1
     """Samples per prompt."""
-    temperature: float = 0.8
-    """Sampling temperature (paper evaluation: 0.8)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    max_response_tokens: int = 1536
-    """Maximum new tokens per answer (paper evaluation: 1536)."""
-    max_prompt_tokens: int = 2048
-    """Prompts longer than this (after the chat template) are reported, not run."""
-    generation_batch_size: int = 16
-    """Prompts generated together in one batch."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weight dtype."""
-    seed: int = 0
-    """Sampling seed."""
-    limit: int | None = None
+    limit: Count | None = None
     """Only the first `limit` prompts of the set."""
 
 
@@ -107,9 +70,9 @@ class SplitConfig:
     """Chat-record file to split."""
     output_dir: OutputDir = "data"
     """Folder for `train.jsonl` and `held_out.jsonl`."""
-    fraction: float = 0.1
+    fraction: Share = 0.1
     """Share of prompts held out for evaluation."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the split (the same seed always gives the same split)."""
 
 
@@ -151,14 +114,14 @@ class EvalConfig:
     """Accuracy: truth file of `{"id", "answer"}` lines (`gad tasks` writes one)."""
     extractor: Literal["number", "choice", "boxed"] = "number"
     """Accuracy: how the final answer is read, as in `gad label`."""
-    bootstrap_reps: int = 1000
+    bootstrap_reps: Count = 1000
     """Bootstrap resamples for the 95% confidence intervals."""
-    seed: int = 0
+    seed: Seed = 0
     """Bootstrap seed."""
 
 
 @dataclass(frozen=True)
-class JudgeConfig:
+class JudgeConfig(ChatSettings):
     """`gad judge`: an LLM judge rates answers against its own reference, or two systems."""
 
     answers: ReadFile = ""
@@ -171,48 +134,29 @@ class JudgeConfig:
     """Results JSON: per-question scores, verdict texts and status, and the summary."""
     cache_dir: OutputDir = "runs/judge/cache"
     """Folder of the judgement cache (`judge_cache.jsonl`); shared by runs, safe to keep."""
-    backend: Literal["openai", "local"] = "openai"
-    """`openai`: any OpenAI-compatible chat-completions endpoint; `local`: a local model."""
-    model: LocalModel = "gpt-4o"
-    """Judge: API model name (openai backend) or built-in name / HF folder (local backend)."""
-    base_url: str | None = None
-    """Endpoint of the OpenAI-compatible API; None uses the client default or OPENAI_BASE_URL."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the API key (the key itself is never stored)."""
-    temperature: float = 0.0
+    temperature: Temperature = 0.0
     """Judge sampling temperature (0 = greedy for the local backend)."""
-    max_response_tokens: int = 1536
-    """Maximum tokens of the judge's reference answer."""
-    verdict_max_tokens: int = 512
+    verdict_max_tokens: Count = 512
     """Maximum tokens of a verdict (two scores and a short explanation)."""
-    attempts: int = 3
+    attempts: Count = 3
     """Requests per verdict, in all, before an unparsable verdict is recorded as failed."""
     retry_failed: bool = False
     """Ask again the verdicts cached as failed (unparsable) by an earlier run."""
-    concurrency: int = 8
-    """Openai backend: requests in flight at once."""
-    max_retries: int = 6
-    """Openai backend: the client's retries per request on 429/5xx/timeouts/dropped connections."""
-    request_timeout: float = 120.0
-    """Openai backend: seconds before one request attempt is abandoned (then retried)."""
-    generation_batch_size: int = 8
-    """Local backend: prompts generated together in one batch."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Local backend: weight dtype of the judge."""
-    max_prompt_tokens: int = 4096
-    """Local backend: judge prompts longer than this (after the chat template) are errors."""
-    bootstrap: int = 1000
+    bootstrap: Count = 1000
     """Bootstrap resamples (over questions) for the confidence intervals."""
-    confidence: float = 0.95
+    confidence: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.95
     """Confidence level of the percentile-bootstrap intervals."""
-    seed: int = 0
-    """Seed of the bootstrap (and of local sampling when temperature > 0)."""
-    limit: int | None = None
+    limit: Count | None = None
     """Only the first `limit` questions (for quick trials)."""
+    backend: Literal["openai", "local"] = "openai"
+    model: LocalModel = "gpt-4o"
+    generation_batch_size: Count = 8
+    # A rating prompt holds a question, a reference and an answer.
+    max_prompt_tokens: Count = 4096
 
 
 @dataclass(frozen=True)
-class LabelConfig:
+class LabelConfig(ApiClient, LocalGeneration, TokenLimits, Sampling, Inputs):
     """`gad label`: teacher and student responses per prompt, labelled with the teacher's
     judgement (majority vote on verifiable tasks, 1-10 judge scores on open-ended ones)."""
 
@@ -226,14 +170,14 @@ class LabelConfig:
     extractor: Literal["number", "choice", "boxed"] = "number"
     """Verifiable: how the final answer is read (last number / multiple-choice letter /
     `\\boxed{}` content)."""
-    min_vote_share: float = 0.5
+    min_vote_share: Share = 0.5
     """Verifiable: prompts whose top answer holds less than this share of the teacher's samples
     (abstentions count) are set aside and counted."""
-    good_score: float = 7.0
+    good_score: Annotated[float, Range(1, 10)] = 7.0
     """Open: judge scores at or above this mark a response as good (the SFT warmup's data)."""
-    k: int = 4
+    k: Count = 4
     """Teacher samples per prompt (the vote), and student samples unless `student_k` is set."""
-    student_k: int | None = None
+    student_k: NonNegativeInt | None = None
     """Student samples per prompt (None = `k`; 0 = no student responses)."""
     backend: Literal["openai", "local"] = "local"
     """Teacher backend: an OpenAI-compatible API or a local model."""
@@ -241,45 +185,17 @@ class LabelConfig:
     """Teacher: API model name (openai backend) or built-in name / HF folder (local backend)."""
     student: Model | None = "smollm2-135m"
     """Local student whose samples are labelled too (built-in name or folder); None = none."""
-    base_url: str | None = None
-    """Endpoint of the OpenAI-compatible API; None uses the client default or OPENAI_BASE_URL."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the API key (the key itself is never stored)."""
     judge_backend: Literal["openai", "local"] | None = None
     """Open: the judge's backend (None = the teacher's)."""
     judge_model: JudgeModel | None = None
     """Open: the judge model (None = the teacher)."""
-    temperature: float = 0.8
-    """Teacher sampling temperature (samples must differ for a vote to mean anything)."""
-    student_temperature: float = 0.8
+    student_temperature: Temperature = 0.8
     """Student sampling temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold of both."""
-    max_response_tokens: int = 1536
-    """Longest response of teacher and student (and the judge's reference answer)."""
-    max_prompt_tokens: int = 2048
-    """Local models: prompts longer than this (after the chat template) are reported, not run."""
-    concurrency: int = 8
-    """Openai backend: requests in flight at once."""
-    max_retries: int = 6
-    """Openai backend: retries per request on 429/5xx/timeouts/dropped connections."""
-    request_timeout: float = 120.0
-    """Openai backend: seconds before one request attempt is abandoned (then retried)."""
-    generation_batch_size: int = 16
-    """Local models: prompts generated together in one batch."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Local models: weight dtype."""
-    seed: int = 0
-    """Seed of local sampling."""
     ground_truth: ReadFile | None = None
     """Verifiable: truth file (`gad tasks` writes one) read after labelling, only to report the
     pseudo-labels' accuracy; never used to label."""
-    limit: int | None = None
+    limit: Count | None = None
     """Only the first `limit` prompts (for quick trials)."""
-    skip_invalid: bool = False
-    """Skip malformed prompt records (counted) instead of stopping."""
-    exclude: ReadFile | None = None
-    """Held-out chat-record file: refuse to run if any prompt overlaps it (by prompt or id)."""
 
 
 @dataclass(frozen=True)
@@ -291,9 +207,9 @@ class TasksConfig:
     """Task generator: the `reasoning-gym` package (gad's `reasoning` extra)."""
     dataset: str = "basic_arithmetic"
     """Dataset name of the generator (e.g. basic_arithmetic, chain_sum, gsm_symbolic)."""
-    size: int = 200
+    size: Count = 200
     """Number of prompts."""
-    seed: int = 0
+    seed: Seed = 0
     """Generator seed. reasoning-gym seeds item i with seed + i, so seeds closer than `size`
     share items: split one set with `gad split` for disjoint train/test prompts."""
     options: str = ""

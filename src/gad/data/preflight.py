@@ -10,7 +10,6 @@ here imports torch or opens a model. Each problem is one line naming the setting
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import typing
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gad.config import load as cfg
+from gad.config import rules
 from gad.config.setting_types import LIST, Kind, kinds
 from gad.data.evalsets import BUILTIN_SETS
 from gad.models.packages import BUILTIN_MODELS
@@ -26,14 +26,12 @@ from gad.models.packages import BUILTIN_MODELS
 def check(config: Any) -> None:
     """Raise a `cfg.ConfigError` naming the setting and the path of the first problem."""
     hints = typing.get_type_hints(type(config), include_extras=True)
-    for field in dataclasses.fields(config):
-        found = kinds(hints[field.name])
-        value = getattr(config, field.name)
+    for name in cfg.field_order(type(config)):  # the stage's own paths first, as --help
+        found = kinds(hints[name])
         for kind in found:
             if kind is not LIST:
-                _check_field(config, field.name, value, kind, LIST in found)
-    for rule in RULES.get(type(config), ()):
-        rule(config)
+                _check_field(config, name, getattr(config, name), kind, LIST in found)
+    rules.check(config)
 
 
 def _check_field(config: Any, name: str, value: str | None, kind: Kind, many: bool) -> None:
@@ -119,43 +117,3 @@ CHECKS: dict[str, Callable[[str, Path, str], None]] = {
     "write_dir": _write_dir,
     "write_file": _write_file,
 }
-
-
-# ---------------------------------------------------------------- rules between settings
-
-
-def _gad_rules(config: cfg.GADConfig) -> None:
-    """`gad train`'s settings that need or exclude each other (the stages check some again
-    where they are used; here they fail before the first model, not after the warmup)."""
-    problems = [
-        (config.eval_every and not config.eval_data, "eval_every needs eval_data: held-out "
-         "teacher chat records (`gad split` the prompts, `gad collect` the held-out part)"),
-        (config.method == "whitebox" and not config.teacher_model,
-         "method=whitebox needs teacher_model (a local model)"),
-        (config.method == "reward-distill" and not config.reward_model,
-         "method=reward-distill needs reward_model (`gad reward-model` output's final/)"),
-        (config.reward_model and config.method == "offpolicy",
-         "reward_model and method=offpolicy exclude each other"),
-        (config.reward_mix_alpha is not None
-         and (config.method != "gad" or not config.reward_model),
-         "reward_mix_alpha needs method=gad and a reward_model"),
-        (config.single_base and config.lora_rank <= 0,
-         "single_base needs LoRA: set lora_rank above 0 (e.g. 16)"),
-        (config.single_base and config.discriminator not in (None, config.model),
-         "single_base: discriminator must be unset or the student's model"),
-    ]  # fmt: skip
-    for failed, message in problems:
-        if failed:
-            raise cfg.ConfigError(message)
-
-
-def _eval_rules(config: cfg.EvalConfig) -> None:
-    if config.metric == "accuracy" and not config.ground_truth:
-        raise cfg.ConfigError("metric 'accuracy' needs 'ground_truth' (a truth file)")
-
-
-RULES: dict[type, tuple[Callable[[Any], None], ...]] = {
-    cfg.GADConfig: (_gad_rules,),
-    cfg.EvalConfig: (_eval_rules,),
-}
-"""Per config class, the checks of settings that need or exclude each other."""

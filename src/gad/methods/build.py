@@ -88,10 +88,10 @@ def _full_models(
     generator, tokenizer = store.load(str(resume_from) if resume_from else init.generator)
     generator.config.use_cache = False
     d, d_tokenizer = _load_discriminator(config, init, resume_from, tokenizer)
-    g_opt = engine.make_optimizer(generator, config.lr, config.weight_decay, (0.9, 0.999))
+    g_opt = engine.make_optimizer(generator, config.lr, config.weight_decay, config.adam_betas)
     d_opt = None
     if d is not None and init.d_trainable:
-        d_opt = engine.make_optimizer(d, config.d_lr, config.weight_decay, (0.9, 0.999))
+        d_opt = engine.make_optimizer(d, config.d_lr, config.weight_decay, config.adam_betas)
         generator, d, g_opt, d_opt = accelerator.prepare(generator, d, g_opt, d_opt)
     else:
         generator, g_opt = accelerator.prepare(generator, g_opt)
@@ -133,10 +133,10 @@ def _adapter_models(
             d_adapters.autocast = accelerator.autocast
         d = lora.scorer(d_adapters, config, d_source, seed=config.seed, trainable=init.d_trainable)
         d.config.pad_token_id = engine.pad_id_of(d_tokenizer)
-    g_opt = engine.make_optimizer(generator, config.lr, config.weight_decay, (0.9, 0.999))
+    g_opt = engine.make_optimizer(generator, config.lr, config.weight_decay, config.adam_betas)
     d_opt = None
     if isinstance(d, lora.ScalarView) and init.d_trainable:
-        d_opt = engine.make_optimizer(d, config.d_lr, config.weight_decay, (0.9, 0.999))
+        d_opt = engine.make_optimizer(d, config.d_lr, config.weight_decay, config.adam_betas)
         g_opt, d_opt = accelerator.prepare(g_opt, d_opt)
     else:
         g_opt = accelerator.prepare(g_opt)

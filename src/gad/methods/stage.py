@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from gad.config import load as cfg
+from gad.config import rules
 from gad.core import checkpoint
 from gad.core.tracking import MetricsLog, PhaseTimer, tracker_config
 from gad.data import dataset, labels
@@ -330,20 +331,7 @@ def soda_stage(config: cfg.GADConfig, accelerator: Any) -> Path:
 
 def _check(config: cfg.GADConfig) -> None:
     soda.check(config)
-    build.check(config)
-    if config.reward_model and config.method == "offpolicy":
-        raise cfg.ConfigError("reward_model and method=offpolicy exclude each other")
-    if config.reward_mix_alpha is not None and (
-        config.method != "gad" or not config.reward_model or not 0 <= config.reward_mix_alpha <= 1
-    ):
-        raise cfg.ConfigError(
-            "reward_mix_alpha needs method=gad, a reward_model, and a value in [0, 1]"
-        )
-    if config.method == "reward-distill" and not config.reward_model:
-        raise cfg.ConfigError(
-            "method=reward-distill needs reward_model: train one with `gad reward-model "
-            "LABELS --output-dir runs/rm` and pass --reward-model runs/rm/final"
-        )
+    rules.check(config)  # also run by the CLI's preflight: here for callers that skip it
 
 
 def train(config: cfg.GADConfig) -> Path:

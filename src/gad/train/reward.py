@@ -338,7 +338,7 @@ def _load_model(config: cfg.RewardConfig, resume_from: Path | None, tokenizer: A
 
 def _prepare(config: cfg.RewardConfig, accelerator: Any, model: Any) -> tuple[Any, Any]:
     """The model and its AdamW, as accelerate runs them (a LoRA view is not wrapped)."""
-    optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, (0.9, 0.999))
+    optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, config.adam_betas)
     if isinstance(model, lora.ScalarView):
         lora.check_accelerator(accelerator)
         model.adapters.autocast = accelerator.autocast
