@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from gad.config import load as cfg
 from gad.core.tracking import read_metrics
 from gad.methods import stage as gad_stage
-from gad.models import discriminator, lora, store
+from gad.models import discriminator, lora, lora_roles, store
 from gad.train import engine, sft
 
 LORA = dict(lora_rank=4, lora_alpha=8.0)
@@ -84,11 +84,11 @@ def batch_of(tokenizer, texts):
 
 def test_base_weights_do_not_move_and_roles_get_only_their_own_gradients(tiny_dir):
     config = cfg.GADConfig(**LORA)
-    adapters, tokenizer = lora.base_adapters(str(tiny_dir))
+    adapters, tokenizer = lora_roles.base_adapters(str(tiny_dir))
     base_before = {k: v.clone() for k, v in adapters._base.state_dict().items()}
-    policy = lora.policy(adapters, config, None)
-    d = lora.scorer(adapters, config, None, seed=0)
-    reference = lora.frozen_reference(adapters, None)
+    policy = lora_roles.policy(adapters, config, None)
+    d = lora_roles.scorer(adapters, config, None, seed=0)
+    reference = lora_roles.frozen_reference(adapters, None)
     g_opt = engine.make_optimizer(policy, 1e-2, 0.0, (0.9, 0.999))
     d_opt = engine.make_optimizer(d, 1e-2, 0.0, (0.9, 0.999))
     input_ids, mask = batch_of(tokenizer, ["The sky is blue.", "Cats like to sleep a lot."])
@@ -176,15 +176,15 @@ def test_lora_gad_run_writes_merged_generator_and_discriminator(
     tokenizer = store.load_tokenizer(str(final))
     input_ids, mask = batch_of(tokenizer, ["Question 3?", "Yes. No. Maybe."])
     merged = AutoModelForCausalLM.from_pretrained(final).eval()
-    adapters, _ = lora.base_adapters(str(tiny_dir))
-    policy = lora.policy(adapters, cfg.GADConfig(**LORA), final / lora.ADAPTER_DIR)
+    adapters, _ = lora_roles.base_adapters(str(tiny_dir))
+    policy = lora_roles.policy(adapters, cfg.GADConfig(**LORA), final / lora.ADAPTER_DIR)
     policy.eval()
     with torch.no_grad():
         a = merged(input_ids=input_ids, attention_mask=mask).logits
         b = policy(input_ids=input_ids, attention_mask=mask).logits
     assert torch.allclose(a, b, atol=1e-5)
     d_merged = discriminator.load(str(final / "discriminator")).eval()
-    d_view = lora.scorer(
+    d_view = lora_roles.scorer(
         adapters, cfg.GADConfig(**LORA), final / "discriminator" / lora.ADAPTER_DIR, seed=0
     )
     d_view.eval()
@@ -285,13 +285,13 @@ def test_a_full_parameter_warmup_is_not_continued_as_lora(tiny_dir, records_file
 
 def test_frozen_reference_runs_without_dropout(tiny_dir, tmp_path):
     config = cfg.GADConfig(**LORA, lora_dropout=0.5)
-    adapters, tokenizer = lora.base_adapters(str(tiny_dir))
-    policy = lora.policy(adapters, config, None)
+    adapters, tokenizer = lora_roles.base_adapters(str(tiny_dir))
+    policy = lora_roles.policy(adapters, config, None)
     with torch.no_grad():
         for p in adapters.named_parameters("policy"):
             p[1].add_(0.1)  # B = 0 would hide the dropout
     adapters.save_adapter("policy", tmp_path / "entry")
-    reference = lora.frozen_reference(adapters, tmp_path / "entry")
+    reference = lora_roles.frozen_reference(adapters, tmp_path / "entry")
     input_ids, mask = batch_of(tokenizer, ["The sky is blue today."])
     policy.train()
     with torch.no_grad():

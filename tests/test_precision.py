@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gad.config import load as cfg
-from gad.models import precision
+from gad.models import lora_roles, precision
 from gad.train import sft
 
 
@@ -114,7 +114,7 @@ def test_casting_weights_once_is_bit_for_bit_autocast(tiny_dir):
     the same logits up to float rounding."""
     from gad.config import load as cfg
     from gad.data import chats
-    from gad.models import lora, store
+    from gad.models import store
     from gad.train.rollout import Sampling, TransformersRollout
 
     model, tokenizer = store.load(str(tiny_dir))
@@ -144,8 +144,8 @@ def test_casting_weights_once_is_bit_for_bit_autocast(tiny_dir):
     with torch.no_grad(), precision.cast_weights_once(plain_model, torch.bfloat16):
         assert plain_model(input_ids=ids).logits.dtype == torch.float32
 
-    adapters, _ = lora.base_adapters(str(tiny_dir))
-    view = lora.policy(adapters, cfg.GADConfig(lora_rank=4), None)
+    adapters, _ = lora_roles.base_adapters(str(tiny_dir))
+    view = lora_roles.policy(adapters, cfg.GADConfig(lora_rank=4), None)
     with torch.no_grad():
         for _, p in adapters.named_parameters("policy"):
             p.add_(0.05)  # a non-zero adapter
@@ -209,13 +209,13 @@ def test_frozen_passes_cast_weights_once_with_the_same_numbers(tiny_dir, monkeyp
 
     from gad.config import load as cfg
     from gad.data import chats
-    from gad.models import discriminator, lora, store
+    from gad.models import discriminator, store
     from gad.train import engine
 
     model, tokenizer = store.load(str(tiny_dir))
     scorer = discriminator.build(str(tiny_dir), pad_token_id=tokenizer.pad_token_id, seed=0)
-    adapters, _ = lora.base_adapters(str(tiny_dir))
-    lora_scorer = lora.scorer(adapters, cfg.GADConfig(lora_rank=4), None, seed=0)
+    adapters, _ = lora_roles.base_adapters(str(tiny_dir))
+    lora_scorer = lora_roles.scorer(adapters, cfg.GADConfig(lora_rank=4), None, seed=0)
     with torch.no_grad():
         for _, p in adapters.named_parameters("discriminator"):
             p.add_(0.05)  # a non-zero adapter

@@ -17,7 +17,7 @@ from gad.core.tracking import read_metrics
 from gad.data import chats
 from gad.methods import gad, samples
 from gad.methods import stage as gad_stage
-from gad.models import discriminator, store
+from gad.models import discriminator, lora_roles, store
 from gad.train import engine, loop, losses, reward, score_losses, sft
 
 # ---------------------------------------------------------------- losses (hand-computed)
@@ -392,8 +392,10 @@ def test_lora_reward_model_learns_and_its_merged_folder_scores_as_base_plus_adap
     after = summary["held_out_after"]["eval/pairwise_accuracy"]
     assert after >= 0.85 and after > before, (before, after)
     merged = discriminator.load(str(final)).eval()  # a plain scalar-head folder
-    adapters, tokenizer = lora.base_adapters(str(tiny_dir))
-    view = lora.scorer(adapters, cfg.RewardConfig(lora_rank=8), final / lora.ADAPTER_DIR, seed=0)
+    adapters, tokenizer = lora_roles.base_adapters(str(tiny_dir))
+    view = lora_roles.scorer(
+        adapters, cfg.RewardConfig(lora_rank=8), final / lora.ADAPTER_DIR, seed=0
+    )
     view.eval()
     ids = [tokenizer(t)["input_ids"] for t in ("Question one? Yes.", "Question two? No, no.")]
     width = max(map(len, ids))

@@ -18,7 +18,7 @@ from rich.console import Console
 from gad.config import load as cfg
 from gad.core import checkpoint
 from gad.methods.state import Models, StageInit
-from gad.models import discriminator, lora, mixture, precision, store
+from gad.models import discriminator, lora, lora_roles, mixture, precision, store
 from gad.train import engine
 from gad.train.rollout import TransformersRollout
 
@@ -47,17 +47,6 @@ def load_teacher(config: cfg.GADConfig, tokenizer: Any, accelerator: Any) -> Any
         )
     teacher, _ = store.load(config.teacher_model)
     return teacher.to(accelerator.device).eval().requires_grad_(False)
-
-
-def check(config: cfg.GADConfig) -> None:
-    """The model settings that exclude each other."""
-    if config.single_base and not lora.enabled(config):
-        raise cfg.ConfigError("single_base needs LoRA: set lora_rank above 0 (e.g. 16)")
-    if config.single_base and config.discriminator not in (None, config.model):
-        raise cfg.ConfigError(
-            f"single_base: the discriminator shares the student's base, so discriminator "
-            f"({config.discriminator}) must be unset or the student's model ({config.model})"
-        )
 
 
 # ------------------------------------------------------------------ full-parameter
@@ -111,11 +100,11 @@ def _adapter_models(
     config: cfg.GADConfig, init: StageInit, accelerator: Any, resume_from: Path | None
 ) -> Models:
     """Adapters on frozen bases: one base for every role (`single_base`), else one each."""
-    lora.check_accelerator(accelerator)
-    adapters, tokenizer = lora.base_adapters(config.model)
+    lora_roles.check_accelerator(accelerator)
+    adapters, tokenizer = lora_roles.base_adapters(config.model)
     adapters.autocast = accelerator.autocast
     g_folder = resume_from if resume_from is not None else init.generator_adapter
-    generator = lora.policy(adapters, config, g_folder)
+    generator = lora_roles.policy(adapters, config, g_folder)
     d, d_tokenizer = None, None
     d_source = init.discriminator_adapter
     if resume_from is not None:
@@ -129,9 +118,11 @@ def _adapter_models(
         if config.single_base:
             d_adapters, d_tokenizer = adapters, tokenizer
         else:
-            d_adapters, d_tokenizer = lora.base_adapters(config.discriminator or config.model)
+            d_adapters, d_tokenizer = lora_roles.base_adapters(config.discriminator or config.model)
             d_adapters.autocast = accelerator.autocast
-        d = lora.scorer(d_adapters, config, d_source, seed=config.seed, trainable=init.d_trainable)
+        d = lora_roles.scorer(
+            d_adapters, config, d_source, seed=config.seed, trainable=init.d_trainable
+        )
         d.config.pad_token_id = engine.pad_id_of(d_tokenizer)
     g_opt = engine.make_optimizer(generator, config.lr, config.weight_decay, config.adam_betas)
     d_opt = None
@@ -142,7 +133,7 @@ def _adapter_models(
         g_opt = accelerator.prepare(g_opt)
     reference = None
     if init.reference and config.single_base:
-        reference = lora.frozen_reference(adapters, lora.adapter_folder(init.reference))
+        reference = lora_roles.frozen_reference(adapters, lora.adapter_folder(init.reference))
     elif init.reference:
         reference, _ = store.load(init.reference)
         reference = reference.to(accelerator.device).eval().requires_grad_(False)
@@ -215,9 +206,9 @@ def save_models(m: Models, accelerator: Any, folder: Path) -> None:
     LoRA models merged, with their adapters in `adapter/` beside."""
     if isinstance(m.generator, lora.LMView):
         if accelerator.is_main_process:
-            lora.save_merged(m.generator, folder, m.tokenizer)
+            lora_roles.save_merged(m.generator, folder, m.tokenizer)
             if isinstance(m.discriminator, lora.ScalarView):
-                lora.save_merged(m.discriminator, folder / "discriminator", m.d_tokenizer)
+                lora_roles.save_merged(m.discriminator, folder / "discriminator", m.d_tokenizer)
             elif m.discriminator is not None:
                 m.discriminator.save_pretrained(folder / "discriminator")
                 m.d_tokenizer.save_pretrained(folder / "discriminator")

@@ -30,7 +30,7 @@ from gad.core import progress
 from gad.core.tracking import PhaseTimer
 from gad.data import chats
 from gad.methods.state import Models, Stage, local_examples
-from gad.models import lora
+from gad.models import lora, lora_roles
 from gad.train import engine, losses
 from gad.train.rollout import Sampling
 
@@ -105,7 +105,7 @@ def reference_logprobs(stage: Stage, examples: list[chats.Example]) -> list[floa
     generator.eval()
     model = generator
     if isinstance(generator, lora.LMView):
-        model = lora.frozen_reference(generator.adapters, None)
+        model = lora_roles.frozen_reference(generator.adapters, None)
     parts = engine.length_sorted_chunks(examples, stage.config.micro_batch_size)
     with acc.autocast():
         rows = engine.logprobs(model, examples, engine.pad_id_of(m.tokenizer), parts, 1.0)

@@ -39,7 +39,7 @@ from gad.core import checkpoint
 from gad.core.tracking import MetricsLog, PhaseTimer, tracker_config
 from gad.data import chats, evalsets
 from gad.data.labels import read_labels
-from gad.models import discriminator, lora, precision, store
+from gad.models import discriminator, lora, lora_roles, precision, store
 from gad.train import engine, loop, score_losses
 
 console = Console(stderr=True)
@@ -323,8 +323,8 @@ def _load_model(config: cfg.RewardConfig, resume_from: Path | None, tokenizer: A
     """The scalar-head model: the checkpoint's on resume, else a fresh head on `model`; with
     LoRA an adapter and head on the frozen base `model`."""
     if lora.enabled(config):
-        adapters, _ = lora.base_adapters(config.model)
-        model = lora.scorer(adapters, config, resume_from, seed=config.seed, name="reward")
+        adapters, _ = lora_roles.base_adapters(config.model)
+        model = lora_roles.scorer(adapters, config, resume_from, seed=config.seed, name="reward")
     elif resume_from is not None:
         model = discriminator.load(str(resume_from))
     else:
@@ -340,7 +340,7 @@ def _prepare(config: cfg.RewardConfig, accelerator: Any, model: Any) -> tuple[An
     """The model and its AdamW, as accelerate runs them (a LoRA view is not wrapped)."""
     optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, config.adam_betas)
     if isinstance(model, lora.ScalarView):
-        lora.check_accelerator(accelerator)
+        lora_roles.check_accelerator(accelerator)
         model.adapters.autocast = accelerator.autocast
         return model, accelerator.prepare(optimizer)
     return accelerator.prepare(model, optimizer)
@@ -376,7 +376,7 @@ def _finish(
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         if isinstance(model, lora.ScalarView):
-            lora.save_merged(model, final, tokenizer)
+            lora_roles.save_merged(model, final, tokenizer)
         else:
             accelerator.unwrap_model(model).save_pretrained(final, state_dict=state)
             tokenizer.save_pretrained(final)

@@ -23,7 +23,7 @@ from gad.config import load as cfg
 from gad.core import checkpoint
 from gad.core.tracking import MetricsLog, PhaseTimer, tracker_config
 from gad.data import dataset
-from gad.models import lora, precision, store
+from gad.models import lora, lora_roles, precision, store
 from gad.train import engine, loop
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,10 @@ def _setup(
     )
     if lora.enabled(config):
         # A frozen base from `model` and the adapter: the checkpoint's on resume, else fresh.
-        lora.check_accelerator(accelerator)
-        adapters, tokenizer = lora.base_adapters(config.model)
+        lora_roles.check_accelerator(accelerator)
+        adapters, tokenizer = lora_roles.base_adapters(config.model)
         adapters.autocast = accelerator.autocast
-        model = lora.policy(adapters, config, resume_from)
+        model = lora_roles.policy(adapters, config, resume_from)
     else:
         model, tokenizer = store.load(source)
         model.config.use_cache = False
@@ -204,7 +204,7 @@ def _finish(run: _Run, summary: dict[str, Any]) -> Path:
     acc, prepared = run.accelerator, run.prepared
     if acc.is_main_process:
         if lora.enabled(run.config):
-            lora.save_merged(run.model, final_dir, run.tokenizer)
+            lora_roles.save_merged(run.model, final_dir, run.tokenizer)
         else:
             acc.unwrap_model(run.model).save_pretrained(final_dir, safe_serialization=True)
             run.tokenizer.save_pretrained(final_dir)
