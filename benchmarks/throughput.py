@@ -563,13 +563,8 @@ def prepare_assets(args: argparse.Namespace, assets: Path) -> Assets:
             for r in records
         ],
     )
-    prepared = dataset.prepare(
-        str(data_file),
-        store.load_tokenizer(policy),
-        max_prompt_tokens=cfg.GADConfig.max_prompt_tokens,
-        max_response_tokens=args.max_new_tokens,
-        skip_invalid=False,
-    )
+    limits = cfg.GADConfig(max_response_tokens=args.max_new_tokens)
+    prepared = dataset.prepare(str(data_file), store.load_tokenizer(policy), limits)
     if len(prepared.examples) != len(records):
         raise SystemExit("some bundled prompts were left out (too long?); the plans would differ")
     # Our trainer's batch plan (engine.batch_plan with whole epochs is engine.batch_plan): enough

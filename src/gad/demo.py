@@ -112,13 +112,10 @@ def _training_configs(
     config: cfg.DemoConfig, train_data: Path, held_out: Path, student_model: str, out: Path
 ) -> tuple[cfg.SFTConfig, cfg.GADConfig]:
     """The SeqKD baseline's and GAD's configs: the same data, student, budget and seed."""
-    sft_config = cfg.SFTConfig(
+    shared = dict(
         data=str(train_data),
         model=student_model,
-        output_dir=str(out / "seqkd"),
-        epochs=config.sft_epochs,
         lr=config.lr,
-        micro_batch_size=config.batch_prompts,
         max_response_tokens=config.max_response_tokens,
         seed=config.seed,
         mixed_precision=config.mixed_precision,
@@ -126,23 +123,21 @@ def _training_configs(
         save_state=False,
         exclude=str(held_out),
     )
+    sft_config = cfg.SFTConfig(
+        **shared,
+        output_dir=str(out / "seqkd"),
+        epochs=config.sft_epochs,
+        micro_batch_size=config.batch_prompts,
+    )
     gad_config = cfg.GADConfig(
-        data=str(train_data),
-        model=student_model,
+        **shared,
         output_dir=str(out / "gad"),
         warmup_epochs=1.0,
         warmup_d_only_steps=1,
         batch_prompts=config.batch_prompts,
         n_samples=config.n_samples,
         micro_batch_size=8,
-        max_response_tokens=config.max_response_tokens,
-        lr=config.lr,
         d_lr=config.gad_lr,
-        seed=config.seed,
-        mixed_precision=config.mixed_precision,
-        save_every=0,
-        save_state=False,
-        exclude=str(held_out),
     )
     return sft_config, gad_config
 

@@ -34,23 +34,17 @@ class Prepared:
     """The records behind `examples`, by id (the discriminator re-encodes their text)."""
 
 
-def prepare(
-    path: str,
-    tokenizer: Any,
-    *,
-    max_prompt_tokens: int,
-    max_response_tokens: int,
-    skip_invalid: bool,
-    exclude: str | None = None,
-) -> Prepared:
-    """The records of `path` tokenised for training; a file with no usable record stops."""
-    loaded = chats.read_records(path, skip_invalid=skip_invalid)
-    evalsets.refuse_overlap(loaded.records, exclude, path)
+def prepare(path: str, tokenizer: Any, stage: Any) -> Prepared:
+    """The records of `path` tokenised for training, with the stage's token limits and input
+    rules (`stage`: a stage config; it has the `TokenLimits` and `Inputs` parts); a file with
+    no usable record stops."""
+    loaded = chats.read_records(path, skip_invalid=stage.skip_invalid)
+    evalsets.refuse_overlap(loaded.records, stage.exclude, path)
     encoded = chats.encode_sft(
         tokenizer,
         loaded.records,
-        max_prompt_tokens=max_prompt_tokens,
-        max_response_tokens=max_response_tokens,
+        max_prompt_tokens=stage.max_prompt_tokens,
+        max_response_tokens=stage.max_response_tokens,
     )
     if not encoded.examples:
         raise chats.DataError(f"{path}: no usable training record")

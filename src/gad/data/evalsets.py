@@ -16,7 +16,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+from gad.config import parts
 from gad.config.load import CollectConfig, GenerateConfig, UserError
+from gad.config.parts import LocalGeneration, Sampling, TokenLimits
 from gad.core.cache import cache_dir
 from gad.data import chats
 
@@ -162,18 +164,12 @@ def generation_job(config: GenerateConfig) -> CollectConfig:
     if not prompts.exists():
         chats.write_records(prompts, records)
     return CollectConfig(
+        **parts.values(config, Sampling, TokenLimits, LocalGeneration),
         prompts=str(prompts),
         output=str(output),
         backend="local",
         model=config.model,
         n=config.n,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        max_response_tokens=config.max_response_tokens,
-        max_prompt_tokens=config.max_prompt_tokens,
-        generation_batch_size=config.generation_batch_size,
-        dtype=config.dtype,
-        seed=config.seed,
         limit=config.limit,
     )
 

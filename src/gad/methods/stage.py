@@ -29,7 +29,7 @@ from gad.methods import build, gad, health, soda
 from gad.methods.rewards.choice import choose, frozen_reward
 from gad.methods.selection import HeldOut
 from gad.methods.state import Selection, Stage, StageInit, training_examples
-from gad.models import lora, mixture, precision, store
+from gad.models import lora, mixture, store
 from gad.train import engine, loop
 
 console = Console(stderr=True)
@@ -49,14 +49,7 @@ def setup(
     resume_from = loop.resume_point(run_dir, config.resume)
     g_source = str(resume_from) if resume_from else init.generator
     # Data first: a bad record should fail in a second, not after loading two models.
-    prepared = dataset.prepare(
-        config.data,
-        store.load_tokenizer(g_source),
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_response_tokens=config.max_response_tokens,
-        skip_invalid=config.skip_invalid,
-        exclude=config.exclude,
-    )
+    prepared = dataset.prepare(config.data, store.load_tokenizer(g_source), config)
     world = accelerator.num_processes
     if config.batch_prompts % world:
         raise cfg.ConfigError(
@@ -337,14 +330,10 @@ def _check(config: cfg.GADConfig) -> None:
 def train(config: cfg.GADConfig) -> Path:
     """Run the configured stage(s); returns the final generator folder of the last stage."""
     out = Path(config.output_dir)
-    checkpoint.check_writable(out)
-    config, choice = precision.apply(config)
-    accelerator = loop.make_accelerator(config.mixed_precision, config.report_to, out)
+    config, accelerator = loop.start(config, out, config_path(config))
     # Rollouts sample from torch's generator: seed it so a run is reproducible (a resumed run
     # restores the generator state from its checkpoint instead).
     torch.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
-    if accelerator.is_main_process:
-        cfg.save(config, config_path(config), {"mixed_precision": choice.reason})
     _check(config)
     if config.method == "soda":
         started, final = time.time(), soda_stage(config, accelerator)

@@ -17,17 +17,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
 
+from gad.config import load as cfg
 from gad.config.load import UserError
 from gad.core import checkpoint
 from gad.core.progress import Bar
 from gad.core.tracking import MetricsLog, PhaseTimer
+from gad.models import precision
 
 console = Console(stderr=True)
+C = TypeVar("C")
+
+
+def start(config: C, run_dir: Path, config_file: Path) -> tuple[C, Any]:
+    """A stage's run begins: its folder writable, its precision resolved (`auto` says what it
+    chose and why), its accelerator made, and the resolved config written (main process)."""
+    checkpoint.check_writable(run_dir)
+    config, choice = precision.apply(config)
+    accelerator = make_accelerator(config.mixed_precision, config.report_to, run_dir)
+    if accelerator.is_main_process:
+        cfg.save(config, config_file, {"mixed_precision": choice.reason})
+    return config, accelerator
 
 
 def resume_point(run_dir: Path, resume: bool) -> Path | None:

@@ -39,7 +39,7 @@ from gad.core import checkpoint
 from gad.core.tracking import MetricsLog, PhaseTimer, tracker_config
 from gad.data import chats, evalsets
 from gad.data.labels import read_labels
-from gad.models import discriminator, lora, lora_roles, precision, store
+from gad.models import discriminator, lora, lora_roles, store
 from gad.train import engine, loop, score_losses
 
 console = Console(stderr=True)
@@ -230,11 +230,7 @@ def train(config: cfg.RewardConfig) -> Path:
     """Train the reward model as configured; returns the `final/` folder."""
     started = time.time()
     run_dir = Path(config.output_dir)
-    checkpoint.check_writable(run_dir)
-    config, choice = precision.apply(config)
-    accelerator = loop.make_accelerator(config.mixed_precision, config.report_to, run_dir)
-    if accelerator.is_main_process:
-        cfg.save(config, run_dir / "config.yaml", {"mixed_precision": choice.reason})
+    config, accelerator = loop.start(config, run_dir, run_dir / "config.yaml")
     if not 0.0 <= config.held_out < 1.0:
         raise cfg.ConfigError(f"'held_out' must lie in [0, 1), got {config.held_out}")
     resume_from = loop.resume_point(run_dir, config.resume)

@@ -23,7 +23,7 @@ from gad.config import load as cfg
 from gad.core import checkpoint
 from gad.core.tracking import MetricsLog, PhaseTimer, tracker_config
 from gad.data import dataset
-from gad.models import lora, lora_roles, precision, store
+from gad.models import lora, lora_roles, store
 from gad.train import engine, loop
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,8 @@ def train(config: cfg.SFTConfig) -> Path:
     """Run SFT as configured; returns the folder of the final model (a plain HF folder)."""
     started = time.time()
     run_dir = Path(config.output_dir)
-    checkpoint.check_writable(run_dir)
-    config, choice = precision.apply(config)
-    accelerator = loop.make_accelerator(config.mixed_precision, config.report_to, run_dir)
+    config, accelerator = loop.start(config, run_dir, run_dir / "config.yaml")
     resume_from = loop.resume_point(run_dir, config.resume)
-    if accelerator.is_main_process:
-        cfg.save(config, run_dir / "config.yaml", {"mixed_precision": choice.reason})
     run = _setup(config, run_dir, accelerator, resume_from)
     start_step = loop.restore(
         resume_from, "sft", optimizers={"model": run.optimizer}, schedulers={"model": run.scheduler}
@@ -100,14 +96,7 @@ def _setup(
     torch.manual_seed(config.seed)
     source = str(resume_from) if resume_from else config.model
     # Data first: a bad record should fail in a second, not after loading the model.
-    prepared = dataset.prepare(
-        config.data,
-        store.load_tokenizer(source),
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_response_tokens=config.max_response_tokens,
-        skip_invalid=config.skip_invalid,
-        exclude=config.exclude,
-    )
+    prepared = dataset.prepare(config.data, store.load_tokenizer(source), config)
     if lora.enabled(config):
         # A frozen base from `model` and the adapter: the checkpoint's on resume, else fresh.
         lora_roles.check_accelerator(accelerator)
