@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from gad.config import load as cfg
 from gad.core import checkpoint
@@ -27,6 +28,8 @@ from gad.methods.state import Stage
 from gad.models import mixture
 from gad.train import engine, losses
 from gad.train.rollout import Completion, Sampling
+
+console = Console(stderr=True)
 
 
 @dataclass
@@ -91,12 +94,11 @@ class HeldOut:
         stage, config, m = self.stage, self.stage.config, self.stage.models
         # Every generator, CUDA's too (manual_seed reseeds them all): on a GPU the training
         # samples from CUDA's, which a CPU-only restore would leave reseeded.
-        rng = checkpoint.rng_state()
-        torch.manual_seed(config.seed * 7_919 + step)
-        groups = m.rollout.generate(  # type: ignore[union-attr]
-            self.prompt_ids, 1, Sampling(1.0, 1.0, config.max_response_tokens)
-        )
-        checkpoint.set_rng_state(rng)
+        with checkpoint.streams_kept():
+            torch.manual_seed(config.seed * 7_919 + step)
+            groups = m.rollout.generate(  # type: ignore[union-attr]
+                self.prompt_ids, 1, Sampling(1.0, 1.0, config.max_response_tokens)
+            )
         samples = [g[0] for g in groups]
         row = {
             "eval/length_mean": sum(len(c.token_ids) for c in samples) / len(samples),
@@ -186,7 +188,7 @@ class HeldOut:
         if self.stage.accelerator.is_main_process:
             path = self.stage.run_dir / "selection.json"
             path.write_text(json.dumps(summary, indent=2) + "\n")
-            engine.console.print(
+            console.print(
                 f"model selection: step {sel.best_step} ({self.metric} {sel.best_value}); "
                 f"{summary['reason']}; {path}"
             )
