@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+from test_gad import gad_values
+
 from gad.config import load as cfg
 from gad.core.tracking import read_metrics
 from gad.methods import stage as gad_stage
@@ -32,25 +34,8 @@ def comparable(row: dict) -> dict:
 def test_a_gad_run_saved_by_0_1_0_resumes_to_the_same_end(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(FIXTURE / "gad", run)
-    values = dict(
-        data=str(FIXTURE / "teacher.jsonl"),
-        model=str(FIXTURE / "model"),
-        output_dir=str(run),
-        batch_prompts=4,
-        n_samples=4,
-        micro_batch_size=8,
-        max_response_tokens=10,
-        warmup_epochs=0.5,
-        warmup_d_only_steps=1,
-        epochs=100.0,
-        max_steps=4,
-        lr=3e-3,
-        d_lr=3e-3,
-        max_grad_norm=1.0,
-        mixed_precision="no",
-        save_every=0,
-        resume=True,
-    )
+    # The 0.1.0 run's settings are test_gad's, on the fixture's own model and data.
+    values = gad_values(FIXTURE / "model", FIXTURE / "teacher.jsonl", run, resume=True)
     saved = (run / "gad/metrics.jsonl").read_text().splitlines()
     gad_stage.train(cfg.build(cfg.GADConfig, values, "test"))
 
