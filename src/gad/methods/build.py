@@ -19,8 +19,7 @@ from gad.config import load as cfg
 from gad.core import checkpoint
 from gad.methods.state import Models, StageInit
 from gad.models import discriminator, lora, lora_roles, mixture, precision, store
-from gad.train import engine
-from gad.train.rollout import TransformersRollout
+from gad.train import engine, engines
 
 console = Console(stderr=True)
 
@@ -176,12 +175,18 @@ def load_models(
     else:
         m = _full_models(config, init, accelerator, resume_from)
     checkpoint.check_space(run_dir, m.generator, *([m.discriminator] if m.discriminator else []))
-    unwrapped = accelerator.unwrap_model(m.generator)
-    m.rollout = TransformersRollout(
-        unwrapped,
+    source = str(resume_from) if resume_from else init.generator
+    m.rollout = engines.for_policy(
+        config.engine,
+        accelerator,
+        accelerator.unwrap_model(m.generator),
+        source,
         m.tokenizer,
+        lora=lora.enabled(config),
+        optimizer=m.g_opt,
         batch_size=config.generation_batch_size,
         autocast_dtype=precision.autocast_dtype(config.mixed_precision),
+        seed=config.seed,
     )
     if init.reward_model:
         m.reward_model, m.rm_tokenizer = load_reward_model(

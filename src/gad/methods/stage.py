@@ -141,6 +141,7 @@ def finish(stage: Stage) -> Path:
         torch.save(states, tmp)
         tmp.replace(stage.run_dir / OPTIMIZERS_FILE)
     acc.wait_for_everyone()
+    m.rollout.close()  # type: ignore[union-attr]  # a vLLM engine's memory back, now
     return final
 
 

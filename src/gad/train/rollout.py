@@ -56,6 +56,10 @@ class Rollout(Protocol):
         samples depend only on `seeds[i]`, not on batching or on which process runs it."""
         ...
 
+    def close(self) -> None:
+        """Release what the engine holds (a stage's end); generating afterwards is an error."""
+        ...
+
 
 class TransformersRollout:
     """Batched `model.generate` with KV cache; prompts sorted by length to cut padding."""
@@ -79,6 +83,9 @@ class TransformersRollout:
         # exactly the token a templated teacher answer ends with.
         self.eos_id = chats.end_of_turn_id(tokenizer) if eos_id is None else eos_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+
+    def close(self) -> None:
+        """Nothing to release: the loop generates with the trainer's own model."""
 
     @torch.no_grad()
     def generate(self, prompts: Ids, n: int, sampling: Sampling, seeds: Seeds = None) -> Groups:
