@@ -43,6 +43,14 @@ def one_run(engine: str, model: str, dtype: str, shapes: list[str]) -> dict:
     else:
         loaded, tokenizer = store.load(model)
         autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+        if autocast is not None:  # as accelerate's `prepare` runs a training forward
+            forward = loaded.forward
+
+            def autocast_forward(*a, **k):
+                with torch.autocast("cpu", dtype=autocast):
+                    return forward(*a, **k)
+
+            loaded.forward = autocast_forward
         rollout = TransformersRollout(loaded, tokenizer, batch_size=64, autocast_dtype=autocast)
     startup = time.perf_counter() - started
     prompts = [chats.encode_prompt(tokenizer, r.prompt) for r in records]

@@ -138,3 +138,89 @@ def test_a_local_collection_on_vllm_is_exactly_once(folder, tmp_path):
     again = teacher.collect(config, progress=False)  # rerun: everything is already there
     assert again.done == 0 and again.already_done == 10
     assert len(chats.read_records(tmp_path / "out.jsonl").records) == 10
+
+
+# ------------------------------------------------------------------ a real server
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder, port: int, log_path):
+    """vLLM's OpenAI-compatible server on 127.0.0.1 (the module entry point: the CPU build's
+    `vllm` command cannot find its own distribution's metadata), ready when /v1/models answers."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+           "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024"]  # fmt: skip
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    server = subprocess.Popen(cmd, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"the server exited: {open(log_path).read()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            return server
+        except OSError:
+            time.sleep(1)
+    server.kill()
+    raise AssertionError("the server did not answer within 240 s")
+
+
+def test_collect_and_judge_against_a_real_server_killed_and_restarted(folder, tmp_path):
+    """Our first client test against a real OpenAI-compatible server: `gad collect` is killed
+    out from under (the server dies mid-collection), the server restarts, the same command is
+    rerun: every prompt answered once, nothing lost, nothing duplicated. Then `gad judge`."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from test_collect import write_prompts
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 120)
+    out, port, log = tmp_path / "teacher.jsonl", free_port(), tmp_path / "server.log"
+    env = os.environ | {"OPENAI_API_KEY": "unused", "HF_HUB_OFFLINE": "1"}
+    base = f"http://127.0.0.1:{port}/v1"
+    collect = [sys.executable, "-m", "gad", "collect", str(prompts), "--output", str(out),
+               "--backend", "openai", "--base-url", base, "--model", "tiny",
+               "--max-response-tokens", "48", "--concurrency", "2", "--max-retries", "1",
+               "--request-timeout", "20"]  # fmt: skip
+    server = start_server(folder, port, log)
+    run = subprocess.Popen(collect, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    while not (out.exists() and len(out.read_text().splitlines()) >= 10) and run.poll() is None:
+        time.sleep(0.05)
+    server.kill()  # mid-collection
+    server.wait()
+    first = run.communicate(timeout=300)[0].decode()
+    done = len(out.read_text().splitlines())
+    assert run.returncode != 0 and done < 120, first[-2000:]  # some failed, none were lost
+    server = start_server(folder, port, log)
+    try:
+        again = subprocess.run(collect, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+        assert sorted(ids) == sorted({f"q{i}" for i in range(120)})  # each once
+        judged = tmp_path / "judge.json"
+        judge = [sys.executable, "-m", "gad", "judge", str(out), "--output", str(judged),
+                 "--cache-dir", str(tmp_path / "cache"), "--backend", "openai", "--base-url",
+                 base, "--model", "tiny", "--limit", "4", "--verdict-max-tokens", "32",
+                 "--max-response-tokens", "32", "--bootstrap", "10"]  # fmt: skip
+        rated = subprocess.run(judge, env=env, capture_output=True, text=True, timeout=600)
+        # A random model's verdicts do not parse: counted as failed, never as scores.
+        assert rated.returncode in (0, 3, 4), rated.stdout[-2000:] + rated.stderr[-2000:]
+        summary = json.loads(judged.read_text())["summary"]
+        assert summary["questions"] == 4 and summary["scored"] <= 4
+    finally:
+        server.kill()
+        server.wait()
