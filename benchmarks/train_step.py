@@ -89,6 +89,7 @@ def bench_gad(args: argparse.Namespace, tmp: Path) -> dict:
         epochs=1.0,
         mixed_precision=args.precision,
         save_every=0,
+        engine=args.engine,
     )
     started = time.perf_counter()
     gad_stage.train(config)
@@ -96,6 +97,7 @@ def bench_gad(args: argparse.Namespace, tmp: Path) -> dict:
     phases = sorted({k for r in rows for k in r if k.startswith("time/")})
     return {
         "bench": "gad",
+        "engine": args.engine,
         "model": args.model,
         "batch": f"{args.prompts} prompts x {args.n} samples x <= {args.response} new tokens",
         "precision": args.precision,
@@ -119,6 +121,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--response", type=int, default=64)
     parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument(
+        "--engine", default="transformers", choices=["transformers", "vllm"], help="gad only"
+    )
     args = parser.parse_args()
     store.resolve(args.model)  # convert once, outside the timing
     # Resolved once here so the JSON says what ran, not "auto".
