@@ -163,3 +163,30 @@ def test_a_typo_in_eval_data_fails_in_seconds_imports_included_without_torch(tmp
     assert f"eval_data: {tmp_path / 'held_out.jsonl'}: no such file" in done.stderr
     assert "no torch" in done.stderr and seconds < 10, (seconds, done.stderr)
     assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_engine_vllm_that_cannot_run_fails_before_any_model(tmp_path):
+    """`--engine vllm` with LoRA, or where vLLM is not installed, stops in the check before any
+    work, not after the models loaded."""
+    import importlib.util
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    )
+    lora = [
+        "train",
+        str(data),
+        "--engine",
+        "vllm",
+        "--lora-rank",
+        "4",
+        "--output-dir",
+        str(tmp_path / "r"),
+    ]
+    result = CliRunner().invoke(app, lora)
+    assert result.exit_code == 2 and "engine: vllm with lora_rank > 0" in result.output
+    if importlib.util.find_spec("vllm") is None:
+        plain = ["train", str(data), "--engine", "vllm", "--output-dir", str(tmp_path / "r")]
+        result = CliRunner().invoke(app, plain)
+        assert result.exit_code == 2 and "make setup-vllm" in result.output

@@ -7,6 +7,7 @@ Importing this must stay cheap (`gad --help`).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,12 @@ def gad_rules(config: GADConfig) -> None:
         (config.single_base and config.discriminator not in (None, config.model),
          f"single_base: the discriminator shares the student's base, so discriminator "
          f"({config.discriminator}) must be unset or the student's model ({config.model})"),
+        (config.engine == "vllm" and config.lora_rank > 0,
+         "engine: vllm with lora_rank > 0 is not supported yet (the merged weights would be "
+         "pushed after every update); use --engine transformers or full fine-tuning"),
+        (config.engine == "vllm" and importlib.util.find_spec("vllm") is None,
+         'engine: vllm is not installed; pip install "gad[vllm]" on a GPU machine; on a CPU, '
+         "`make setup-vllm` (vLLM's CPU build in its own environment, .venv-vllm)"),
     ]  # fmt: skip
     for failed, message in problems:
         if failed:
