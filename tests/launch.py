@@ -37,6 +37,7 @@ def train_in_processes(folder: Path, kind: str, values: dict, nproc: int, port: 
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
 
 
 def assert_gad_runs_match(one: Path, two: Path) -> None:

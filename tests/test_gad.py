@@ -568,3 +568,18 @@ def test_d_update_every_k_updates_the_discriminator_on_every_kth_step_only(
     assert same(a, b), "the discriminator changed on a step without its update"
     with pytest.raises(cfg.ConfigError, match="d_update_every"):
         gad_config(tiny_dir, teacher_file, tmp_path / "bad", d_update_every=0)
+
+
+def test_engine_logprob_gap_is_the_mean_and_max_absolute_difference_on_response_tokens():
+    gap = samples.GapTotals()
+    logp_bt = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.25, -3.0]])
+    engine_bt = torch.tensor([[-1.5, -2.0, -9.0], [-0.5, -1.25, -3.0]])
+    mask_bt = torch.tensor([[1, 1, 0], [1, 1, 1]])  # the 9-nat difference is padding
+    gap.add(logp_bt[:1], engine_bt[:1], mask_bt[:1])  # two micro-batches, summed
+    gap.add(logp_bt[1:], engine_bt[1:], mask_bt[1:])
+    assert gap.mean() == pytest.approx((0.5 + 0.0 + 0.0 + 1.0 + 0.0) / 5)
+    assert gap.max == pytest.approx(1.0)
+    flat = [Completion([1, 2], "a", "stop", [-0.1, -0.2]), Completion([3], "b", "length", [-1.0])]
+    rows = samples.engine_logprobs([flat])
+    assert [r.tolist() for r in rows] == [pytest.approx([-0.1, -0.2]), [-1.0]]
+    assert samples.engine_logprobs([[Completion([1], "a", "stop")]]) is None

@@ -165,27 +165,27 @@ def test_a_typo_in_eval_data_fails_in_seconds_imports_included_without_torch(tmp
     assert not (tmp_path / "run").exists()  # nothing written either
 
 
-def test_engine_vllm_that_cannot_run_fails_before_any_model(tmp_path):
-    """`--engine vllm` with LoRA, or where vLLM is not installed, stops in the check before any
-    work, not after the models loaded."""
+def test_engine_settings_that_cannot_apply_fail_before_any_model(tmp_path):
+    """A vLLM setting the transformers loop would ignore, or `--engine vllm` where vLLM is not
+    installed, stops in the check before any work, not after the models loaded."""
     import importlib.util
 
     data = tmp_path / "d.jsonl"
     data.write_text(
         '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
     )
-    lora = [
+    ignored = [
         "train",
         str(data),
         "--engine",
-        "vllm",
-        "--lora-rank",
-        "4",
+        "transformers",
+        "--vllm-sleep",
         "--output-dir",
         str(tmp_path / "r"),
     ]
-    result = CliRunner().invoke(app, lora)
-    assert result.exit_code == 2 and "engine: vllm with lora_rank > 0" in result.output
+    result = CliRunner().invoke(app, ignored)
+    assert result.exit_code == 2 and "vllm_sleep applies to the vllm engine only" in result.output
+    assert not (tmp_path / "r").exists()
     if importlib.util.find_spec("vllm") is None:
         plain = ["train", str(data), "--engine", "vllm", "--output-dir", str(tmp_path / "r")]
         result = CliRunner().invoke(app, plain)

@@ -70,13 +70,69 @@ def test_seeded_samples_depend_only_on_their_seed(folder):
 
 
 def test_an_explicit_vllm_that_cannot_run_is_a_named_error(monkeypatch):
-    with pytest.raises(vllm_rollout.EngineError, match="lora_rank > 0"):
-        engines.choose("vllm", torch.device("cpu"), lora=True)
-    assert engines.choose("auto", torch.device("cpu"), lora=False)[0] == "transformers"
-    assert engines.choose("vllm", torch.device("cpu"), lora=False)[0] == "vllm"
+    from gad.config.parts import Engine
+
+    assert engines.choose("auto", torch.device("cpu"))[0] == "transformers"
+    assert engines.choose("vllm", torch.device("cpu"))[0] == "vllm"
+    with pytest.raises(vllm_rollout.EngineError, match="vllm_sleep needs a GPU"):
+        engines.choose("vllm", torch.device("cpu"), Engine(vllm_sleep=True))
     monkeypatch.setattr(engines, "available", lambda: False)
     with pytest.raises(vllm_rollout.EngineError, match="make setup-vllm"):
-        engines.choose("vllm", torch.device("cpu"), lora=False)
+        engines.choose("vllm", torch.device("cpu"))
+
+
+def test_a_lora_policy_is_pushed_merged_and_generates_as_the_transformers_loop(folder):
+    from types import SimpleNamespace
+
+    from gad.models import lora_roles
+
+    adapters, tokenizer = lora_roles.base_adapters(str(folder))
+    settings = SimpleNamespace(
+        lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules="all-linear", seed=0
+    )
+    view = lora_roles.policy(adapters, settings, None)
+    optimizer = torch.optim.SGD(view.parameters(), lr=1.0)
+    engine = vllm_rollout.VLLMRollout(folder, tokenizer, policy=view, optimizer=optimizer)
+    ours = TransformersRollout(view, tokenizer, batch_size=4)
+    prompts, greedy = prompts_of(tokenizer), Sampling(0.0, 1.0, 12)
+    base = engine.generate(prompts, 1, greedy)
+    assert engine.pushes == 1  # the adapter went in before the first rollout
+    assert base == ours.generate(prompts, 1, greedy)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):  # two updates that move every adapter far from zero
+        for p in view.parameters():
+            p.grad = torch.randn(p.shape, generator=generator) * 0.5
+        optimizer.step()
+        got = engine.generate(prompts, 1, greedy)
+        assert got == ours.generate(prompts, 1, greedy)
+    assert engine.pushes == 3
+    assert got != base  # the pushes changed what the engine generates
+    pushed = dict(view.merged_weights())
+    assert pushed and all(".lora_" not in name and "base_layer" not in name for name in pushed)
+    assert "model.layers.0.self_attn.q_proj.weight" in pushed
+    engine.close()
+
+
+def test_the_engines_logprobs_are_the_trainers_after_temperature(folder):
+    from gad.train import engine as train_engine
+
+    model, tokenizer = store.load(str(folder))
+    rollout = vllm_rollout.VLLMRollout(folder, tokenizer, logprobs=True)
+    prompts, warm = prompts_of(tokenizer), Sampling(0.7, 1.0, 10)
+    groups = rollout.generate(prompts, 2, warm, seeds=[1, 2, 3])
+    rollout.close()
+    examples = [
+        chats.Example(f"{i}#{k}", prompt + c.token_ids, len(prompt), False)
+        for i, (prompt, group) in enumerate(zip(prompts, groups, strict=True))
+        for k, c in enumerate(group)
+    ]
+    batch = train_engine.on_device(examples, train_engine.pad_id_of(tokenizer), torch.device("cpu"))
+    with torch.no_grad():
+        logp_bt, mask_bt, _ = train_engine.response_logprobs(model, batch, 0.7)
+    engine_rows = [torch.tensor(c.logprobs) for group in groups for c in group]
+    engine_bt = train_engine.rows_to_bt(engine_rows, mask_bt)
+    # float32 on both sides: the same numbers up to kernel rounding.
+    assert float(((logp_bt - engine_bt).abs() * mask_bt).max()) < 1e-3
 
 
 def gad_run(folder, data, out, **overrides):
@@ -108,11 +164,43 @@ def test_a_gad_run_on_vllm_logs_the_same_phases_and_resumes_to_the_same_samples(
     gad_run(folder, data, tmp_path / "half", engine="vllm", max_steps=2)
     gad_run(folder, data, tmp_path / "half", engine="vllm", resume=True)
     ours, full, resumed = (read_metrics(tmp_path / r / "gad") for r in ("ours", "full", "half"))
-    assert [sorted(r) for r in full] == [sorted(r) for r in ours]  # the same phases and metrics
+    # The same phases and metrics, and the engine's log-prob gap beside them.
+    gap = {"rollout/logp_gap", "rollout/logp_gap_max"}
+    assert [sorted(set(r) - gap) for r in full] == [sorted(r) for r in ours]
+    assert all(0 <= r["rollout/logp_gap"] <= r["rollout/logp_gap_max"] < 1 for r in full)
     assert len(full) == len(resumed) == 4
     # Seeded per prompt, the resumed run's samples are the uninterrupted run's.
     for key in ("tokens/generated", "g/response_length_mean"):
         assert [r.get(key) for r in resumed] == [r.get(key) for r in full], key
+
+
+def test_two_processes_each_run_an_engine_and_match_one_process(folder, tmp_path):
+    """torchrun with 2 CPU processes, one vLLM engine each (on vLLM's external launcher) that
+    the GAD stage takes over from the warmup, then one engine over both (tensor parallel):
+    the losses of the 1-process run on vLLM, and no error at exit."""
+    from launch import assert_gad_runs_match, train_in_processes
+    from test_gad import gad_values
+
+    data = tmp_path / "teacher.jsonl"
+    chats.write_records(
+        data,
+        [
+            chats.Record(f"q{i}", [{"role": "user", "content": f"Question {i}?"},
+                                   {"role": "assistant", "content": f"Answer {i}."}])
+            for i in range(16)
+        ],
+    )  # fmt: skip
+    values = gad_values(
+        folder, data, tmp_path, engine="vllm", micro_batch_size=4, max_response_tokens=8,
+        max_steps=2, per_prompt_seeds=True,
+    )  # fmt: skip
+    train_in_processes(tmp_path, "gad", values | {"output_dir": str(tmp_path / "one")}, 1, 0)
+    train_in_processes(tmp_path, "gad", values | {"output_dir": str(tmp_path / "two")}, 2, 29531)
+    assert_gad_runs_match(tmp_path / "one", tmp_path / "two")
+    # Tensor parallel over both processes: one engine, each process's prompts gathered.
+    tp = values | {"output_dir": str(tmp_path / "tp"), "vllm_tensor_parallel": 2}
+    train_in_processes(tmp_path, "gad", tp, 2, 29533)
+    assert_gad_runs_match(tmp_path / "one", tmp_path / "tp")
 
 
 def test_a_local_collection_on_vllm_is_exactly_once(folder, tmp_path):

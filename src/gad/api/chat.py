@@ -322,13 +322,7 @@ class LocalClient:
 
         self.settings = settings
         self.seeding = seeding
-        self.rollout, self.tokenizer = engines.for_model(
-            settings.engine,
-            settings.model,
-            settings.dtype,
-            settings.seed,
-            settings.generation_batch_size,
-        )
+        self.rollout, self.tokenizer = engines.for_model(settings, settings.model)
         self.requests = 0
         self.retried = 0
         self._batches = 0

@@ -21,6 +21,7 @@ from gad.config.ranges import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
+    PositiveShare,
     Seed,
     ShareBelow1,
     Temperature,
@@ -143,6 +144,20 @@ class Engine:
     and continuous batching; `pip install "gad[vllm]"`, or `make setup-vllm` on a CPU), or
     `auto`: vLLM on a GPU when it is installed, else the transformers loop (on a CPU vLLM's
     start-up outweighs a small run). The run says which it chose and why."""
+    vllm_gpu_memory: PositiveShare = 0.3
+    """vLLM on a GPU: the share of the GPU's memory the engine takes (weights and KV cache;
+    vLLM's `gpu_memory_utilization`). Colocated with training, the trainer needs the rest."""
+    vllm_cpu_kv_cache_gib: PositiveFloat = 1.0
+    """vLLM on a CPU: GiB of KV cache it reserves up front (`VLLM_CPU_KVCACHE_SPACE`; vLLM's own
+    default takes most of the machine's memory)."""
+    vllm_sleep: bool = False
+    """vLLM on a GPU: between rollouts the engine sleeps (its KV cache freed, its weights moved
+    to CPU memory), so the training phases have the GPU's memory; it wakes before the next
+    rollout (then the new weights are pushed)."""
+    vllm_tensor_parallel: Count = 1
+    """vLLM: GPUs one engine spans (tensor parallelism). Above 1 it needs a multi-process launch
+    (torchrun / accelerate launch) whose process count it divides: each group of that many
+    processes shares one engine and generates their prompts together."""
 
 
 @dataclass(frozen=True)

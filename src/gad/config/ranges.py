@@ -83,7 +83,9 @@ NonNegativeInt = Annotated[int, NON_NEGATIVE]
 Seed = Annotated[int, SEED]
 Temperature = NonNegativeFloat
 """Sampling temperature: 0 means greedy (local backends) and is valid for APIs."""
-TopP = Annotated[float, Range(0, 1, low_open=True)]
+PositiveShare = Annotated[float, Range(0, 1, low_open=True)]
+"""A share where 0 would leave nothing (of memory, of probability mass)."""
+TopP = PositiveShare
 """A nucleus threshold: 0 would keep no token."""
 ShareBelow1 = Annotated[float, BELOW_1]
 AdamBeta = ShareBelow1

@@ -7,19 +7,35 @@ Importing this must stay cheap (`gad --help`).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Callable
 from typing import Any
 
 from gad.config.data_configs import EvalConfig
 from gad.config.load import ConfigError
+from gad.config.parts import Engine
 from gad.config.train_configs import GADConfig
 
 
 def check(config: Any) -> None:
     """Raise a `ConfigError` naming the settings of the first rule `config` breaks."""
+    if isinstance(config, Engine):
+        engine_rules(config)
     for rule in RULES.get(type(config), ()):
         rule(config)
+
+
+def engine_rules(config: Engine) -> None:
+    """A `vllm_*` setting where the transformers loop generates would be silently ignored."""
+    if config.engine != "transformers":
+        return
+    for f in dataclasses.fields(Engine):
+        if f.name.startswith("vllm_") and getattr(config, f.name) != f.default:
+            raise ConfigError(
+                f"{f.name} applies to the vllm engine only, and engine is transformers: drop "
+                "it, or set engine to vllm or auto"
+            )
 
 
 def gad_rules(config: GADConfig) -> None:
@@ -43,9 +59,6 @@ def gad_rules(config: GADConfig) -> None:
         (config.single_base and config.discriminator not in (None, config.model),
          f"single_base: the discriminator shares the student's base, so discriminator "
          f"({config.discriminator}) must be unset or the student's model ({config.model})"),
-        (config.engine == "vllm" and config.lora_rank > 0,
-         "engine: vllm with lora_rank > 0 is not supported yet (the merged weights would be "
-         "pushed after every update); use --engine transformers or full fine-tuning"),
         (config.engine == "vllm" and importlib.util.find_spec("vllm") is None,
          'engine: vllm is not installed; pip install "gad[vllm]" on a GPU machine; on a CPU, '
          "`make setup-vllm` (vLLM's CPU build in its own environment, .venv-vllm)"),

@@ -176,13 +176,14 @@ def load_models(
         m = _full_models(config, init, accelerator, resume_from)
     checkpoint.check_space(run_dir, m.generator, *([m.discriminator] if m.discriminator else []))
     source = str(resume_from) if resume_from else init.generator
+    if lora.enabled(config):
+        source = m.generator.adapters.base_source  # the engine adds the adapter to its base
     m.rollout = engines.for_policy(
-        config.engine,
+        config,
         accelerator,
         accelerator.unwrap_model(m.generator),
         source,
         m.tokenizer,
-        lora=lora.enabled(config),
         optimizer=m.g_opt,
         batch_size=config.generation_batch_size,
         autocast_dtype=precision.autocast_dtype(config.mixed_precision),

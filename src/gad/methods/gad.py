@@ -69,11 +69,15 @@ def update_g(
     ref_logp: list,
     global_sequences: int,
     teacher_logp: list[torch.Tensor] | None = None,
+    engine_logp: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One GRPO policy update (Eq. 7) over this process's sequences.
 
     `advantage_b` [P*N] are the group advantages; with `teacher_logp` (white-box, per sample)
-    the advantages are per token instead, `losses.whitebox_advantages`.
+    the advantages are per token instead, `losses.whitebox_advantages`. With `engine_logp`
+    (vLLM's log-probs of the sampled tokens, per sample) it also logs how far the trainer's
+    own log-probs, which the loss uses, are from the engine's: `rollout/logp_gap`, the mean
+    absolute difference per token (and its max), the known trainer/engine mismatch.
     """
     g, world = m.generator, accelerator.num_processes
     if config.loss_agg == "token-mean":
@@ -83,6 +87,7 @@ def update_g(
     totals = dict.fromkeys(("pg_loss", "kl", "clip_frac", "entropy", "loss"), 0.0)
     if teacher_logp is not None:
         totals["teacher_kl"] = 0.0
+    gap = samples.GapTotals()
 
     def loss_of(idx: list[int]) -> torch.Tensor:
         pad = engine.pad_id_of(m.tokenizer)
@@ -95,6 +100,8 @@ def update_g(
             advantage = losses.whitebox_advantages(teacher_bt, logp_bt) * mask_bt
         else:
             advantage = advantage_b[idx].to(logp_bt.device)  # type: ignore[index]
+        if engine_logp is not None:
+            gap.add(logp_bt, engine.rows_to_bt([engine_logp[i] for i in idx], mask_bt), mask_bt)
         ref_bt = None
         if ref_logp[idx[0]] is not None:
             ref_bt = engine.rows_to_bt([ref_logp[i] for i in idx], mask_bt)
@@ -126,7 +133,10 @@ def update_g(
     g.train()
     parts = engine.length_sorted_chunks(students, config.micro_batch_size)
     result = engine.optimizer_step(accelerator, g, m.g_opt, parts, loss_of, config.max_grad_norm)
-    return {f"g/{k}": v for k, v in totals.items()} | {"g/grad_norm": result.grad_norm}
+    row = {f"g/{k}": v for k, v in totals.items()} | {"g/grad_norm": result.grad_norm}
+    if engine_logp is not None:
+        row |= {"rollout/logp_gap": gap.mean(), "rollout/logp_gap_max": gap.max}
+    return row
 
 
 def sft_g_step(
@@ -224,7 +234,7 @@ def gad_step(stage: Stage, step: int, timer: PhaseTimer) -> dict[str, Any]:
         global_sequences = config.batch_prompts * n
         row |= update_g(
             config, acc, m, students, signal.advantage_b, ref_logp, global_sequences,
-            signal.teacher_logp,
+            signal.teacher_logp, samples.engine_logprobs(groups),
         )  # fmt: skip
     generated = float(sum(len(c.token_ids) for group in groups for c in group))
     row = engine.reduce_mean(

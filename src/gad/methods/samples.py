@@ -11,9 +11,13 @@ would have exposed.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from gad.data import chats
+from gad.train import losses
 from gad.train.rollout import Completion
 
 
@@ -34,6 +38,36 @@ def student_examples(
                 )
             )
     return out
+
+
+def engine_logprobs(groups: list[list[Completion]]) -> list[torch.Tensor] | None:
+    """The engine's log-probs of each sample's tokens, [L_i] per sample (prompt-major, as
+    `student_examples`), or None when the engine gives none (the transformers loop)."""
+    flat = [c for group in groups for c in group]
+    if not flat or any(c.logprobs is None for c in flat):
+        return None
+    return [torch.tensor(c.logprobs, dtype=torch.float32) for c in flat]
+
+
+@dataclass
+class GapTotals:
+    """How far the trainer's log-probs of sampled tokens are from the engine's that sampled
+    them, summed over micro-batches: mean and max absolute difference per response token."""
+
+    total: float = 0.0
+    tokens: float = 0.0
+    max: float = 0.0
+
+    def add(self, logp_bt: torch.Tensor, engine_bt: torch.Tensor, mask_bt: torch.Tensor) -> None:
+        """logp_bt, engine_bt: [B, T] log-probs of the same tokens; mask_bt: [B, T] response."""
+        diff_bt = (losses.upcast(logp_bt.detach()) - losses.upcast(engine_bt)).abs()
+        diff_bt = diff_bt * (mask_bt != 0)
+        self.total += float(diff_bt.sum())
+        self.tokens += float((mask_bt != 0).sum())
+        self.max = max(self.max, float(diff_bt.max()))
+
+    def mean(self) -> float:
+        return self.total / max(self.tokens, 1.0)
 
 
 def discriminator_inputs(

@@ -30,7 +30,7 @@ from gad.methods.rewards.choice import choose, frozen_reward
 from gad.methods.selection import HeldOut
 from gad.methods.state import Selection, Stage, StageInit, training_examples
 from gad.models import lora, mixture, store
-from gad.train import engine, loop
+from gad.train import engine, loop, vllm_rollout
 
 console = Console(stderr=True)
 OPTIMIZERS_FILE = "final_optimizers.pt"
@@ -339,6 +339,7 @@ def train(config: cfg.GADConfig) -> Path:
     if config.method == "soda":
         started, final = time.time(), soda_stage(config, accelerator)
         console.print(f"SODA done in {time.time() - started:.0f}s: {final}")
+        vllm_rollout.release()
         accelerator.end_training()
         return final
     stage_configs = {"warmup": config, "gad": config}
@@ -361,5 +362,6 @@ def train(config: cfg.GADConfig) -> Path:
     if config.stage in ("gad", "all"):
         final = adversarial(stage_configs["gad"], accelerator)
         console.print(f"GAD stage done in {time.time() - started:.0f}s: {final}")
+    vllm_rollout.release()  # an engine kept between stages, before the process group ends
     accelerator.end_training()
     return final  # type: ignore[return-value]

@@ -264,16 +264,14 @@ class LMView(View):
         under that autocast), instead of the base matmul plus the adapter's two; the other
         layers' weights are cast once (`precision.cast_weights_once`). The same function up to
         float rounding, at the speed of the plain model."""
-        from peft.tuners.lora import LoraLayer
-
         patched = []
         with torch.no_grad():
-            for module in self.adapters.peft.modules():
-                if isinstance(module, LoraLayer) and self.adapter in module.lora_A:
-                    base = module.get_base_layer()
-                    weight = base.weight + module.get_delta_weight(self.adapter)
-                    module.forward = _merged_forward(weight, base.bias, dtype)
-                    patched.append(module)
+            for _, module in self._adapted_layers():
+                if self.adapter not in module.lora_A:
+                    continue  # an adapted embedding keeps peft's forward (a lookup, not a matmul)
+                weight = self._merged(module)
+                module.forward = _merged_forward(weight, module.get_base_layer().bias, dtype)
+                patched.append(module)
         # The merged layers no longer call their base and adapter Linears: no copies of those.
         inner = {sub for module in patched for sub in module.modules() if sub is not module}
         try:
@@ -282,6 +280,28 @@ class LMView(View):
         finally:
             for module in patched:
                 del module.forward
+
+    def merged_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights this adapter changes, merged (base + delta), under the base model's own
+        names (`model.layers.0.self_attn.q_proj.weight`): what a vLLM engine started on the
+        base needs to generate from the policy. Every other weight is the frozen base's."""
+        with torch.no_grad():
+            for name, module in self._adapted_layers():
+                yield f"{name}.weight", self._merged(module)
+
+    def _merged(self, module: Any) -> torch.Tensor:
+        return module.get_base_layer().weight + module.get_delta_weight(self.adapter)
+
+    def _adapted_layers(self) -> Iterator[tuple[str, Any]]:
+        """(name in the base model, LoRA layer) of every layer this adapter adapts (a linear
+        layer's `lora_A`, an embedding's `lora_embedding_A`)."""
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in self.adapters.peft.get_base_model().named_modules():
+            if isinstance(module, LoraLayer) and (
+                self.adapter in module.lora_A or self.adapter in module.lora_embedding_A
+            ):
+                yield name, module
 
     def save_pretrained(self, folder: str | Path, **_: Any) -> None:
         """The adapter (checkpoints); `save_merged` writes the merged model."""

@@ -1,7 +1,7 @@
 """Generation behind one small interface: prompt ids in, sampled completions (ids + text) out.
 
 The training loop computes log-probs on exactly the ids returned here, never on re-encoded text.
-`TransformersRollout` is the implementation for now; a vLLM one needs only the same `generate`.
+`TransformersRollout` is gad's own loop; `vllm_rollout.VLLMRollout` the same interface on vLLM.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class Completion:
     text: str
     """Decoded text without special tokens."""
     finish_reason: Literal["stop", "length"]
+    logprobs: list[float] | None = None
+    """The engine's log-prob of each token after temperature (vLLM), else None: the trainer
+    compares them with its own (`rollout/logp_gap`)."""
 
 
 Groups = list[list[Completion]]
@@ -49,7 +52,7 @@ Groups = list[list[Completion]]
 
 
 class Rollout(Protocol):
-    """What a generation engine gives the trainer (the transformers loop below; vLLM later)."""
+    """What a generation engine gives the trainer (the transformers loop below; vLLM)."""
 
     def generate(self, prompts: Ids, n: int, sampling: Sampling, seeds: Seeds = None) -> Groups:
         """`n` completions for each prompt (token ids), in prompt order. With `seeds`, prompt i's
