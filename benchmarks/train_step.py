@@ -7,6 +7,8 @@ up to R new tokens, one discriminator and one policy update per step.
 
     python benchmarks/train_step.py sft --steps 4
     python benchmarks/train_step.py gad --prompts 4 --n 4 --response 64 --steps 3
+    python benchmarks/train_step.py gad --prompts 8 --n 8 --response 256 --steps 1 --engine vllm
+    python benchmarks/train_step.py sft --steps 4 --idle-engine   # vLLM idle in the process
 
 The first step of each run is a warm-up and is not counted. Prints one JSON line of results.
 """
@@ -59,13 +61,23 @@ def bench_sft(args: argparse.Namespace, tmp: Path) -> dict:
         max_response_tokens=256,
         max_prompt_tokens=512,
     )
+    engine = None
+    if args.idle_engine:
+        # A vLLM engine started in this process and left idle: does hosting it slow training?
+        from gad.train.vllm_rollout import VLLMRollout
+
+        folder = store.resolve(args.model)
+        engine = VLLMRollout(folder, store.load_tokenizer(args.model), dtype="bfloat16")
     sft.train(config)
+    if engine is not None:
+        engine.close()
     rows = read_metrics(tmp / "sft")[1:]
     return {
         "bench": "sft",
         "model": args.model,
         "batch": "4 x ~512 tokens",
         "precision": args.precision,
+        "idle_engine": args.idle_engine,
         "machine": precision.machine(),
         "s_per_step": statistics.mean(r["seconds"] for r in rows),
         "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rows),
@@ -123,6 +135,9 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument(
         "--engine", default="transformers", choices=["transformers", "vllm"], help="gad only"
+    )
+    parser.add_argument(
+        "--idle-engine", action="store_true", help="sft only: a vLLM engine idle in the process"
     )
     args = parser.parse_args()
     store.resolve(args.model)  # convert once, outside the timing

@@ -251,7 +251,11 @@ def start_server(folder, port: int, log_path):
            "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024"]  # fmt: skip
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    server = subprocess.Popen(cmd, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    # Its own session: killing it kills its engine-core process too, as a machine dying would
+    # (killing the server process alone leaves that child running, holding a core).
+    server = subprocess.Popen(
+        cmd, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -261,8 +265,16 @@ def start_server(folder, port: int, log_path):
             return server
         except OSError:
             time.sleep(1)
-    server.kill()
+    kill_server(server)
     raise AssertionError("the server did not answer within 240 s")
+
+
+def kill_server(server) -> None:
+    """SIGKILL the server and every process it started."""
+    import signal
+
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
 
 
 def test_collect_and_judge_against_a_real_server_killed_and_restarted(folder, tmp_path):
@@ -288,8 +300,7 @@ def test_collect_and_judge_against_a_real_server_killed_and_restarted(folder, tm
     run = subprocess.Popen(collect, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     while not (out.exists() and len(out.read_text().splitlines()) >= 10) and run.poll() is None:
         time.sleep(0.05)
-    server.kill()  # mid-collection
-    server.wait()
+    kill_server(server)  # mid-collection
     first = run.communicate(timeout=300)[0].decode()
     done = len(out.read_text().splitlines())
     assert run.returncode != 0 and done < 120, first[-2000:]  # some failed, none were lost
@@ -310,5 +321,4 @@ def test_collect_and_judge_against_a_real_server_killed_and_restarted(folder, tm
         summary = json.loads(judged.read_text())["summary"]
         assert summary["questions"] == 4 and summary["scored"] <= 4
     finally:
-        server.kill()
-        server.wait()
+        kill_server(server)

@@ -86,14 +86,18 @@ class VLLMRollout:
     ) -> None:
         if not available():
             raise EngineError(f"engine: vllm is not installed; {INSTALL}")
+        settings = Engine(**values(settings, Engine))  # a stage's config holds these fields
         # In process: the trainer pushes tensors to the engine without copying them through a
         # pipe, and nothing is spawned (scripts still need the `__main__` guard vLLM asks for).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        # The CPU build reserves KV-cache memory up front (by default nearly all of it).
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.vllm_cpu_kv_cache_gib:g}")
+        # The CPU build reserves KV-cache memory up front (by default nearly all of it). The
+        # setting decides, unless left at its default where the environment names a size.
+        if settings.vllm_cpu_kv_cache_gib != Engine.vllm_cpu_kv_cache_gib or (
+            "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+        ):
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.vllm_cpu_kv_cache_gib:g}"
         self.tokenizer = tokenizer
         self.eos_id = chats.end_of_turn_id(tokenizer)
-        settings = Engine(**values(settings, Engine))  # a stage's config holds these fields
         self.settings, self.launcher, self.logprobs = settings, launcher, logprobs
         self.tp_group = _tp_group(settings.vllm_tensor_parallel) if launcher else None
         self.key = (_model_key(folder), dtype, max_model_len, settings)
