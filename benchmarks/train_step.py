@@ -118,6 +118,9 @@ def bench_gad(args: argparse.Namespace, tmp: Path) -> dict:
         "phases_s": {p[5:]: round(statistics.mean(r[p] for r in rows), 2) for p in phases},
         "response_len_mean": statistics.mean(r["response/length_mean"] for r in rows),
         "rollout_tokens_per_s": statistics.mean(r["tokens/rollout_per_s"] for r in rows),
+        # vLLM only: the trainer's log-probs of the sampled tokens against the engine's.
+        "logp_gap": [r.get("rollout/logp_gap") for r in rows],
+        "logp_gap_max": [r.get("rollout/logp_gap_max") for r in rows],
         "steps_timed": len(rows),
         "wall_s": round(time.perf_counter() - started, 1),
     }

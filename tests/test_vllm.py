@@ -57,6 +57,37 @@ def test_greedy_decoding_matches_the_transformers_loop_ids_text_and_finish(folde
     engine.close()
 
 
+def test_sampled_token_frequencies_follow_the_tempered_softmax(folder, tmp_path):
+    """3,000 one-token samples of one prompt: the share of each of the ten likeliest tokens (and
+    of all the rest) is the softmax of the logits at the temperature, within sampling noise, and
+    far from the softmax at another temperature."""
+    model, tokenizer = store.load(str(folder))
+    with torch.no_grad():  # a sharper head than random init's: one token near 0.4, a long tail
+        model.get_output_embeddings().weight.mul_(2.0)
+    model.save_pretrained(tmp_path / "sharp")
+    tokenizer.save_pretrained(tmp_path / "sharp")
+    prompt, temperature = prompts_of(tokenizer)[1], 0.7
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1].double()
+    top = logits.topk(10).indices.tolist()
+
+    def shares(probs: list[float]) -> list[float]:
+        return [*probs, 1 - sum(probs)]  # the ten tokens, then all the others
+
+    def distance(a: list[float], b: list[float]) -> float:  # total variation
+        return 0.5 * sum(abs(x - y) for x, y in zip(a, b, strict=True))
+
+    engine = vllm_rollout.VLLMRollout(tmp_path / "sharp", tokenizer)
+    group = engine.generate([prompt], 3000, Sampling(temperature, 1.0, 1), seeds=[7])[0]
+    engine.close()
+    drawn = torch.tensor([c.token_ids[0] for c in group])
+    seen = shares([float((drawn == t).double().mean()) for t in top])
+    want, at_1 = (shares(torch.softmax(logits / t, dim=-1)[top].tolist()) for t in (temperature, 1))
+    # Sampling noise of the distance with 11 buckets and 3,000 draws is ~0.02.
+    assert distance(seen, want) < 0.05, (seen, want)
+    assert distance(seen, at_1) > 0.15, (seen, at_1)
+
+
 def test_seeded_samples_depend_only_on_their_seed(folder):
     model, tokenizer = store.load(str(folder))
     engine = vllm_rollout.VLLMRollout(folder, tokenizer)
@@ -79,6 +110,29 @@ def test_an_explicit_vllm_that_cannot_run_is_a_named_error(monkeypatch):
     monkeypatch.setattr(engines, "available", lambda: False)
     with pytest.raises(vllm_rollout.EngineError, match="make setup-vllm"):
         engines.choose("vllm", torch.device("cpu"))
+
+
+def test_an_architecture_vllm_does_not_run_is_named_and_auto_falls_back(
+    folder, tmp_path, monkeypatch, capsys
+):
+    import json
+    import shutil
+
+    from gad.config.parts import LocalGeneration
+
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps(config | {"architectures": ["NoSuchLM"]}))
+    with pytest.raises(vllm_rollout.EngineError, match="not support the architecture NoSuchLM"):
+        vllm_rollout.VLLMRollout(odd, store.load_tokenizer(str(folder)))
+    # `auto` (as it would on a GPU) says why it keeps the transformers loop.
+    monkeypatch.setattr(engines, "choose", lambda *_: ("vllm", "engine: auto -> vllm (a GPU)"))
+    rollout, _ = engines.for_model(LocalGeneration(engine="auto"), str(odd))
+    assert isinstance(rollout, TransformersRollout)
+    assert "auto -> transformers" in capsys.readouterr().err
+    with pytest.raises(vllm_rollout.EngineError, match="NoSuchLM"):
+        engines.for_model(LocalGeneration(engine="vllm"), str(odd))
 
 
 def test_a_lora_policy_is_pushed_merged_and_generates_as_the_transformers_loop(folder):
@@ -226,6 +280,31 @@ def test_a_local_collection_on_vllm_is_exactly_once(folder, tmp_path):
     again = teacher.collect(config, progress=False)  # rerun: everything is already there
     assert again.done == 0 and again.already_done == 10
     assert len(chats.read_records(tmp_path / "out.jsonl").records) == 10
+
+
+def test_gad_label_samples_teacher_and_student_on_vllm(folder, tmp_path):
+    """`gad label` with a local teacher and student on vLLM: two engines, one after the other
+    in one process, every sample of both collections there."""
+    from test_label import write_prompts
+
+    from gad.api import label
+    from gad.config import load as cfg
+
+    write_prompts(tmp_path / "prompts.jsonl", ["a", "b", "c"])
+    config = cfg.build(
+        cfg.LabelConfig,
+        dict(
+            prompts=str(tmp_path / "prompts.jsonl"), output_dir=str(tmp_path / "label"),
+            backend="local", teacher=str(folder), student=str(folder), engine="vllm", k=2,
+            student_k=2, max_response_tokens=8,
+        ),
+        "test",
+    )  # fmt: skip
+    summary = label.run(config)
+    assert summary.missing_responses == 0
+    for side in ("teacher", "student"):
+        records = chats.read_records(tmp_path / "label" / f"{side}.jsonl").records
+        assert sorted(r.id.split("#")[0] for r in records) == sorted(["a", "a", "b", "b", "c", "c"])
 
 
 # ------------------------------------------------------------------ a real server

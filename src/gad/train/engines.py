@@ -26,8 +26,9 @@ def choose(requested: str, device: torch.device, settings: Engine = Engine()) ->
     """The engine a run generates with, and why (said like `mixed_precision: auto`'s choice).
 
     `auto`: vLLM on a GPU when it is installed; the transformers loop on a CPU, where vLLM's
-    20-30 s start-up outweighs a small run's generation, and wherever vLLM is missing. An
-    explicit `vllm` that cannot run is an error, never a silent switch."""
+    20-30 s start-up outweighs a small run's generation, and wherever vLLM is missing (or, found
+    when it starts, does not run the model: `for_policy`, `for_model` say so). An explicit `vllm`
+    that cannot run is an error, never a switch."""
     if requested == "transformers":
         return "transformers", "engine: transformers (asked)"
     if requested == "vllm":
@@ -74,11 +75,17 @@ def for_policy(
         console.print(reason)
     if engine == "vllm":
         dtype = VLLM_DTYPES.get(autocast_dtype, "float32")  # type: ignore[arg-type]
-        return VLLMRollout(
-            store.resolve(source), tokenizer, settings=settings, dtype=dtype, seed=seed,
-            policy=policy, optimizer=optimizer, launcher=accelerator.num_processes > 1,
-            logprobs=True,
-        )  # fmt: skip
+        try:
+            return VLLMRollout(
+                store.resolve(source), tokenizer, settings=settings, dtype=dtype, seed=seed,
+                policy=policy, optimizer=optimizer, launcher=accelerator.num_processes > 1,
+                logprobs=True,
+            )  # fmt: skip
+        except EngineError as err:
+            if settings.engine != "auto":
+                raise
+            if accelerator.is_main_process:
+                console.print(f"engine: auto -> transformers ({err})")
     return TransformersRollout(
         policy, tokenizer, batch_size=batch_size, autocast_dtype=autocast_dtype
     )
@@ -92,11 +99,16 @@ def for_model(settings: LocalGeneration, model: str) -> tuple[Rollout, Any]:
         console.print(reason)
     if engine == "vllm":
         tokenizer = store.load_tokenizer(model)
-        rollout = VLLMRollout(
-            store.resolve(model), tokenizer, settings=settings, dtype=settings.dtype,
-            seed=settings.seed,
-        )  # fmt: skip
-        return rollout, tokenizer
+        try:
+            rollout = VLLMRollout(
+                store.resolve(model), tokenizer, settings=settings, dtype=settings.dtype,
+                seed=settings.seed,
+            )  # fmt: skip
+            return rollout, tokenizer
+        except EngineError as err:
+            if settings.engine != "auto":
+                raise
+            console.print(f"engine: auto -> transformers ({err})")
     loaded, tokenizer = store.load(model, dtype=getattr(torch, settings.dtype))
     rollout = TransformersRollout(loaded, tokenizer, batch_size=settings.generation_batch_size)
     return rollout, tokenizer

@@ -119,9 +119,17 @@ class VLLMRollout:
 
     def _start(self, folder: str | Path, dtype: str, seed: int, max_model_len: int | None) -> Any:
         try:
-            from vllm import LLM
+            from vllm import LLM, ModelRegistry
         except Exception as err:  # a broken install: torchvision & co. built for another torch
             raise EngineError(f"engine: vllm does not import ({_reason(err)}); {INSTALL}") from err
+        architectures = json.loads((Path(folder) / "config.json").read_text()).get(
+            "architectures"
+        ) or ["(none named)"]
+        if not set(architectures) & set(ModelRegistry.get_supported_archs()):
+            raise EngineError(
+                f"engine: vllm does not support the architecture {', '.join(architectures)} "
+                f"of {folder}; --engine transformers runs it"
+            )
         # One engine per process: an earlier one (the warmup's, before the GAD stage's) is shut
         # down first. Left to the garbage collector, its shutdown would tear down vLLM's
         # process group under the engine that replaced it.
@@ -172,7 +180,12 @@ class VLLMRollout:
         global _live
         if getattr(self, "llm", None) is not None:
             llm, self.llm = self.llm, None
-            llm.llm_engine.engine_core.shutdown()
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except ValueError:
+                # "Invalid process group": its process group went first (accelerate's
+                # `end_training` destroys the default group, which an in-process engine made).
+                pass
         if _live is self:
             _live = None
 
