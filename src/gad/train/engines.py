@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,11 @@ def choose(requested: str, device: torch.device, settings: Engine = Engine()) ->
     20-30 s start-up outweighs a small run's generation, and wherever vLLM is missing (or, found
     when it starts, does not run the model: `for_policy`, `for_model` say so). An explicit `vllm`
     that cannot run is an error, never a switch."""
+    if requested == "auto" and (device.type != "cuda" or not available()):
+        engine, reason = _auto(device)
+        unused = [f.name for f in dataclasses.fields(Engine) if f.name.startswith("vllm_")]
+        unused = [n for n in unused if getattr(settings, n) != getattr(Engine, n)]
+        return engine, reason + (f"; {', '.join(unused)} unused" if unused else "")
     if requested == "transformers":
         return "transformers", "engine: transformers (asked)"
     if requested == "vllm":
@@ -40,14 +46,16 @@ def choose(requested: str, device: torch.device, settings: Engine = Engine()) ->
                 f"{device.type}); leave it off"
             )
         return "vllm", "engine: vllm (asked)"
+    return "vllm", "engine: auto -> vllm (a GPU, vLLM installed)"
+
+
+def _auto(device: torch.device) -> tuple[str, str]:
     if device.type != "cuda":
         return (
             "transformers",
             f"engine: auto -> transformers ({device.type}: vLLM's start-up outweighs a small run)",
         )
-    if not available():
-        return "transformers", f"engine: auto -> transformers (vLLM is not installed: {INSTALL})"
-    return "vllm", "engine: auto -> vllm (a GPU, vLLM installed)"
+    return "transformers", f"engine: auto -> transformers (vLLM is not installed: {INSTALL})"
 
 
 def for_policy(
