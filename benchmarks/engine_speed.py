@@ -8,6 +8,7 @@ threads, so the two never share one). Run it in the vLLM environment (`make setu
 A shape is prompts x samples x max new tokens; sampling at temperature 0.8, seeded per prompt
 (with vLLM's chunked prefill off, as `engine: vllm` runs). Prints one JSON line per run and a
 Markdown table of the mean tokens/s per engine and shape, with vLLM's start-up time.
+`--engines vllm vllm-compiled` compares vLLM eager with vLLM compiled (`vllm_compile`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("transformers", "vllm", "vllm-compiled")
+"""vllm-compiled: the vLLM engine with `vllm_compile` (torch.compile instead of eager)."""
 
 
 def one_run(engine: str, model: str, dtype: str, shapes: list[str]) -> dict:
@@ -37,9 +40,14 @@ def one_run(engine: str, model: str, dtype: str, shapes: list[str]) -> dict:
     source = Path(str(importlib.resources.files("gad") / "assets" / "prompts.jsonl"))
     records = chats.read_records(source).records
     started = time.perf_counter()
-    if engine == "vllm":
+    if engine.startswith("vllm"):
+        from gad.config.parts import Engine
+
         tokenizer = store.load_tokenizer(model)
-        rollout = vllm_rollout.VLLMRollout(store.resolve(model), tokenizer, dtype=dtype, seed=0)
+        settings = Engine(vllm_compile=engine == "vllm-compiled")
+        rollout = vllm_rollout.VLLMRollout(
+            store.resolve(model), tokenizer, settings=settings, dtype=dtype, seed=0
+        )
     else:
         loaded, tokenizer = store.load(model)
         autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
@@ -76,14 +84,18 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["4x4x64", "8x4x128"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--one", choices=["transformers", "vllm"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--engines", nargs="+", default=["transformers", "vllm"], choices=ENGINES,
+        help="compared in this order, reversed every other round; ratios are to the first",
+    )  # fmt: skip
+    parser.add_argument("--one", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_run(args.one, args.model, args.dtype, args.shapes)))
         return
     runs = []
     for round_ in range(args.rounds):
-        order = ["transformers", "vllm"] if round_ % 2 == 0 else ["vllm", "transformers"]
+        order = args.engines if round_ % 2 == 0 else args.engines[::-1]
         for engine in order:
             cmd = [sys.executable, __file__, "--one", engine, "--model", args.model]
             cmd += ["--dtype", args.dtype, "--shapes", *args.shapes]
@@ -91,21 +103,29 @@ def main() -> None:
             run = json.loads(done.stdout.strip().splitlines()[-1]) | {"round": round_}
             print(json.dumps(run), flush=True)
             runs.append(run)
-    print("\n| shape | transformers tok/s | vLLM tok/s | vLLM / ours |\n|---|---:|---:|---:|")
+    first, others = args.engines[0], args.engines[1:]
+    print(f"\n| shape | {' | '.join(f'{e} tok/s' for e in args.engines)} | "
+          f"{' | '.join(f'{e} / {first}' for e in others)} |")  # fmt: skip
+    print("|---|" + "---:|" * (2 * len(args.engines) - 1))
     summary = {}
     for shape in args.shapes:
         mean = {
             e: statistics.mean(r["shapes"][shape]["tokens_per_s"] for r in runs if r["engine"] == e)
-            for e in ("transformers", "vllm")
+            for e in args.engines
         }
-        summary[shape] = mean | {"ratio": round(mean["vllm"] / mean["transformers"], 2)}
-        print(f"| {shape} | {mean['transformers']:.1f} | {mean['vllm']:.1f} | "
-              f"{summary[shape]['ratio']:.2f}x |")  # fmt: skip
-    startup = statistics.mean(r["startup_s"] for r in runs if r["engine"] == "vllm")
-    print(f"\nvLLM start-up (engine created, model loaded): {startup:.1f} s")
+        ratios = {e: round(mean[e] / mean[first], 2) for e in others}
+        summary[shape] = mean | ({"ratio": ratios[others[0]]} if len(others) == 1 else ratios)
+        print(f"| {shape} | {' | '.join(f'{mean[e]:.1f}' for e in args.engines)} | "
+              f"{' | '.join(f'{ratios[e]:.2f}x' for e in others)} |")  # fmt: skip
+    startup = {
+        e: round(statistics.mean(r["startup_s"] for r in runs if r["engine"] == e), 2)
+        for e in args.engines
+        if e.startswith("vllm")
+    }
+    print(f"\nstart-up (engine created, model loaded), s: {startup}")
     if args.out:
         result = {"model": args.model, "dtype": args.dtype, "runs": runs, "summary": summary,
-                  "vllm_startup_s": round(startup, 2)}  # fmt: skip
+                  "startup_s": startup}  # fmt: skip
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 

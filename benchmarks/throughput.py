@@ -294,6 +294,8 @@ class Settings:
     """β of the KL term (0: no reference model on either side; above 0 each side holds one)."""
     engine: str = "transformers"
     """Our systems' generation engine (our config's `engine`): transformers or vllm."""
+    vllm_compile: bool = False
+    """Our vLLM engine compiled (our config's `vllm_compile`) instead of eager."""
     trl_generation: str = "generate"
     """TRL's generation path: a key of TRL_GENERATION."""
 
@@ -338,6 +340,7 @@ def run_ours(s: Settings, frozen: bool) -> list[dict[str, Any]]:
         clip_eps=CLIP_EPS,
         kl_coef=s.kl_coef,
         engine=s.engine,
+        vllm_compile=s.vllm_compile,
         mixed_precision="bf16" if s.dtype == "bf16" else "no",
         seed=s.seed,
         save_every=0,
@@ -746,6 +749,7 @@ def run_child(
         seed=args.seed,
         kl_coef=args.kl_coef,
         engine=args.engine,
+        vllm_compile=args.vllm_compile,
         trl_generation=args.trl_generation,
     )
     (run_dir / "settings.json").write_text(json.dumps(asdict(settings)))
@@ -849,7 +853,8 @@ def markdown(args: argparse.Namespace, env: dict[str, Any], summary: dict[str, A
         f"Model: {env['model']} ({env['params'] / 1e6:.1f}M params), device {env['device']}, "
         f"{args.dtype}; {args.prompts_per_step} prompts × N={args.n} samples × ≤"
         f"{args.max_new_tokens} new tokens per step, micro-batch {args.micro_batch}, "
-        f"temperature {args.temperature}, KL coef {args.kl_coef:g}; our engine {args.engine}, "
+        f"temperature {args.temperature}, KL coef {args.kl_coef:g}; our engine {args.engine}"
+        f"{' (compiled)' if args.vllm_compile else ''}, "
         f"TRL generation {args.trl_generation}; {args.rounds} rounds × "
         f"{args.steps} steps "
         f"per run (first step of each run not counted); mean ± std over rounds. "
@@ -935,6 +940,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="our systems' generation engine (vllm: needs vLLM installed, e.g. .venv-vllm)",
     )
     parser.add_argument(
+        "--vllm-compile", action="store_true", help="our vLLM engine compiled, not eager"
+    )
+    parser.add_argument(
         "--trl-generation",
         choices=sorted(TRL_GENERATION),
         default="generate",
@@ -970,9 +978,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.peak_tflops = 989.0
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step of a run is a warm-up")
-    lora = [system for system in args.systems if system in ("gad_lora", "gad_single")]
-    if args.engine == "vllm" and lora and not args.worker:
-        parser.error(f"--engine vllm does not run LoRA ({', '.join(lora)}): pick --systems")
+    if args.vllm_compile and args.engine != "vllm":
+        parser.error("--vllm-compile needs --engine vllm")
     if (args.prompts_per_step * args.n) % args.micro_batch:
         parser.error(
             "prompts-per-step × n must be a multiple of --micro-batch (TRL's accumulation)"

@@ -135,9 +135,12 @@ def test_an_architecture_vllm_does_not_run_is_named_and_auto_falls_back(
         engines.for_model(LocalGeneration(engine="vllm"), str(odd))
 
 
-def test_a_lora_policy_is_pushed_merged_and_generates_as_the_transformers_loop(folder):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_lora_policy_is_pushed_merged_and_generates_as_the_transformers_loop(folder, compiled):
+    """Also with `vllm_compile`: pushes into a compiled model reach every layer it runs."""
     from types import SimpleNamespace
 
+    from gad.config.parts import Engine
     from gad.models import lora_roles
 
     adapters, tokenizer = lora_roles.base_adapters(str(folder))
@@ -146,7 +149,9 @@ def test_a_lora_policy_is_pushed_merged_and_generates_as_the_transformers_loop(f
     )
     view = lora_roles.policy(adapters, settings, None)
     optimizer = torch.optim.SGD(view.parameters(), lr=1.0)
-    engine = vllm_rollout.VLLMRollout(folder, tokenizer, policy=view, optimizer=optimizer)
+    engine = vllm_rollout.VLLMRollout(
+        folder, tokenizer, settings=Engine(vllm_compile=compiled), policy=view, optimizer=optimizer
+    )
     ours = TransformersRollout(view, tokenizer, batch_size=4)
     prompts, greedy = prompts_of(tokenizer), Sampling(0.0, 1.0, 12)
     base = engine.generate(prompts, 1, greedy)

@@ -148,7 +148,7 @@ class VLLMRollout:
                 tokenizer=str(folder),
                 dtype=dtype,
                 seed=seed,
-                enforce_eager=True,
+                enforce_eager=not self.settings.vllm_compile,
                 enable_chunked_prefill=False,
                 enable_prefix_caching=True,
                 max_model_len=max_model_len,
