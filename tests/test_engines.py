@@ -34,3 +34,6 @@ def test_vllm_missing_is_one_line_with_the_install_command():
         engines.choose("vllm", torch.device("cpu"))
     with pytest.raises(vllm_rollout.EngineError, match=r'pip install "gad\[vllm\]"'):
         vllm_rollout.VLLMRollout("/nowhere", tokenizer=None)
+    # In the settings check of every command that generates, before any work.
+    with pytest.raises(cfg.ConfigError, match="engine: vllm is not installed; .*make setup-vllm"):
+        rules.check(cfg.CollectConfig(engine="vllm"))

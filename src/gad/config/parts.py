@@ -135,6 +135,13 @@ class Sampling:
     """Nucleus sampling threshold."""
 
 
+VLLM_INSTALL = (
+    'pip install "gad[vllm]" on a GPU machine; on a CPU, `make setup-vllm` (vLLM\'s CPU build '
+    "in its own environment, .venv-vllm)"
+)
+"""How to install vLLM, said wherever `engine: vllm` finds it missing."""
+
+
 @dataclass(frozen=True)
 class Engine:
     """What generates from a local model."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from gad.config.data_configs import EvalConfig
 from gad.config.load import ConfigError
-from gad.config.parts import Engine
+from gad.config.parts import VLLM_INSTALL, Engine
 from gad.config.train_configs import GADConfig
 
 
@@ -26,16 +26,25 @@ def check(config: Any) -> None:
         rule(config)
 
 
+def vllm_settings_set(config: Engine) -> list[str]:
+    """The `vllm_*` settings of `config` that differ from their defaults."""
+    return [
+        f.name
+        for f in dataclasses.fields(Engine)
+        if f.name.startswith("vllm_") and getattr(config, f.name) != f.default
+    ]
+
+
 def engine_rules(config: Engine) -> None:
-    """A `vllm_*` setting where the transformers loop generates would be silently ignored."""
-    if config.engine != "transformers":
-        return
-    for f in dataclasses.fields(Engine):
-        if f.name.startswith("vllm_") and getattr(config, f.name) != f.default:
-            raise ConfigError(
-                f"{f.name} applies to the vllm engine only, and engine is transformers: drop "
-                "it, or set engine to vllm or auto"
-            )
+    """`engine: vllm` where vLLM is not installed, and a `vllm_*` setting where the transformers
+    loop generates (it would be silently ignored)."""
+    if config.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"engine: vllm is not installed; {VLLM_INSTALL}")
+    if config.engine == "transformers" and (names := vllm_settings_set(config)):
+        raise ConfigError(
+            f"{names[0]} applies to the vllm engine only, and engine is transformers: drop "
+            "it, or set engine to vllm or auto"
+        )
 
 
 def gad_rules(config: GADConfig) -> None:
@@ -59,9 +68,6 @@ def gad_rules(config: GADConfig) -> None:
         (config.single_base and config.discriminator not in (None, config.model),
          f"single_base: the discriminator shares the student's base, so discriminator "
          f"({config.discriminator}) must be unset or the student's model ({config.model})"),
-        (config.engine == "vllm" and importlib.util.find_spec("vllm") is None,
-         'engine: vllm is not installed; pip install "gad[vllm]" on a GPU machine; on a CPU, '
-         "`make setup-vllm` (vLLM's CPU build in its own environment, .venv-vllm)"),
     ]  # fmt: skip
     for failed, message in problems:
         if failed:

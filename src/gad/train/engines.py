@@ -7,17 +7,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-from gad.config.parts import Engine, LocalGeneration
+from gad.config import rules
+from gad.config.parts import VLLM_INSTALL, Engine, LocalGeneration
 from gad.models import store
 from gad.train.rollout import Rollout, TransformersRollout
-from gad.train.vllm_rollout import INSTALL, EngineError, VLLMRollout, available
+from gad.train.vllm_rollout import EngineError, VLLMRollout, available
 
 console = Console(stderr=True)
 VLLM_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -32,14 +32,13 @@ def choose(requested: str, device: torch.device, settings: Engine = Engine()) ->
     that cannot run is an error, never a switch."""
     if requested == "auto" and (device.type != "cuda" or not available()):
         engine, reason = _auto(device)
-        unused = [f.name for f in dataclasses.fields(Engine) if f.name.startswith("vllm_")]
-        unused = [n for n in unused if getattr(settings, n) != getattr(Engine, n)]
+        unused = rules.vllm_settings_set(settings)
         return engine, reason + (f"; {', '.join(unused)} unused" if unused else "")
     if requested == "transformers":
         return "transformers", "engine: transformers (asked)"
     if requested == "vllm":
         if not available():
-            raise EngineError(f"engine: vllm is not installed; {INSTALL}")
+            raise EngineError(f"engine: vllm is not installed; {VLLM_INSTALL}")
         if settings.vllm_sleep and device.type != "cuda":
             raise EngineError(
                 f"vllm_sleep needs a GPU (vLLM's sleep mode frees GPU memory; this run is on "
@@ -55,7 +54,7 @@ def _auto(device: torch.device) -> tuple[str, str]:
             "transformers",
             f"engine: auto -> transformers ({device.type}: vLLM's start-up outweighs a small run)",
         )
-    return "transformers", f"engine: auto -> transformers (vLLM is not installed: {INSTALL})"
+    return "transformers", f"engine: auto -> transformers (vLLM is not installed: {VLLM_INSTALL})"
 
 
 def for_policy(

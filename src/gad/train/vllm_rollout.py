@@ -42,14 +42,10 @@ from typing import Any
 import torch
 
 from gad.config.load import UserError
-from gad.config.parts import Engine, values
+from gad.config.parts import VLLM_INSTALL, Engine, values
 from gad.data import chats
 from gad.train.rollout import Completion, Groups, Ids, Sampling, Seeds
 
-INSTALL = (
-    'pip install "gad[vllm]" on a GPU machine; on a CPU, `make setup-vllm` (vLLM\'s CPU build '
-    "in its own environment, .venv-vllm)"
-)
 _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
 _live: VLLMRollout | None = None
@@ -85,7 +81,7 @@ class VLLMRollout:
         logprobs: bool = False,
     ) -> None:
         if not available():
-            raise EngineError(f"engine: vllm is not installed; {INSTALL}")
+            raise EngineError(f"engine: vllm is not installed; {VLLM_INSTALL}")
         settings = Engine(**values(settings, Engine))  # a stage's config holds these fields
         # In process: the trainer pushes tensors to the engine without copying them through a
         # pipe, and nothing is spawned (scripts still need the `__main__` guard vLLM asks for).
@@ -100,9 +96,10 @@ class VLLMRollout:
         self.eos_id = chats.end_of_turn_id(tokenizer)
         self.settings, self.launcher, self.logprobs = settings, launcher, logprobs
         self.tp_group = _tp_group(settings.vllm_tensor_parallel) if launcher else None
-        self.key = (_model_key(folder), dtype, max_model_len, settings)
+        model_config = json.loads((Path(folder) / "config.json").read_text())
+        self.key = (_model_key(model_config), dtype, max_model_len, settings)
         parked = _take_parked(self.key)
-        self.llm = parked or self._start(folder, dtype, seed, max_model_len)
+        self.llm = parked or self._start(folder, model_config, dtype, seed, max_model_len)
         self.policy = policy
         # A LoRA policy's engine starts on the base: its adapter goes in before the first
         # rollout; so does the policy of a stage that takes over a parked engine.
@@ -117,14 +114,21 @@ class VLLMRollout:
         global _live
         _live = self
 
-    def _start(self, folder: str | Path, dtype: str, seed: int, max_model_len: int | None) -> Any:
+    def _start(
+        self,
+        folder: str | Path,
+        model_config: dict,
+        dtype: str,
+        seed: int,
+        max_model_len: int | None,
+    ) -> Any:
         try:
             from vllm import LLM, ModelRegistry
         except Exception as err:  # a broken install: torchvision & co. built for another torch
-            raise EngineError(f"engine: vllm does not import ({_reason(err)}); {INSTALL}") from err
-        architectures = json.loads((Path(folder) / "config.json").read_text()).get(
-            "architectures"
-        ) or ["(none named)"]
+            raise EngineError(
+                f"engine: vllm does not import ({_reason(err)}); {VLLM_INSTALL}"
+            ) from err
+        architectures = model_config.get("architectures") or ["(none named)"]
         if not set(architectures) & set(ModelRegistry.get_supported_archs()):
             raise EngineError(
                 f"engine: vllm does not support the architecture {', '.join(architectures)} "
@@ -306,10 +310,10 @@ def _tp_group(size: int) -> Any:
     return _tp_groups[size]
 
 
-def _model_key(folder: str | Path) -> str:
+def _model_key(model_config: dict) -> str:
     """What makes two folders the same model to an engine: their config, not their path."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    return json.dumps({k: v for k, v in config.items() if k not in _VOLATILE}, sort_keys=True)
+    kept = {k: v for k, v in model_config.items() if k not in _VOLATILE}
+    return json.dumps(kept, sort_keys=True)
 
 
 def _reason(err: BaseException) -> str:
